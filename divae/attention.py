@@ -1,0 +1,74 @@
+"""One attention call for every model in `divae`.
+
+PyTorch's `scaled_dot_product_attention` (SDPA) is the default: on CUDA it picks the flash or
+memory-efficient kernel by itself, on CPU it runs the math kernel. xformers is an optional backend,
+used only when it is installed *and* the tensors are on CUDA (its kernels are CUDA-only).
+
+Shapes: q (B, heads, Lq, head_dim), k and v (B, heads, Lk, head_dim) -> (B, heads, Lq, head_dim).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "sdpa", "xformers")
+_HAS_XFORMERS = importlib.util.find_spec("xformers") is not None
+
+
+def xformers_available() -> bool:
+    """True when the optional `xformers` package is importable."""
+    return _HAS_XFORMERS
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Softmax attention softmax(q k^T / sqrt(head_dim)) v.
+
+    attn_mask: bool (True = attend) or additive float mask broadcastable to (B, heads, Lq, Lk).
+    is_causal: query i attends to keys <= i (top-left aligned, as in SDPA); not combinable with attn_mask.
+    backend: "auto" (xformers on CUDA when installed and no mask is given, else SDPA), "sdpa" or "xformers".
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
+    if is_causal and attn_mask is not None:
+        raise ValueError("pass either is_causal=True or attn_mask, not both (fold causality into the mask)")
+    use_xformers = backend == "xformers" or (
+        backend == "auto" and _HAS_XFORMERS and q.is_cuda and attn_mask is None
+    )
+    if use_xformers:
+        return _xformers_attention(q, k, v, is_causal=is_causal, attn_mask=attn_mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+
+def _xformers_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool, attn_mask: torch.Tensor | None
+) -> torch.Tensor:
+    if not _HAS_XFORMERS:
+        raise RuntimeError("attention backend 'xformers' requested but xformers is not installed: "
+                           "pip install 'divae[xformers]' (CUDA only) or use backend='sdpa'")
+    if not q.is_cuda:
+        raise RuntimeError("xformers kernels are CUDA-only; use backend='sdpa' on CPU")
+    import xformers.ops as xops
+
+    bias = None
+    if is_causal:
+        bias = xops.LowerTriangularMask()
+    elif attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(~attn_mask, float("-inf"))
+        bias = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]).to(q.dtype)
+    # xformers wants (B, L, heads, head_dim)
+    out = xops.memory_efficient_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias
+    )
+    return out.transpose(1, 2)

@@ -1,0 +1,1 @@
+"""Evaluation: reconstruction FID, text-to-image FID, PSNR/SSIM/LPIPS, codebook figures."""

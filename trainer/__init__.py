@@ -1,0 +1,1 @@
+"""One DeepSpeed trainer for all three DiVAE stages (python -m trainer.train)."""
