@@ -1,0 +1,368 @@
+"""Shards -> training batches for one rank, with exact mid-epoch resume.
+
+    loader = build_loader(DataConfig(path="data/imagenet256/train", batch_size=32), rank, world_size)
+    for batch in loader:   # one epoch; iterate again for the next
+        batch["image"]     # float32 (B, 3, H, W) in [-1, 1]
+        batch["key"], batch["caption"]  # list[str]
+        batch["label"], batch["index"]  # LongTensor (B,): class (-1 if none), global sample index
+        # plus every extra stored column (e.g. "tokens") as a list of raw values
+    ckpt["loader"] = loader.state_dict()   # same on every rank
+    loader.load_state_dict(ckpt["loader"])  # in a new process, before iterating
+
+MDS (default): mosaicml-streaming `StreamingDataset` + `StreamingDataLoader`. Each rank gets a disjoint
+share; the order is a function of (seed, epoch, num_canonical_nodes), so resume is exact, and it stays
+exact when the world size changes as long as the global batch stays divisible (streaming's elastic resume).
+
+webdataset: shards are shuffled per epoch with the seed and split over ranks, then DataLoader workers;
+samples are shuffled in a seeded buffer per worker. Resume replays the saved epoch and skips, before
+decoding, the batches each worker already delivered: exact for the same world size and num_workers
+(an error otherwise), and within an epoch's first pass over all workers' streams.
+
+Random flips happen in the main process from a hash of (seed, epoch, global sample index), so they are
+identical after a resume and independent of ranks and workers.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data_pipeline.images import center_crop_resize
+from data_pipeline.shards import STANDARD_COLUMNS, decode_wds_value, load_manifest
+
+_SHM_CLEANED = False
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how to batch them. `batch_size` is per rank."""
+
+    path: str = ""  # a prepared shard folder (with manifest.json)
+    extra_paths: list[str] = field(default_factory=list)  # more folders, concatenated after `path`
+    format: str = "mds"  # "mds" | "wds"; must match the folders' manifests
+    batch_size: int = 32
+    num_workers: int = 2
+    shuffle: bool = True
+    seed: int = 0
+    image_size: int = 256  # shorter side resized + center crop if the shards hold another size
+    random_flip: bool = True
+    drop_last: bool = True
+    decode_images: bool = True  # False: no "image" key (e.g. training the prior on stored tokens)
+    prefetch_factor: int = 2
+    pin_memory: bool = False
+    # MDS only
+    num_canonical_nodes: int | None = None  # None: streaming's default; fix it to resume on another world size
+    shuffle_algo: str = "py1e"
+    shuffle_block_size: int | None = None
+    # Call streaming's clean_stale_shared_memory() once per process (single process, or after
+    # torch.distributed is initialized). It removes ALL streaming shared memory on this machine: turn it
+    # off when two independent jobs share a machine.
+    clean_stale_shm: bool = True
+    # webdataset only
+    shuffle_buffer: int = 1000
+
+    def paths(self) -> list[str]:
+        out = ([self.path] if self.path else []) + list(self.extra_paths)
+        if not out:
+            raise ValueError("DataConfig.path is empty: point it at a folder made by data_pipeline.prepare_*")
+        return out
+
+
+def _decode(jpg: bytes, size: int) -> np.ndarray:
+    im = Image.open(io.BytesIO(jpg))
+    if im.size != (size, size):
+        im.draft("RGB", (size, size))
+        im = center_crop_resize(im.convert("RGB"), size)
+    elif im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.asarray(im)
+
+
+def _sample(raw: dict, index: int, size: int, decode: bool) -> dict:
+    s = {k: v for k, v in raw.items() if k != "jpg"}
+    s["index"] = index
+    if decode:
+        s["image"] = _decode(raw["jpg"], size)
+    return s
+
+
+def _collate(samples: list[dict]) -> dict:
+    """Runs in the worker: uint8 images stay uint8 (B, H, W, 3) until the main process."""
+    out = {"key": [s["key"] for s in samples]}
+    if "image" in samples[0]:
+        out["image"] = torch.from_numpy(np.stack([s["image"] for s in samples]))
+    out["label"] = torch.tensor([int(s["label"]) for s in samples], dtype=torch.long)
+    out["index"] = torch.tensor([int(s["index"]) for s in samples], dtype=torch.long)
+    for k in samples[0]:
+        if k not in out:
+            out[k] = [s[k] for s in samples]
+    return out
+
+
+def flip_mask(seed: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
+    """Bool (B,): a splitmix64 hash of (seed, epoch, sample index); about half are True."""
+    x = index.numpy().astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = x + np.uint64((seed * 0x9E3779B97F4A7C15 + (epoch + 1) * 0xD1B54A32D192ED03) % 2**64)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return torch.from_numpy((x >> np.uint64(63)).astype(bool))
+
+
+class _Loader:
+    """Common main-process part: uint8 (B,H,W,3) -> float (B,3,H,W) in [-1,1], seeded flips, epochs."""
+
+    def __init__(self, cfg: DataConfig, num_samples: int):
+        self.cfg = cfg
+        self.num_samples = num_samples  # over all ranks
+        self._next_epoch = 0
+
+    def _finish(self, batch: dict, epoch: int) -> dict:
+        if "image" in batch:
+            x = batch["image"].permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+            if self.cfg.random_flip:
+                m = flip_mask(self.cfg.seed, epoch, batch["index"])
+                x[m] = x[m].flip(-1)
+            batch["image"] = x.contiguous()
+        return batch
+
+
+class MDSLoader(_Loader):
+    def __init__(self, cfg: DataConfig, dataset, dataloader, num_samples: int):
+        super().__init__(cfg, num_samples)
+        self.dataset, self.dataloader = dataset, dataloader
+
+    def __len__(self) -> int:
+        return len(self.dataloader)
+
+    def __iter__(self):
+        epoch = self._next_epoch
+        self._next_epoch += 1
+        for batch in self.dataloader:
+            yield self._finish(batch, epoch)
+
+    def state_dict(self) -> dict:
+        return {"format": "mds", "streaming": self.dataloader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != "mds":
+            raise ValueError(f"loader state is for format {state.get('format')!r}, this loader is 'mds'")
+        self.dataloader.load_state_dict(state["streaming"])
+        self._next_epoch = max(int(state["streaming"]["epoch"]), 0)
+
+
+def _mds_dataset_class():
+    from streaming import StreamingDataset
+
+    class DecodedStreamingDataset(StreamingDataset):
+        """StreamingDataset whose samples are decoded in the worker (jpg -> uint8 array)."""
+
+        def __init__(self, *, image_size: int, decode: bool, **kwargs):
+            super().__init__(**kwargs)
+            self.image_size, self.decode = image_size, decode
+
+        def get_item(self, sample_id: int, retry: int = 7) -> dict:
+            return _sample(super().get_item(sample_id, retry), sample_id, self.image_size, self.decode)
+
+    return DecodedStreamingDataset
+
+
+def _check_world(rank: int, world_size: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} not in [0, {world_size})")
+    env_ws = int(os.environ.get("WORLD_SIZE", "1"))
+    env_rank = int(os.environ.get("RANK", "0"))
+    if (env_ws, env_rank) != (world_size, rank):
+        raise ValueError(f"build_loader(rank={rank}, world_size={world_size}) disagrees with the environment "
+                         f"(RANK={env_rank}, WORLD_SIZE={env_ws}); launch with torchrun/srun so both agree")
+
+
+def _manifests(cfg: DataConfig) -> list[dict]:
+    ms = []
+    for p in cfg.paths():
+        m = load_manifest(p)
+        if m["format"] != cfg.format:
+            raise ValueError(f"{p} holds {m['format']!r} shards but DataConfig.format is {cfg.format!r}")
+        ms.append(m)
+    return ms
+
+
+def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1):
+    """A loader over this rank's share of the shard folder(s) in `cfg`; see the module docstring."""
+    if cfg.format not in ("mds", "wds"):
+        raise ValueError(f"DataConfig.format must be 'mds' or 'wds', got {cfg.format!r}")
+    if cfg.batch_size < 1 or cfg.num_workers < 0:
+        raise ValueError("batch_size must be >= 1 and num_workers >= 0")
+    _check_world(rank, world_size)
+    ms = _manifests(cfg)
+    n = sum(m["num_samples"] for m in ms)
+    if n == 0:
+        raise ValueError(f"dataset {cfg.paths()} is empty (0 samples); check the prepare summary's skipped list")
+    if cfg.drop_last and n < cfg.batch_size * world_size:
+        raise ValueError(f"{n} samples cannot fill one batch of {cfg.batch_size} per rank on {world_size} "
+                         "ranks with drop_last; lower batch_size or set drop_last=False")
+    return _build_mds(cfg, n) if cfg.format == "mds" else _build_wds(cfg, ms, rank, world_size, n)
+
+
+def _build_mds(cfg: DataConfig, n: int) -> MDSLoader:
+    global _SHM_CLEANED
+    from streaming import Stream, StreamingDataLoader
+    from streaming.base.util import clean_stale_shared_memory
+
+    dist_ready = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if cfg.clean_stale_shm and not _SHM_CLEANED and (dist_ready or int(os.environ.get("WORLD_SIZE", "1")) == 1):
+        # Without an initialized process group, streaming would init + destroy one here and again in
+        # StreamingDataset(); two such cycles back to back race on the store, so clean only when safe.
+        clean_stale_shared_memory()
+        _SHM_CLEANED = True
+    streams = [Stream(local=os.path.abspath(p)) for p in cfg.paths()]
+    ds = _mds_dataset_class()(
+        streams=streams, shuffle=cfg.shuffle, shuffle_seed=cfg.seed, shuffle_algo=cfg.shuffle_algo,
+        shuffle_block_size=cfg.shuffle_block_size, num_canonical_nodes=cfg.num_canonical_nodes,
+        batch_size=cfg.batch_size, image_size=cfg.image_size, decode=cfg.decode_images)
+    kw = {"prefetch_factor": cfg.prefetch_factor} if cfg.num_workers > 0 else {}
+    dl = StreamingDataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=_collate,
+                             drop_last=cfg.drop_last, pin_memory=cfg.pin_memory, **kw)
+    return MDSLoader(cfg, ds, dl, n)
+
+
+class _EpochNodeSplit:
+    """webdataset nodesplitter: the shard list, shuffled with (seed, epoch), then every world_size-th."""
+
+    def __init__(self, rank: int, world_size: int, seed: int, shuffle: bool):
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.epoch = 0
+
+    def __call__(self, src):
+        urls = list(src)
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(urls)
+        yield from urls[self.rank::self.world_size]
+
+
+class _WdsTail:
+    """Per-worker: seeded shuffle buffer, skip already-delivered batches (undecoded), decode, batch."""
+
+    def __init__(self, cfg: DataConfig, columns: dict[str, str], rank: int, offsets: list[int]):
+        self.cfg, self.columns, self.rank = cfg, columns, rank
+        self.epoch, self.skip_batches = 0, 0
+        self.starts = offsets  # global index of each shard's first sample, by url
+        self.urls: list[str] = []
+
+    def __call__(self, src):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        rng = random.Random(hash((self.cfg.seed, self.epoch, self.rank, wid)))
+        stream = self._raw(src)
+        if self.cfg.shuffle and self.cfg.shuffle_buffer > 1:
+            stream = _buffer_shuffle(stream, self.cfg.shuffle_buffer, rng)
+        mine = max(0, (self.skip_batches - wid + nw - 1) // nw)  # batches this worker already delivered
+        bs, buf, produced = self.cfg.batch_size, [], 0
+        for s in stream:
+            buf.append(s)
+            if len(buf) == bs:
+                if produced >= mine:
+                    yield self._batch(buf)
+                produced += 1
+                buf = []
+        if buf and not self.cfg.drop_last and produced >= mine:
+            yield self._batch(buf)
+
+    def _raw(self, src):
+        for s in src:
+            pos = int(s["__key__"].rsplit("_", 1)[1])
+            url = s["__url__"]
+            raw = {c: decode_wds_value(s[c], enc) for c, enc in self.columns.items() if c in s}
+            yield raw, self.starts[url] + pos
+
+    def _batch(self, buf):
+        return _collate([_sample(raw, idx, self.cfg.image_size, self.cfg.decode_images) for raw, idx in buf])
+
+
+def _buffer_shuffle(stream, size: int, rng: random.Random):
+    buf = []
+    for s in stream:
+        if len(buf) < size:
+            buf.append(s)
+            continue
+        j = rng.randrange(len(buf))
+        yield buf[j]
+        buf[j] = s
+    rng.shuffle(buf)
+    yield from buf
+
+
+class WdsLoader(_Loader):
+    def __init__(self, cfg, dataset, split, tail, rank, world_size, n):
+        super().__init__(cfg, n)
+        self.dataset, self.split, self.tail = dataset, split, tail
+        self.rank, self.world_size = rank, world_size
+        self._resume_batches = 0
+        self._batches_done = 0
+        self._epoch = -1
+
+    def __iter__(self):
+        from torch.utils.data import DataLoader
+
+        epoch = self._next_epoch
+        self._next_epoch += 1
+        self.split.epoch = self.tail.epoch = self._epoch = epoch
+        self.tail.skip_batches = self._resume_batches
+        self._batches_done = self._resume_batches
+        self._resume_batches = 0
+        kw = {"prefetch_factor": self.cfg.prefetch_factor} if self.cfg.num_workers > 0 else {}
+        dl = DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.num_workers,
+                        pin_memory=self.cfg.pin_memory, **kw)
+        for batch in dl:
+            self._batches_done += 1
+            yield self._finish(batch, epoch)
+
+    def __len__(self) -> int:
+        per_rank = self.num_samples / self.world_size
+        return math.floor(per_rank / self.cfg.batch_size) if self.cfg.drop_last else math.ceil(
+            per_rank / self.cfg.batch_size)
+
+    def state_dict(self) -> dict:
+        return {"format": "wds", "epoch": self._epoch, "batches": self._batches_done, "seed": self.cfg.seed,
+                "world_size": self.world_size, "num_workers": self.cfg.num_workers}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != "wds":
+            raise ValueError(f"loader state is for format {state.get('format')!r}, this loader is 'wds'")
+        for k, mine in (("world_size", self.world_size), ("num_workers", self.cfg.num_workers),
+                        ("seed", self.cfg.seed)):
+            if state[k] != mine:
+                raise ValueError(f"webdataset resume needs the same {k} (saved {state[k]}, now {mine}); "
+                                 "use MDS shards for elastic resume")
+        self._next_epoch = max(state["epoch"], 0)
+        self._resume_batches = state["batches"] if state["epoch"] >= 0 else 0
+
+
+def _build_wds(cfg: DataConfig, ms: list[dict], rank: int, world_size: int, n: int) -> WdsLoader:
+    import webdataset as wds
+
+    urls, offsets, start = [], {}, 0
+    for p, m in zip(cfg.paths(), ms):
+        for s in m["shards"]:
+            u = os.path.join(os.path.abspath(p), s["basename"])
+            urls.append(u)
+            offsets[u] = start
+            start += s["samples"]
+    need = world_size * max(1, cfg.num_workers)
+    if len(urls) < need:
+        raise ValueError(f"{len(urls)} webdataset shards < ranks x workers = {world_size} x "
+                         f"{max(1, cfg.num_workers)}; prepare with a smaller --shard-size, or use fewer workers")
+    columns = {**STANDARD_COLUMNS, **ms[0]["columns"]}
+    split = _EpochNodeSplit(rank, world_size, cfg.seed, cfg.shuffle)
+    tail = _WdsTail(cfg, columns, rank, offsets)
+    ds = wds.WebDataset(urls, nodesplitter=split, workersplitter=wds.split_by_worker, shardshuffle=False,
+                        empty_check=False).compose(tail)
+    return WdsLoader(cfg, ds, split, tail, rank, world_size, n)

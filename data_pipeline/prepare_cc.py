@@ -1,0 +1,107 @@
+"""Conceptual Captions (CC3M/CC12M) -> shards with captions.
+
+    python -m data_pipeline.prepare_cc --source cc3m_img2dataset/ --out data/cc3m256 --min-size 128
+    python -m data_pipeline.prepare_cc --tsv cc3m_local.tsv --out data/cc3m256
+
+--source: img2dataset output, a folder of webdataset tars (read in sorted order) with `{key}.jpg`,
+`{key}.txt` (caption) and `{key}.json` per sample; the img2dataset key is kept. --tsv: lines of
+`caption<TAB>image path` (relative paths are relative to the TSV's folder); the key is the 0-based line
+number, 9 digits (img2dataset's scheme). Captions: whitespace collapsed, empty ones skipped
+("empty caption"), cut to --max-caption-chars at a word boundary. --min-size skips small sources.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Iterator
+
+from data_pipeline.prepare import add_common_args, image_config, run_prepare
+from data_pipeline.sources import UNSAFE, Item, iter_tar
+
+EMPTY_CAPTION = "empty caption"
+NO_IMAGE = "missing image"
+
+
+def clean_caption(text: str, max_chars: int) -> str:
+    text = " ".join(text.split())
+    if len(text) > max_chars:
+        cut = text[:max_chars]
+        text = cut.rsplit(" ", 1)[0] if " " in cut else cut
+    return text
+
+
+def _finish(key: str, files: dict[str, bytes], max_chars: int) -> Item:
+    cap = clean_caption(files.get("txt", b"").decode("utf-8", "replace"), max_chars)
+    if "jpg" not in files:
+        return Item(key=key, skip=NO_IMAGE, detail="no .jpg member")
+    if not cap:
+        return Item(key=key, skip=EMPTY_CAPTION)
+    return Item(key=key, data=files["jpg"], caption=cap)
+
+
+def wds_items(folder: str, max_chars: int) -> Iterator[Item]:
+    tars = sorted(f for f in os.listdir(folder) if f.endswith(".tar"))
+    if not tars:
+        raise SystemExit(f"error: no .tar files in {folder} (expected img2dataset webdataset output)")
+    for t in tars:
+        key, files = None, {}
+        for m, data, bad in iter_tar(path=os.path.join(folder, t)):
+            if bad is not None:
+                yield Item(key=f"{t}/{m.name}", skip=UNSAFE, detail=bad)
+                continue
+            base = os.path.basename(m.name)
+            k, _, ext = base.partition(".")
+            if k != key:
+                if key is not None:
+                    yield _finish(key, files, max_chars)
+                key, files = k, {}
+            files[ext.lower() if ext.lower() != "jpeg" else "jpg"] = data
+        if key is not None:
+            yield _finish(key, files, max_chars)
+
+
+def tsv_items(path: str, max_chars: int) -> Iterator[Item]:
+    root = os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f):
+            line = line.rstrip("\n")
+            if n == 0 and line.lower().startswith("caption\t"):
+                continue  # header
+            cap, _, img = line.rpartition("\t")
+            key = f"{n:09d}"
+            cap = clean_caption(cap, max_chars)
+            if not img:
+                yield Item(key=key, skip=NO_IMAGE, detail="no path column")
+            elif not cap:
+                yield Item(key=key, skip=EMPTY_CAPTION)
+            else:
+                yield Item(key=key, path=img if os.path.isabs(img) else os.path.join(root, img), caption=cap)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m data_pipeline.prepare_cc", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--source", help="folder of img2dataset webdataset tars")
+    g.add_argument("--tsv", help="TSV of caption<TAB>local image path")
+    p.add_argument("--max-caption-chars", type=int, default=512)
+    p.add_argument("--min-size", type=int, default=0, help="skip sources whose shorter side is smaller")
+    add_common_args(p, shard_size=5000)
+    args = p.parse_args(argv)
+    if args.source:
+        items = wds_items(args.source, args.max_caption_chars)
+        src = {"kind": "conceptual_captions", "img2dataset": os.path.abspath(args.source)}
+    else:
+        if not os.path.isfile(args.tsv):
+            raise SystemExit(f"error: --tsv {args.tsv!r} does not exist")
+        items = tsv_items(args.tsv, args.max_caption_chars)
+        src = {"kind": "conceptual_captions", "tsv": os.path.abspath(args.tsv)}
+    src["max_caption_chars"] = args.max_caption_chars
+    return run_prepare(items, args.out, fmt=args.format, cfg=image_config(args, min_size=args.min_size),
+                       shard_size=args.shard_size, workers=args.workers, source=src, limit=args.limit,
+                       progress=not args.no_progress)
+
+
+if __name__ == "__main__":
+    main()

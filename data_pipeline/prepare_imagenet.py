@@ -1,0 +1,173 @@
+"""ImageNet-1k (ILSVRC2012) -> shards.
+
+    python -m data_pipeline.prepare_imagenet --split train --source ILSVRC2012_img_train.tar \\
+        --devkit ILSVRC2012_devkit_t12.tar.gz --out data/imagenet256/train --workers 16
+    python -m data_pipeline.prepare_imagenet --split val --source ILSVRC2012_img_val.tar \\
+        --devkit ILSVRC2012_devkit_t12.tar.gz --out data/imagenet256/val
+    python -m data_pipeline.prepare_imagenet --split train --source /data/imagenet/train --out ...
+
+--source is the official tar (train: a tar of per-class tars, streamed; val: a flat tar) or an extracted
+folder (`train/<wnid>/*.JPEG`; `val/` flat with --devkit, or `val/<wnid>/`). A folder holding a `train`
+or `val` subfolder is accepted as well. Labels are class indices in the standard order: the 1000 WordNet
+ids sorted. Keys are the file stems (`n01440764_10026`, `ILSVRC2012_val_00000001`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+
+from data_pipeline.prepare import add_common_args, image_config, run_prepare
+from data_pipeline.sources import UNSAFE, Item, folder_items, iter_tar, stem, unsafe_reason
+
+WNID = re.compile(r"^n\d{8}$")
+VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})")
+
+
+def read_devkit(devkit: str) -> tuple[list[str], list[str]]:
+    """Devkit (the .tar.gz or its extracted folder) -> (wnids of the leaf synsets in ILSVRC2012_ID order,
+    val ground-truth wnids in val-image order)."""
+    import scipy.io
+
+    files: dict[str, bytes] = {}
+    wanted = ("data/meta.mat", "data/ILSVRC2012_validation_ground_truth.txt")
+    if os.path.isdir(devkit):
+        for root, _, names in os.walk(devkit):
+            for n in names:
+                rel = os.path.join(root, n).replace(os.sep, "/")
+                if rel.endswith(wanted):
+                    with open(os.path.join(root, n), "rb") as f:
+                        files[wanted[0] if rel.endswith(wanted[0]) else wanted[1]] = f.read()
+    elif os.path.isfile(devkit):
+        for m, data, bad in iter_tar(path=devkit):
+            if bad is None and m.name.endswith(wanted):
+                files[wanted[0] if m.name.endswith(wanted[0]) else wanted[1]] = data
+    else:
+        raise FileNotFoundError(f"--devkit {devkit!r} does not exist")
+    for w in wanted:
+        if w not in files:
+            raise FileNotFoundError(f"devkit {devkit!r} lacks {w} (expected ILSVRC2012_devkit_t12)")
+    meta = scipy.io.loadmat(io.BytesIO(files[wanted[0]]), squeeze_me=True)["synsets"]
+    leaves = sorted((int(s["ILSVRC2012_ID"]), str(s["WNID"])) for s in meta if int(s["num_children"]) == 0)
+    id_to_wnid = dict(leaves)
+    gt = [id_to_wnid[int(x)] for x in files[wanted[1]].decode().split()]
+    return [w for _, w in leaves], gt
+
+
+def _split_dir(source: str, split: str) -> str:
+    sub = os.path.join(source, split)
+    return sub if os.path.isdir(sub) else source
+
+
+def _subdirs(path: str) -> list[str]:
+    return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and WNID.match(d))
+
+
+def train_tar_wnids(path: str) -> list[str]:
+    with tarfile.open(path, "r:") as tf:  # seekable scan of the outer headers only
+        return sorted(stem(n) for n in tf.getnames() if WNID.match(stem(n)) and n.endswith(".tar"))
+
+
+def train_tar_items(path: str, class_index: dict[str, int]) -> Iterator[Item]:
+    """Stream the outer tar; each per-class tar is streamed from it, in memory."""
+    with tarfile.open(path, "r|") as outer:
+        for m in outer:
+            if m.isdir():
+                continue
+            bad = unsafe_reason(m)
+            if bad is not None:
+                yield Item(key=m.name, skip=UNSAFE, detail=bad)
+                continue
+            wnid = stem(m.name)
+            if not m.name.endswith(".tar") or wnid not in class_index:
+                yield Item(key=m.name, skip="unexpected member", detail="not a <wnid>.tar of a known class")
+                continue
+            for im, data, ibad in iter_tar(fileobj=outer.extractfile(m)):
+                if ibad is not None:
+                    yield Item(key=f"{m.name}/{im.name}", skip=UNSAFE, detail=ibad)
+                else:
+                    yield Item(key=stem(im.name), data=data, label=class_index[wnid])
+
+
+def val_tar_items(path: str, gt_labels: list[int] | None) -> Iterator[Item]:
+    for m, data, bad in iter_tar(path=path):
+        if bad is not None:
+            yield Item(key=m.name, skip=UNSAFE, detail=bad)
+            continue
+        yield Item(key=stem(m.name), data=data, label=_val_label(m.name, gt_labels))
+
+
+def _val_label(name: str, gt_labels: list[int] | None) -> int:
+    mt = VAL_NAME.search(name)
+    if gt_labels is None or mt is None or not 1 <= int(mt.group(1)) <= len(gt_labels):
+        return -1
+    return gt_labels[int(mt.group(1)) - 1]
+
+
+def build_items(args: argparse.Namespace) -> tuple[Iterator[Item], dict, list[str]]:
+    src = args.source
+    devkit_wnids, gt = read_devkit(args.devkit) if args.devkit else (None, None)
+    source = {"kind": "imagenet", "split": args.split, "path": os.path.abspath(src),
+              "devkit": os.path.abspath(args.devkit) if args.devkit else None}
+    if os.path.isfile(src):
+        if args.split == "train":
+            wnids = sorted(devkit_wnids) if devkit_wnids else train_tar_wnids(src)
+            if not wnids:
+                raise SystemExit(f"error: {src} holds no <wnid>.tar members; is it ILSVRC2012_img_train.tar?")
+            return train_tar_items(src, {w: i for i, w in enumerate(wnids)}), source, wnids
+        if gt is None:
+            raise SystemExit("error: the val tar has no labels inside; pass --devkit ILSVRC2012_devkit_t12.tar.gz")
+        wnids = sorted(devkit_wnids)
+        index = {w: i for i, w in enumerate(wnids)}
+        return val_tar_items(src, [index[w] for w in gt]), source, wnids
+    if not os.path.isdir(src):
+        raise SystemExit(f"error: --source {src!r} is neither a tar file nor a folder")
+    root = _split_dir(src, args.split)
+    classes = _subdirs(root)
+    if classes:
+        wnids = sorted(devkit_wnids) if devkit_wnids else classes
+        return _stem_keys(folder_items(root, {w: i for i, w in enumerate(wnids)})), source, wnids
+    if args.split == "train":
+        raise SystemExit(f"error: {root} has no <wnid>/ subfolders (expected train/n01440764/*.JPEG ...)")
+    if gt is None:
+        raise SystemExit(f"error: {root} is a flat val folder; pass --devkit for its labels")
+    wnids = sorted(devkit_wnids)
+    index = {w: i for i, w in enumerate(wnids)}
+    labels = [index[w] for w in gt]
+
+    def flat() -> Iterator[Item]:
+        for it in folder_items(root):
+            it.label = _val_label(it.key, labels)
+            yield it
+    return _stem_keys(flat()), source, wnids
+
+
+def _stem_keys(items: Iterator[Item]) -> Iterator[Item]:
+    """Folder keys as the official tar gives them (file stem), so both inputs give the same keys."""
+    for it in items:
+        it.key = stem(it.key)
+        yield it
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m data_pipeline.prepare_imagenet", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split", choices=["train", "val"], required=True)
+    p.add_argument("--source", required=True, help="ILSVRC2012_img_{train,val}.tar or an extracted folder")
+    p.add_argument("--devkit", default=None, help="ILSVRC2012_devkit_t12.tar.gz (or folder); needed for val")
+    add_common_args(p)
+    args = p.parse_args(argv)
+    items, source, wnids = build_items(args)
+    if len(wnids) != 1000:
+        print(f"note: {len(wnids)} classes found (ImageNet-1k has 1000)")
+    return run_prepare(items, args.out, fmt=args.format, cfg=image_config(args), shard_size=args.shard_size,
+                       workers=args.workers, source=source, limit=args.limit, progress=not args.no_progress,
+                       manifest_extra={"classes": wnids})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Random access to a prepared shard folder by global sample index (for evaluation and tools).
+
+`ShardReader(path)[i]` is the i-th sample of the folder in manifest order, independent of rank and world
+size, so evaluation can give each rank the indices `range(rank, len(reader), world_size)`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import tarfile
+
+import numpy as np
+
+from data_pipeline.images import decode_rgb_array
+from data_pipeline.shards import decode_wds_value, get_mds_encoded_size, load_manifest, mds_decode
+
+
+class ShardReader:
+    """Read samples of an MDS or webdataset shard folder written by this package.
+
+    `reader[i]` -> dict with every stored column (jpg bytes, label int, caption str, key str,
+    orig_size str "WxH", extras) plus "image": uint8 numpy array (H, W, 3) decoded from jpg, and
+    "index": i. `len(reader)` is the sample count; `reader.manifest` is the parsed manifest.json.
+    Opens files lazily, so a reader can be pickled into DataLoader workers.
+    """
+
+    def __init__(self, path: str, decode_image: bool = True):
+        self.path = path
+        self.manifest = load_manifest(path)
+        self.format = self.manifest["format"]
+        self.columns = self.manifest["columns"]
+        self.decode_image = decode_image
+        self._shards = [s["basename"] for s in self.manifest["shards"]]
+        counts = [s["samples"] for s in self.manifest["shards"]]
+        self._starts = list(np.cumsum([0] + counts[:-1]).tolist())
+        self._len = int(sum(counts))
+        for b in self._shards:
+            if not os.path.isfile(os.path.join(path, b)):
+                raise FileNotFoundError(f"shard {b} listed in {path}/manifest.json is missing")
+        self._mds_layout = None
+        if self.format == "mds":
+            names = sorted(self.columns)
+            self._mds_layout = (names, [self.columns[n] for n in names])
+        self._tar_index: dict[int, list[dict[str, tuple[int, int]]]] = {}
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        if not -self._len <= i < self._len:
+            raise IndexError(f"index {i} out of range for {self._len} samples")
+        i %= self._len
+        shard = bisect.bisect_right(self._starts, i) - 1
+        return shard, i - self._starts[shard]
+
+    def _read_mds(self, shard: int, pos: int) -> dict:
+        names, encs = self._mds_layout
+        with open(os.path.join(self.path, self._shards[shard]), "rb", 0) as f:
+            f.seek(4 + 4 * pos)
+            begin, end = np.frombuffer(f.read(8), np.uint32)
+            f.seek(int(begin))
+            data = f.read(int(end - begin))
+        sizes, idx = [], 0
+        for enc in encs:
+            size = get_mds_encoded_size(enc)
+            if size is None:
+                size = int(np.frombuffer(data[idx:idx + 4], np.uint32)[0])
+                idx += 4
+            sizes.append(size)
+        out = {}
+        for name, enc, size in zip(names, encs, sizes):
+            out[name] = mds_decode(enc, data[idx:idx + size])
+            idx += size
+        return out
+
+    def _members(self, shard: int) -> list[dict[str, tuple[int, int]]]:
+        if shard not in self._tar_index:
+            samples: dict[str, dict[str, tuple[int, int]]] = {}
+            with tarfile.open(os.path.join(self.path, self._shards[shard]), "r:") as tf:
+                for m in tf:
+                    prefix, _, col = m.name.partition(".")
+                    samples.setdefault(prefix, {})[col] = (m.offset_data, m.size)
+            self._tar_index[shard] = [samples[k] for k in sorted(samples)]
+        return self._tar_index[shard]
+
+    def _read_wds(self, shard: int, pos: int) -> dict:
+        cols = self._members(shard)[pos]
+        out = {}
+        with open(os.path.join(self.path, self._shards[shard]), "rb", 0) as f:
+            for name, enc in self.columns.items():
+                off, size = cols[name]
+                f.seek(off)
+                out[name] = decode_wds_value(f.read(size), enc)
+        return out
+
+    def __getitem__(self, i: int) -> dict:
+        shard, pos = self._locate(int(i))
+        s = self._read_mds(shard, pos) if self.format == "mds" else self._read_wds(shard, pos)
+        if self.decode_image:
+            s["image"] = decode_rgb_array(s["jpg"])
+        s["index"] = int(i) % self._len
+        return s

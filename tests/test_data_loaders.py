@@ -1,0 +1,128 @@
+"""Loaders: batches, seeded flips, exact resume in one process and under torchrun --nproc_per_node 2."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from data_fixtures import encode, photos, variant
+from PIL import Image
+
+from data_pipeline.loaders import DataConfig, build_loader, flip_mask
+from data_pipeline.shards import STANDARD_COLUMNS, ShardWriter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write(path, fmt, n=64, shard_size=8, size=32):
+    p = photos()
+    with ShardWriter(path, dict(STANDARD_COLUMNS), fmt=fmt, shard_size=shard_size, source={"kind": "test"}) as w:
+        for i in range(n):
+            img = np.asarray(Image.fromarray(variant(p[i % 5], i)).resize((size, size)))
+            w.write({"jpg": encode(img), "label": i % 7, "caption": f"c{i}", "key": f"k{i:03d}",
+                     "orig_size": f"{size}x{size}"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loaders")
+    return {fmt: _write(str(root / fmt), fmt) for fmt in ("mds", "wds")}
+
+
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_batches_and_single_process_resume(data, fmt):
+    cfg = DataConfig(path=data[fmt], format=fmt, batch_size=4, num_workers=2, image_size=32, seed=1,
+                     clean_stale_shm=False)
+    loader = build_loader(cfg)
+    keys, imgs, state = [], [], None
+    for i, b in enumerate(loader):
+        assert b["image"].shape == (4, 3, 32, 32) and b["image"].dtype == torch.float32
+        assert b["image"].min() >= -1 and b["image"].max() <= 1 and b["label"].dtype == torch.long
+        assert b["caption"] == [f"c{int(k[1:])}" for k in b["key"]]
+        assert b["label"].tolist() == [int(k[1:]) % 7 for k in b["key"]]
+        keys += b["key"]
+        imgs.append(b["image"])
+        if i == 5:
+            state = loader.state_dict()
+    assert len(keys) == len(set(keys)) == 64 and keys != sorted(keys)  # whole epoch, shuffled
+    again = build_loader(cfg)
+    again.load_state_dict(state)
+    rest = list(again)
+    assert [k for b in rest for k in b["key"]] == keys[24:]
+    assert all(torch.equal(a["image"], b) for a, b in zip(rest, imgs[6:]))  # same flips after resume
+    second = [k for b in loader for k in b["key"]]  # next epoch: another order
+    assert sorted(second) == sorted(keys) and second != keys
+
+
+def test_flip_mask_is_seeded():
+    idx = torch.arange(1000)
+    a, b, c = flip_mask(0, 0, idx), flip_mask(0, 0, idx), flip_mask(0, 1, idx)
+    assert torch.equal(a, b) and not torch.equal(a, c) and 400 < int(a.sum()) < 600
+
+
+def test_clear_errors(tmp_path, data):
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        build_loader(DataConfig(path=str(tmp_path), clean_stale_shm=False))
+    with pytest.raises(ValueError, match="format"):
+        build_loader(DataConfig(path=data["mds"], format="wds", clean_stale_shm=False))
+    with pytest.raises(ValueError, match="shards < ranks x workers"):
+        build_loader(DataConfig(path=_write(str(tmp_path / "few"), "wds", n=16, shard_size=8), format="wds",
+                                num_workers=4, batch_size=2))
+    empty = str(tmp_path / "empty")
+    ShardWriter(empty, dict(STANDARD_COLUMNS)).close()
+    with pytest.raises(ValueError, match="empty"):
+        build_loader(DataConfig(path=empty, clean_stale_shm=False))
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        build_loader(DataConfig(path=data["mds"], batch_size=65, clean_stale_shm=False))
+
+
+def _torchrun(args, out, timeout=90):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{ROOT}/tests")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    with socket.socket() as sock:  # a free port for the rendezvous store
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           os.path.join(ROOT, "tests", "data_loader_worker.py"), *args]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    finally:  # ranks live in their own sessions: kill them by pid and by process group
+        pids = [proc.pid] + [int(open(os.path.join(out, f)).read()) for f in os.listdir(out) if f.startswith("pid.")]
+        for pid in pids:
+            try:
+                for c in psutil.Process(pid).children(recursive=True):
+                    c.kill()
+                os.killpg(os.getpgid(pid), signal.SIGKILL) if pid != os.getpid() and proc.poll() is None else None
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
+    assert proc.returncode == 0, log[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_torchrun_two_ranks_disjoint_and_exact_resume(data, fmt, tmp_path):
+    out = str(tmp_path)
+    stop = 3
+    _torchrun([data[fmt], fmt, "full", out, str(stop)], out)
+    _torchrun([data[fmt], fmt, "resume", out, "0"], out)
+    full = [json.load(open(os.path.join(out, f"full.{r}.json"))) for r in range(2)]
+    resumed = [json.load(open(os.path.join(out, f"resume.{r}.json"))) for r in range(2)]
+    k0, k1 = ({k for b in f for k in b["key"]} for f in full)
+    assert not k0 & k1  # disjoint shares
+    if fmt == "mds":
+        assert k0 | k1 == {f"k{i:03d}" for i in range(64)}  # together they cover the epoch
+    else:
+        assert len(k0 | k1) >= 64 - 2 * 2 * 3  # wds drops each worker's last partial batch
+    for r in range(2):
+        assert resumed[r] == full[r][stop:], f"rank {r}: resumed batches differ"
+        assert len(resumed[r]) > 0
