@@ -1,0 +1,212 @@
+"""Gaussian diffusion for the DiVAE decoder: config, factory, one sampling entry point, loss logging.
+
+    cfg = DiffusionConfig()                      # T = 1000, linear, epsilon, learned range, hybrid loss
+    diffusion = create_diffusion(cfg)            # for training
+    losses = diffusion.training_losses(unet, x0, t, model_kwargs={"cond": z_q})
+    x = sample(unet, cfg, (B, 3, 256, 256), sampler="dpmpp2m", steps=20,
+               model_kwargs={"cond": z_q}, seeds=range(B))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .gaussian_diffusion import (
+    LOSS_TYPES,
+    MEAN_TYPES,
+    SCHEDULES,
+    VAR_TYPES,
+    GaussianDiffusion,
+    get_named_beta_schedule,
+)
+from .resample import LossSecondMomentResampler, UniformSampler, create_schedule_sampler
+from .respace import SpacedDiffusion, space_timesteps
+from .samplers import SAMPLERS, NoiseSource, ddim_loop, ddpm_loop, dpmpp2m_loop, generators_from_seeds
+
+# Step counts used when `sample(..., steps=None)`: the paper's 1000-step DDPM, DDIM 25 (its appendix),
+# and 20 steps for the second-order solver.
+DEFAULT_STEPS = {"ddpm": None, "ddim": 25, "dpmpp2m": 20}
+
+
+@dataclass
+class DiffusionConfig:
+    """The diffusion process of the decoder (Improved DDPM defaults, as in the paper).
+
+    steps: T, training timesteps. noise_schedule: "linear" | "cosine". model_mean_type: "epsilon" | "x0".
+    model_var_type: "learned_range" (UNet must have learn_sigma=True) | "fixed_small" | "fixed_large".
+    loss: "hybrid" (L_simple + vlb_weight * L_vlb, mean detached in L_vlb) | "simple" | "kl".
+    schedule_sampler: how training draws t, "uniform" | "loss-second-moment" (importance sampling).
+    clip_denoised: clamp x_0 predictions to [-1, 1] while sampling.
+    """
+
+    steps: int = 1000
+    noise_schedule: str = "linear"
+    model_mean_type: str = "epsilon"
+    model_var_type: str = "learned_range"
+    loss: str = "hybrid"
+    vlb_weight: float = 0.001
+    schedule_sampler: str = "uniform"
+    clip_denoised: bool = True
+
+    def __post_init__(self):
+        checks = {"noise_schedule": SCHEDULES, "model_mean_type": MEAN_TYPES, "model_var_type": VAR_TYPES,
+                  "loss": LOSS_TYPES}
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"diffusion.{name}={getattr(self, name)!r}: choose one of {allowed}")
+        if self.steps < 2:
+            raise ValueError(f"diffusion.steps={self.steps}: need at least 2")
+        if self.loss == "hybrid" and self.model_var_type != "learned_range":
+            raise ValueError("diffusion.loss='hybrid' trains the variance: it needs model_var_type='learned_range' "
+                             "(or use loss='simple' with a fixed variance)")
+
+    @property
+    def learn_sigma(self) -> bool:
+        """True when the model must output 2C channels."""
+        return self.model_var_type == "learned_range"
+
+
+def create_diffusion(cfg: DiffusionConfig, timestep_respacing: str | Sequence[int] = "") -> SpacedDiffusion:
+    """A diffusion over all `cfg.steps` steps ("") or a respaced subset ("250", "ddim25", "10,15,20", or
+    an explicit list of timesteps). Timestep indices into the result run 0..K-1."""
+    betas = get_named_beta_schedule(cfg.noise_schedule, cfg.steps)
+    if isinstance(timestep_respacing, str):
+        use = space_timesteps(cfg.steps, timestep_respacing) if timestep_respacing else range(cfg.steps)
+    else:
+        use = timestep_respacing
+    return SpacedDiffusion(
+        use,
+        betas=betas,
+        model_mean_type=cfg.model_mean_type,
+        model_var_type=cfg.model_var_type,
+        loss_type=cfg.loss,
+        vlb_weight=cfg.vlb_weight,
+    )
+
+
+def sample(
+    model: Callable,
+    diffusion_cfg: DiffusionConfig,
+    shape: Sequence[int],
+    *,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    eta: float = 0.0,
+    model_kwargs: dict | None = None,
+    generators: Sequence[torch.Generator] | None = None,
+    seeds: Sequence[int] | None = None,
+    clip_denoised: bool | None = None,
+    timestep_respacing: str | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Generate x_0 of `shape` (B, C, H, W) with a trained model; the single sampling entry point.
+
+    model: `model(x_t, t, **model_kwargs)` with t the original (training) timesteps, e.g. a UNetModel;
+        an nn.Module is put in eval mode for the call and restored after.
+    diffusion_cfg: the config the model was trained with (schedule, mean/variance parametrisation).
+    sampler: "ddpm" (ancestral, learned or fixed variance; the paper's headline with 1000 steps),
+        "ddim" (eta = 0 deterministic, eta > 0 adds noise), "dpmpp2m" (DPM-Solver++(2M), deterministic,
+        second order, good at 10-25 steps).
+    steps: model evaluations; None means 1000 (all T) for ddpm, 25 for ddim, 20 for dpmpp2m. The kept
+        timesteps: "quad{steps}" for dpmpp2m (dense near t = 0), "ddim{steps}" for ddim (DDIM's even
+        stride from 0), `steps` evenly spaced ones including 0 and T-1 for ddpm; `timestep_respacing`
+        (e.g. "ddim25", "quad20", "10,15,20", see respace.space_timesteps) overrides this.
+    model_kwargs: extra model inputs, e.g. {"cond": z_q (B, d, h, w)}.
+    generators / seeds: per-image randomness (give at most one): image i's noise comes only from
+        generators[i] (or a CPU generator seeded with seeds[i]), so it is identical whatever the batch
+        size or number of ranks. Neither: the global torch RNG.
+    clip_denoised: clamp x_0 predictions to [-1, 1]; None takes diffusion_cfg.clip_denoised.
+    device: where to sample; None takes the model's device (CPU for a plain function).
+    Returns x_0 (B, C, H, W) float32, in [-1, 1] up to the model's accuracy (not clamped).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    if generators is not None and seeds is not None:
+        raise ValueError("pass generators or seeds, not both")
+    if seeds is not None:
+        generators = generators_from_seeds(list(seeds))
+    if timestep_respacing is None:
+        n = steps if steps is not None else DEFAULT_STEPS[sampler]
+        if n is None or n == diffusion_cfg.steps:
+            timestep_respacing = ""
+        elif not 1 <= n <= diffusion_cfg.steps:
+            raise ValueError(f"steps must be in [1, {diffusion_cfg.steps}], got {n}")
+        else:
+            timestep_respacing = _default_respacing(sampler, n, diffusion_cfg.steps)
+    elif steps is not None:
+        raise ValueError("pass steps or timestep_respacing, not both")
+    diffusion = create_diffusion(diffusion_cfg, timestep_respacing)
+    if device is None:
+        params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+        device = params.device if params is not None else torch.device("cpu")
+    noise = NoiseSource(tuple(shape), torch.device(device), generators)
+    clip = diffusion_cfg.clip_denoised if clip_denoised is None else clip_denoised
+    common = dict(clip_denoised=clip, model_kwargs=model_kwargs, progress=progress)
+
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if was_training:
+        model.eval()
+    try:
+        if sampler == "ddpm":
+            return ddpm_loop(diffusion, model, noise, **common)
+        if sampler == "ddim":
+            return ddim_loop(diffusion, model, noise, eta=eta, **common)
+        return dpmpp2m_loop(diffusion, model, noise, **common)
+    finally:
+        if was_training:
+            model.train()
+
+
+def _default_respacing(sampler: str, n: int, total: int) -> str:
+    """dpmpp2m: quadratic in time (dense near t = 0, far more accurate than even spacing at 10-25 steps);
+    ddim: the DDIM paper's even stride from t = 0 (the paper's DDIM25) when one gives n steps; else n
+    evenly spaced steps including 0 and T - 1."""
+    if sampler == "dpmpp2m" and n >= 2:
+        return f"quad{n}"
+    if sampler == "ddim" and any(len(range(0, total, s)) == n for s in range(1, total)):
+        return f"ddim{n}"
+    return str(n)
+
+
+def quartile_losses(
+    t: torch.Tensor, losses: torch.Tensor | dict[str, torch.Tensor], num_timesteps: int
+) -> dict[str, float]:
+    """Mean loss per timestep quartile, for logging: quartile q holds t in [q T/4, (q+1) T/4).
+
+    t: (B,) long; losses: (B,) tensor (keys "q0".."q3") or a dict of them (keys "{name}_q0"...).
+    Quartiles with no sample in the batch are left out.
+    """
+    items = losses.items() if isinstance(losses, dict) else [("", losses)]
+    quart = (t.detach().cpu() * 4 // num_timesteps).clamp(0, 3)
+    out: dict[str, float] = {}
+    for name, value in items:
+        value = value.detach().float().cpu()
+        if value.shape != t.shape:
+            raise ValueError(f"losses {name!r} have shape {tuple(value.shape)}, expected {tuple(t.shape)}")
+        for q in range(4):
+            sel = quart == q
+            if sel.any():
+                out[f"{name}_q{q}" if name else f"q{q}"] = value[sel].mean().item()
+    return out
+
+
+__all__ = [
+    "DEFAULT_STEPS",
+    "SAMPLERS",
+    "DiffusionConfig",
+    "GaussianDiffusion",
+    "LossSecondMomentResampler",
+    "SpacedDiffusion",
+    "UniformSampler",
+    "create_diffusion",
+    "create_schedule_sampler",
+    "generators_from_seeds",
+    "get_named_beta_schedule",
+    "quartile_losses",
+    "sample",
+    "space_timesteps",
+]

@@ -1,0 +1,288 @@
+"""Gaussian diffusion (DDPM / Improved DDPM): schedules, forward process, posterior, losses, one-step samplers.
+
+Notation: T steps, beta_t the noise schedule, alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s,
+x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps. Timesteps are 0-based: t in [0, T).
+Tensors are images (B, C, H, W) in [-1, 1]; schedules are kept in float64 numpy and gathered per sample.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+
+MEAN_TYPES = ("epsilon", "x0")
+VAR_TYPES = ("learned_range", "fixed_small", "fixed_large")
+LOSS_TYPES = ("hybrid", "simple", "kl")
+SCHEDULES = ("linear", "cosine")
+
+
+def get_named_beta_schedule(name: str, num_steps: int) -> np.ndarray:
+    """Betas (T,) float64. "linear": 1e-4..0.02 scaled by 1000/T (DDPM); "cosine": Improved DDPM, s=0.008."""
+    if num_steps < 1:
+        raise ValueError(f"diffusion steps must be >= 1, got {num_steps}")
+    if name == "linear":
+        scale = 1000 / num_steps
+        return np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64)
+    if name == "cosine":
+        return betas_for_alpha_bar(
+            num_steps, lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2, max_beta=0.999
+        )
+    raise ValueError(f"unknown noise_schedule {name!r}; choose one of {SCHEDULES}")
+
+
+def betas_for_alpha_bar(num_steps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999):
+    """Discretize a continuous abar(s), s in [0, 1], into T betas, each capped at max_beta."""
+    betas = []
+    for i in range(num_steps):
+        s1, s2 = i / num_steps, (i + 1) / num_steps
+        betas.append(min(1 - alpha_bar(s2) / alpha_bar(s1), max_beta))
+    return np.array(betas, dtype=np.float64)
+
+
+def _extract(arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """arr[t] as a tensor broadcastable to `like` (B, 1, 1, ...). float64 only if `like` is float64."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    out = torch.from_numpy(arr).to(device=t.device)[t].to(dtype)
+    return out.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+class GaussianDiffusion:
+    """Diffusion utilities for a given beta schedule.
+
+    model_mean_type: what the model predicts, "epsilon" (the noise) or "x0".
+    model_var_type: "learned_range" (the model outputs 2C channels; the extra C are v in [-1, 1] and
+        log Sigma = frac log beta_t + (1 - frac) log beta~_t with frac = (v + 1) / 2), "fixed_small"
+        (beta~_t, the posterior variance) or "fixed_large" (beta_t).
+    loss_type: "simple" (MSE on the prediction), "kl" (the variational bound alone, T * L_t in bits/dim),
+        "hybrid" (MSE + vlb_weight * T * L_t with the mean detached in the vlb term: Improved DDPM).
+    """
+
+    def __init__(
+        self,
+        *,
+        betas: np.ndarray,
+        model_mean_type: str = "epsilon",
+        model_var_type: str = "learned_range",
+        loss_type: str = "hybrid",
+        vlb_weight: float = 0.001,
+    ):
+        if model_mean_type not in MEAN_TYPES:
+            raise ValueError(f"model_mean_type {model_mean_type!r} not in {MEAN_TYPES}")
+        if model_var_type not in VAR_TYPES:
+            raise ValueError(f"model_var_type {model_var_type!r} not in {VAR_TYPES}")
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss {loss_type!r} not in {LOSS_TYPES}")
+        if loss_type == "hybrid" and model_var_type != "learned_range":
+            raise ValueError("loss='hybrid' trains the variance: it needs model_var_type='learned_range'")
+        self.model_mean_type = model_mean_type
+        self.model_var_type = model_var_type
+        self.loss_type = loss_type
+        self.vlb_weight = vlb_weight
+
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or not ((betas > 0).all() and (betas <= 1).all()):
+            raise ValueError("betas must be a 1-D array with values in (0, 1]")
+        if len(betas) < 2:
+            raise ValueError("a diffusion needs at least 2 timesteps")
+        self.betas = betas
+        self.num_timesteps = len(betas)
+        alphas = 1.0 - betas
+        self.alphas_cumprod = np.cumprod(alphas)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+        # q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta~_t)
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # beta~_0 = 0: clip the log at t = 0 to beta~_1 (the value Improved DDPM uses).
+        self.posterior_log_variance_clipped = np.log(
+            np.append(self.posterior_variance[1], self.posterior_variance[1:])
+        )
+        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (
+            1.0 - self.alphas_cumprod
+        )
+
+    # ---- forward process -------------------------------------------------------------------------
+    def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor):
+        """Mean, variance, log-variance of q(x_t | x_0)."""
+        mean = _extract(self.sqrt_alphas_cumprod, t, x0) * x0
+        var = _extract(1.0 - self.alphas_cumprod, t, x0)
+        return mean, var, _extract(np.log(1.0 - self.alphas_cumprod), t, x0)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Draw x_t ~ q(x_t | x_0): (B, C, H, W)."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        return (
+            _extract(self.sqrt_alphas_cumprod, t, x0) * x0
+            + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        )
+
+    def q_posterior_mean_variance(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor):
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
+        mean = _extract(self.posterior_mean_coef1, t, xt) * x0 + _extract(self.posterior_mean_coef2, t, xt) * xt
+        var = _extract(self.posterior_variance, t, xt)
+        log_var = _extract(self.posterior_log_variance_clipped, t, xt)
+        return mean, var, log_var
+
+    def predict_x0_from_eps(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        return _extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt - _extract(
+            self.sqrt_recipm1_alphas_cumprod, t, xt
+        ) * eps
+
+    def predict_eps_from_x0(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        return (_extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt - x0) / _extract(
+            self.sqrt_recipm1_alphas_cumprod, t, xt
+        )
+
+    # ---- reverse process -------------------------------------------------------------------------
+    def wrap_model(self, model: Callable) -> Callable:
+        """Hook for subclasses that remap timesteps (respacing); identity here."""
+        return model
+
+    def p_from_output(
+        self,
+        output: torch.Tensor,
+        xt: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        clip_denoised: bool = False,
+        detach_mean: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """p(x_{t-1} | x_t) from a raw model output (B, C or 2C, H, W).
+
+        Returns dict with "mean", "variance", "log_variance", "pred_x0", "eps" (all (B, C, H, W)).
+        detach_mean: stop gradients through the mean (the hybrid loss's vlb term trains only the variance).
+        """
+        output = output.float() if xt.dtype != torch.float64 else output.double()
+        c = xt.shape[1]
+        if self.model_var_type == "learned_range":
+            if output.shape[1] != 2 * c:
+                raise ValueError(
+                    f"learned_range variance needs a model with {2 * c} output channels, got "
+                    f"{output.shape[1]}: set UNetConfig.learn_sigma=True"
+                )
+            pred, v = output[:, :c], output[:, c:]
+            # Clamp v to [-1, 1] in the forward pass (so Sigma stays between beta~_t and beta_t) but let
+            # the gradient through, so a v that strays outside is still pulled back by the vlb term.
+            v = v + (v.clamp(-1.0, 1.0) - v).detach()
+            min_log = _extract(self.posterior_log_variance_clipped, t, xt)
+            max_log = _extract(np.log(self.betas), t, xt)
+            frac = (v + 1) / 2
+            log_var = frac * max_log + (1 - frac) * min_log
+            var = torch.exp(log_var)
+        else:
+            if output.shape[1] != c:
+                raise ValueError(f"fixed variance needs {c} output channels, got {output.shape[1]}")
+            pred = output
+            if self.model_var_type == "fixed_large":
+                # beta~_1 at t = 0 for a finite log-likelihood, betas elsewhere (Improved DDPM).
+                var_arr = np.append(self.posterior_variance[1], self.betas[1:])
+            else:
+                var_arr = self.posterior_variance
+            log_arr = np.log(np.append(self.posterior_variance[1], var_arr[1:]))
+            var = _extract(var_arr, t, xt).expand_as(xt)
+            log_var = _extract(log_arr, t, xt).expand_as(xt)
+        if detach_mean:
+            pred = pred.detach()
+        if self.model_mean_type == "epsilon":
+            eps = pred
+            pred_x0 = self.predict_x0_from_eps(xt, t, eps)
+        else:
+            pred_x0 = pred
+            eps = None
+        if clip_denoised:
+            pred_x0 = pred_x0.clamp(-1, 1)
+        if eps is None or clip_denoised:
+            eps = self.predict_eps_from_x0(xt, t, pred_x0)
+        mean, _, _ = self.q_posterior_mean_variance(pred_x0, xt, t)
+        return {"mean": mean, "variance": var, "log_variance": log_var, "pred_x0": pred_x0, "eps": eps}
+
+    def p_mean_variance(
+        self, model: Callable, xt: torch.Tensor, t: torch.Tensor, *, clip_denoised: bool = False,
+        model_kwargs: dict | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Run the model at (x_t, t) and return p(x_{t-1} | x_t) as in `p_from_output`."""
+        output = self.wrap_model(model)(xt, t, **(model_kwargs or {}))
+        return self.p_from_output(output, xt, t, clip_denoised=clip_denoised)
+
+    def p_sample(self, model, xt, t, noise, *, clip_denoised=False, model_kwargs=None):
+        """One ancestral DDPM step x_t -> x_{t-1}. noise: (B, C, H, W), unused where t == 0."""
+        out = self.p_mean_variance(model, xt, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+        nonzero = (t != 0).to(xt.dtype).reshape(-1, *([1] * (xt.dim() - 1)))
+        sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
+        return sample, out["pred_x0"]
+
+    def ddim_sample(self, model, xt, t, noise, *, eta=0.0, clip_denoised=False, model_kwargs=None):
+        """One DDIM step x_t -> x_{t-1} (eta = 0 deterministic, eta = 1 DDPM-like fixed_small variance)."""
+        out = self.p_mean_variance(model, xt, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+        eps = out["eps"]
+        abar = _extract(self.alphas_cumprod, t, xt)
+        abar_prev = _extract(self.alphas_cumprod_prev, t, xt)
+        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+        mean = out["pred_x0"] * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
+        nonzero = (t != 0).to(xt.dtype).reshape(-1, *([1] * (xt.dim() - 1)))
+        return mean + nonzero * sigma * noise, out["pred_x0"]
+
+    # ---- losses ------------------------------------------------------------------------------------
+    def vb_terms_bpd(
+        self, out: dict[str, torch.Tensor], x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """The vlb term L_t in bits per dimension, (B,): KL(q(x_{t-1}|x_t,x_0) || p) for t > 0 and the
+        discretized Gaussian negative log-likelihood of x_0 for t = 0. `out` is `p_from_output`'s dict."""
+        true_mean, _, true_log_var = self.q_posterior_mean_variance(x0, xt, t)
+        kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(
+            x0, means=out["mean"], log_scales=0.5 * out["log_variance"]
+        )
+        nll = mean_flat(nll) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+    def training_losses(
+        self,
+        model: Callable,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        model_kwargs: dict | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample losses for one timestep per image.
+
+        x0: (B, C, H, W) in [-1, 1]; t: (B,) long in [0, num_timesteps); model_kwargs go to the model
+        (e.g. {"cond": z_q}); noise: optional eps (B, C, H, W).
+        Returns {"loss", "mse", "vb"}, each (B,) float32: mse is the mean squared error of the prediction,
+        vb the vlb term L_t in bits/dim (computed with the mean detached unless loss == "kl"), loss the
+        objective of `loss_type`. Weight by a schedule sampler's importance weights before averaging.
+        """
+        if t.shape != (x0.shape[0],):
+            raise ValueError(f"t must have shape ({x0.shape[0]},), got {tuple(t.shape)}")
+        if noise is None:
+            noise = torch.randn_like(x0)
+        xt = self.q_sample(x0, t, noise=noise)
+        output = self.wrap_model(model)(xt, t, **(model_kwargs or {}))
+        if output.shape[0] != x0.shape[0] or output.shape[2:] != x0.shape[2:]:
+            raise ValueError(f"model output {tuple(output.shape)} does not match input {tuple(x0.shape)}")
+        c = x0.shape[1]
+        pred = output[:, :c].float()
+        target = noise if self.model_mean_type == "epsilon" else x0
+        mse = mean_flat((target.float() - pred) ** 2)
+        if self.loss_type == "kl":
+            out = self.p_from_output(output, xt, t)
+            vb = self.vb_terms_bpd(out, x0, xt, t)
+            return {"loss": vb * self.num_timesteps, "mse": mse, "vb": vb}
+        out = self.p_from_output(output, xt, t, detach_mean=True)
+        vb = self.vb_terms_bpd(out, x0, xt, t)
+        if self.loss_type == "hybrid":
+            # lambda * L_vlb, with L_vlb ~ T * L_t for uniformly drawn t (lambda = 0.001, T = 1000 -> L_t).
+            loss = mse + self.vlb_weight * self.num_timesteps * vb
+        else:
+            loss = mse
+            vb = vb.detach()
+        return {"loss": loss, "mse": mse, "vb": vb}

@@ -1,0 +1,249 @@
+"""The DiVAE decoder network: an ADM UNet (Improved DDPM / guided diffusion) that also sees z_q.
+
+    cfg = UNET_PRESETS["decoder_f16"]
+    unet = UNetModel(cfg)
+    out = unet(x_t, t, cond=z_q)   # x_t (B, 3, H, W), t (B,) long, z_q (B, d, h, w) -> (B, 6, H, W)
+
+Embedding injection (the paper's ablation, Tables 3 and 4): `cond_position` in {"encoder", "middle",
+"decoder", "none"} x `cond_method` in {"concat", "add", "attention"}. "encoder" / "decoder" inject at the
+first block of every encoder / decoder level, "middle" before the middle block (the paper's best, and
+our default). z_q is layer-normalised per token, projected with a 1x1 conv and resampled to the
+resolution where it enters (concat, add), or attended to as tokens (attention). The network is fully
+convolutional: any H, W divisible by 2^(len(channel_mult) - 1) and any token grid work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from divae.unet_blocks import (
+    AttentionBlock,
+    CondAdd,
+    CondConcat,
+    CrossAttentionBlock,
+    Downsample,
+    ResBlock,
+    Upsample,
+    normalization,
+    timestep_embedding,
+    zero_module,
+)
+
+COND_POSITIONS = ("encoder", "middle", "decoder", "none")
+COND_METHODS = ("concat", "add", "attention")
+
+
+@dataclass
+class UNetConfig:
+    """ADM UNet hyper-parameters plus the conditioning on z_q.
+
+    image_size: training resolution; with it `attention_resolutions` (feature sizes at that resolution)
+        become downsampling factors, which also hold for other input sizes.
+    out_channels: channels predicted per pixel; the model outputs 2 * out_channels when learn_sigma
+        (epsilon and the variance interpolation v).
+    channel_mult: width multiplier per level; the middle block runs at image_size / 2^(levels-1).
+    num_head_channels: channels per attention head (-1: use num_heads heads).
+    cond_channels: d, channels of z_q. token_grid: tokens per side at image_size (16 for f16 at 256 px).
+    cond_embed_channels: for concat, channels z_q is projected to; 0 = the feature width where it enters.
+    use_checkpoint: activation checkpointing of every block (saves memory, costs one more forward).
+    attn_backend: "auto" | "sdpa" | "xformers", see divae.attention.
+    """
+
+    image_size: int = 64
+    in_channels: int = 3
+    out_channels: int = 3
+    model_channels: int = 16
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 1
+    attention_resolutions: tuple[int, ...] = (16, 8)
+    num_heads: int = 4
+    num_head_channels: int = 16
+    dropout: float = 0.0
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = True
+    learn_sigma: bool = True
+    cond_channels: int = 8
+    token_grid: int = 8
+    cond_position: str = "middle"
+    cond_method: str = "concat"
+    cond_embed_channels: int = 0
+    use_checkpoint: bool = False
+    attn_backend: str = "auto"
+
+    def __post_init__(self):
+        self.channel_mult = tuple(self.channel_mult)
+        self.attention_resolutions = tuple(self.attention_resolutions)
+        if self.cond_position not in COND_POSITIONS:
+            raise ValueError(f"cond_position {self.cond_position!r} not in {COND_POSITIONS}")
+        if self.cond_method not in COND_METHODS:
+            raise ValueError(f"cond_method {self.cond_method!r} not in {COND_METHODS}")
+        if not self.channel_mult or self.num_res_blocks < 1 or self.model_channels < 1:
+            raise ValueError("channel_mult must be non-empty, num_res_blocks and model_channels >= 1")
+        for r in self.attention_resolutions:
+            if r < 1 or self.image_size % r:
+                raise ValueError(f"attention resolution {r} does not divide image_size {self.image_size}")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Input side / middle-block side."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+class _Stage(nn.ModuleList):
+    """A sequence of layers called with what each needs: ResBlocks get emb, injectors get cond."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, (CondConcat, CondAdd, CrossAttentionBlock)):
+                x = layer(x, cond)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    """ADM UNet: forward(x (B, in, H, W), t (B,) long, cond (B, d, h, w) | None) -> (B, out[*2], H, W)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        mc, emb_ch = cfg.model_channels, 4 * cfg.model_channels
+        attn_ds = {cfg.image_size // r for r in cfg.attention_resolutions}
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        res = dict(dropout=cfg.dropout, use_scale_shift_norm=cfg.use_scale_shift_norm)
+        heads = dict(num_heads=cfg.num_heads, num_head_channels=cfg.num_head_channels, backend=cfg.attn_backend)
+
+        def inject_before(where: str, first: bool, ch: int) -> tuple[list[nn.Module], int]:
+            """Injection layers placed before a stage's ResBlock, and the channels they add."""
+            if cfg.cond_position != where or not first:
+                return [], 0
+            if cfg.cond_method == "concat":
+                extra = cfg.cond_embed_channels or ch
+                return [CondConcat(cfg.cond_channels, extra)], extra
+            if cfg.cond_method == "add":
+                return [CondAdd(cfg.cond_channels, ch)], 0
+            return [], 0
+
+        def inject_after(where: str, first: bool, ch: int) -> list[nn.Module]:
+            if cfg.cond_position == where and first and cfg.cond_method == "attention":
+                return [CrossAttentionBlock(ch, cfg.cond_channels, **heads)]
+            return []
+
+        self.input_blocks = nn.ModuleList([_Stage([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+        skip_chs, ch, ds = [mc], mc, 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for i in range(cfg.num_res_blocks):
+                layers, extra = inject_before("encoder", i == 0, ch)
+                layers.append(ResBlock(ch + extra, emb_ch, mult * mc, **res))
+                ch = mult * mc
+                if ds in attn_ds:
+                    layers.append(AttentionBlock(ch, **heads))
+                layers += inject_after("encoder", i == 0, ch)
+                self.input_blocks.append(_Stage(layers))
+                skip_chs.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                down = ResBlock(ch, emb_ch, ch, down=True, **res) if cfg.resblock_updown else Downsample(ch)
+                self.input_blocks.append(_Stage([down]))
+                skip_chs.append(ch)
+                ds *= 2
+
+        layers, extra = inject_before("middle", True, ch)
+        layers += [ResBlock(ch + extra, emb_ch, ch, **res), AttentionBlock(ch, **heads)]
+        layers += inject_after("middle", True, ch)
+        layers.append(ResBlock(ch, emb_ch, ch, **res))
+        self.middle_block = _Stage(layers)
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                in_ch = ch + skip_chs.pop()
+                layers, extra = inject_before("decoder", i == 0, in_ch)
+                layers.append(ResBlock(in_ch + extra, emb_ch, mult * mc, **res))
+                ch = mult * mc
+                if ds in attn_ds:
+                    layers.append(AttentionBlock(ch, **heads))
+                layers += inject_after("decoder", i == 0, ch)
+                if level and i == cfg.num_res_blocks:
+                    up = ResBlock(ch, emb_ch, ch, up=True, **res) if cfg.resblock_updown else Upsample(ch)
+                    layers.append(up)
+                    ds //= 2
+                self.output_blocks.append(_Stage(layers))
+
+        out_ch = cfg.out_channels * (2 if cfg.learn_sigma else 1)
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_ch, 3, padding=1)))
+
+    @property
+    def conditional(self) -> bool:
+        return self.cfg.cond_position != "none"
+
+    def _run(self, stage: _Stage, h: torch.Tensor, emb: torch.Tensor, cond: torch.Tensor | None):
+        if self.cfg.use_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(stage, h, emb, cond, use_reentrant=False)
+        return stage(h, emb, cond)
+
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> None:
+        cfg = self.cfg
+        if x.dim() != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        f = cfg.downsample_factor
+        if x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"H and W must be multiples of {f} (2^(levels-1)), got {tuple(x.shape[2:])}; "
+                             "pad or crop the input")
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
+        if self.conditional:
+            if cond is None:
+                raise ValueError(f"this UNet is conditioned ({cfg.cond_position}/{cfg.cond_method}): pass "
+                                 "cond=z_q of shape (B, cond_channels, h, w)")
+            if cond.dim() != 4 or cond.shape[0] != x.shape[0] or cond.shape[1] != cfg.cond_channels:
+                raise ValueError(f"cond must be (B={x.shape[0]}, cond_channels={cfg.cond_channels}, h, w), "
+                                 f"got {tuple(cond.shape)}")
+        elif cond is not None:
+            raise ValueError("this UNet is unconditional (cond_position='none'); do not pass cond")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, in_channels, H, W), t (B,) timesteps, cond z_q (B, d, h, w) -> (B, out[*2], H, W)."""
+        self._check_inputs(x, t, cond)
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels))
+        hs, h = [], x
+        for stage in self.input_blocks:
+            h = self._run(stage, h, emb, cond)
+            hs.append(h)
+        h = self._run(self.middle_block, h, emb, cond)
+        for stage in self.output_blocks:
+            h = self._run(stage, torch.cat([h, hs.pop()], dim=1), emb, cond)
+        return self.out(h)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+_TINY = UNetConfig()
+UNET_PRESETS: dict[str, UNetConfig] = {
+    # 64x64 images, 8x8 tokens (f8): middle block at 8x8. Trains on CPU in well under a second a step.
+    "tiny": _TINY,
+    # 64x64 images, 16x16 tokens (f4): middle block at 16x16.
+    "tiny_f4": replace(_TINY, channel_mult=(1, 2, 4), attention_resolutions=(16,), token_grid=16),
+    # A mid-size model for benchmarks and small real runs: 128x128 images, 16x16 tokens.
+    "small_f8": UNetConfig(
+        image_size=128, model_channels=64, channel_mult=(1, 1, 2, 4), num_res_blocks=2,
+        attention_resolutions=(32, 16), num_head_channels=64, cond_channels=64, token_grid=16,
+    ),
+    # Paper scale, 256x256 with 16x16 tokens (f16): middle block at 16x16.
+    "decoder_f16": UNetConfig(
+        image_size=256, model_channels=256, channel_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+        attention_resolutions=(32, 16), num_head_channels=64, cond_channels=256, token_grid=16,
+    ),
+    # Paper scale, 256x256 with 32x32 tokens (f8): middle block at 32x32.
+    "decoder_f8": UNetConfig(
+        image_size=256, model_channels=256, channel_mult=(1, 1, 2, 4), num_res_blocks=2,
+        attention_resolutions=(32,), num_head_channels=64, cond_channels=256, token_grid=32,
+    ),
+}
