@@ -1,0 +1,136 @@
+"""DiVAE: the VQ encoder and codebook, with the diffusion UNet (or the VQ's CNN decoder) as the decoder.
+
+    model = DiVAE.from_pretrained("runs/decoder_f16/divae.safetensors")
+    tokens = model.encode(x)                                   # (B, 3, H, W) in [-1, 1] -> (B, H/f, W/f)
+    x_hat = model.decode_tokens(tokens, sampler="ddim", steps=25, seeds=range(B))
+    x_hat = model.reconstruct(x, decoder="cnn")                # the VQGAN baseline
+    model.save_pretrained("out.safetensors")
+
+A saved model is one safetensors file: tensors `vq.*` and `unet.*` (the state dicts of the components) and
+the metadata key `divae_config`, a JSON object {"vq": VQConfig, "unet": UNetConfig | null,
+"diffusion": DiffusionConfig | null}. A VQ-stage export has no UNet; its `decoder="diffusion"` raises.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from divae.diffusion import DiffusionConfig, sample
+from divae.unet import UNetConfig, UNetModel
+from divae.utils.config import from_dict, to_dict
+from divae.vq import VQConfig, VQModel
+
+FORMAT = "divae/1"
+
+
+class DiVAE(nn.Module):
+    """Holds `vq: VQModel`, `unet: UNetModel | None` and `diffusion_cfg: DiffusionConfig | None`."""
+
+    def __init__(self, vq_cfg: VQConfig, unet_cfg: UNetConfig | None = None,
+                 diffusion_cfg: DiffusionConfig | None = None):
+        super().__init__()
+        if (unet_cfg is None) != (diffusion_cfg is None):
+            raise ValueError("give both unet_cfg and diffusion_cfg (a diffusion decoder) or neither (VQ only)")
+        if unet_cfg is not None:
+            if unet_cfg.cond_position != "none" and unet_cfg.cond_channels != vq_cfg.embed_dim:
+                raise ValueError(f"unet.cond_channels ({unet_cfg.cond_channels}) must equal vq.embed_dim "
+                                 f"({vq_cfg.embed_dim})")
+            if unet_cfg.learn_sigma != diffusion_cfg.learn_sigma:
+                raise ValueError(f"unet.learn_sigma={unet_cfg.learn_sigma} does not match the diffusion's "
+                                 f"model_var_type={diffusion_cfg.model_var_type!r}")
+        self.vq = VQModel(vq_cfg)
+        self.unet = UNetModel(unet_cfg) if unet_cfg is not None else None
+        self.diffusion_cfg = diffusion_cfg
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.vq.downsample_factor
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> token indices (B, H/f, W/f), LongTensor."""
+        return self.vq.encode(x)
+
+    @torch.no_grad()
+    def decode_tokens(self, indices: torch.Tensor, sampler: str = "ddpm", steps: int | None = None,
+                      seeds: Sequence[int] | None = None, decoder: str = "diffusion") -> torch.Tensor:
+        """Token indices (B, h, w) -> images (B, 3, h*f, w*f) in [-1, 1].
+
+        decoder "diffusion": sample the UNet conditioned on z_q with `sampler` ("ddpm" | "ddim" | "dpmpp2m")
+        and `steps` (None: 1000 for ddpm, 25 for ddim, 20 for dpmpp2m); seeds[i] fixes image i's noise.
+        decoder "cnn": the VQ's CNN decoder (deterministic).
+        """
+        if indices.dim() != 3:
+            raise ValueError(f"expected token indices (B, h, w), got {tuple(indices.shape)}")
+        z_q = self.vq.embed(indices)
+        if decoder == "cnn":
+            return self.vq.decode(z_q).clamp(-1, 1)
+        if decoder != "diffusion":
+            raise ValueError(f"decoder must be 'diffusion' or 'cnn', got {decoder!r}")
+        if self.unet is None:
+            raise ValueError("this DiVAE has no diffusion decoder (it is a VQ-stage export); use decoder='cnn' or "
+                             "load a decoder-stage export")
+        f = self.downsample_factor
+        shape = (indices.shape[0], self.unet.cfg.in_channels, indices.shape[1] * f, indices.shape[2] * f)
+        cond = z_q if self.unet.conditional else None
+        x = sample(self.unet, self.diffusion_cfg, shape, sampler=sampler, steps=steps, seeds=seeds,
+                   model_kwargs={"cond": cond} if cond is not None else None, device=z_q.device)
+        return x.clamp(-1, 1)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, decoder: str = "diffusion", sampler: str = "ddpm",
+                    steps: int | None = None, seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> reconstructions in [-1, 1] (see `decode_tokens`)."""
+        return self.decode_tokens(self.encode(x), sampler=sampler, steps=steps, seeds=seeds, decoder=decoder)
+
+    # -- weights-only files ---------------------------------------------------------------------------------
+    def config_dict(self) -> dict:
+        return {"vq": to_dict(self.vq.cfg), "unet": to_dict(self.unet.cfg) if self.unet is not None else None,
+                "diffusion": asdict(self.diffusion_cfg) if self.diffusion_cfg is not None else None}
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write one safetensors file (fp32 tensors `vq.*`, `unet.*`; configs in metadata)."""
+        state = {k: v.detach().float().contiguous() if v.is_floating_point() else v.detach().contiguous()
+                 for k, v in self.state_dict().items()}
+        save_pretrained_state(path, state, self.config_dict())
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> DiVAE:
+        """Load a file written by `save_pretrained` (no pickle: safetensors only). Returns it in eval mode."""
+        cfg, state = read_pretrained(path)
+        model = cls(from_dict(VQConfig, cfg["vq"]),
+                    from_dict(UNetConfig, cfg["unet"]) if cfg.get("unet") else None,
+                    from_dict(DiffusionConfig, cfg["diffusion"]) if cfg.get("diffusion") else None)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not match its config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        return model.to(device).eval()
+
+
+def save_pretrained_state(path: str | Path, state: dict[str, torch.Tensor], config: dict) -> None:
+    """Write a DiVAE file from a state dict with `vq.`/`unet.` keys and a `config_dict()`-style dict."""
+    save_file(state, str(path), metadata={"divae_config": json.dumps(config), "format": FORMAT})
+
+
+def read_pretrained(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, state dict) of a DiVAE file, with a clear error for a missing or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"DiVAE weights {path} do not exist: train the stage that writes them "
+                                "(python -m trainer.train ...; <run_dir>/divae.safetensors) or fix the path")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if "divae_config" not in meta:
+            raise ValueError(f"{path} is a safetensors file without `divae_config` metadata; it was not written "
+                             "by DiVAE.save_pretrained")
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    return json.loads(meta["divae_config"]), state

@@ -1,0 +1,309 @@
+"""The trainer end to end on CPU: real DeepSpeed engines in real `torchrun --nproc_per_node 2` processes, on
+real shards of scikit-image photos written by data_pipeline.
+
+One chain of runs shares the expensive parts (module-scoped fixtures):
+  VQ stage (1 process, GAN on at disc_start) -> its weights-only export ->
+  decoder reference run (2 ranks, ZeRO-2, bf16, 20 steps, checkpoints at 8 and 16) ->
+  the same run killed (-9 on rank 1) after step 10 and relaunched: losses after the resume == reference, bitwise.
+Plus: SIGUSR1 under ZeRO-1 -> checkpoint + requeue code; a crash inside a ZeRO-3 checkpoint save leaves
+`latest` at the previous checkpoint, which a relaunch resumes from.
+Every subprocess runs in its own session and is killed with all its descendants on failure or timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+TORCHRUN = str(Path(PY).with_name("torchrun"))
+sys.path.insert(0, str(Path(__file__).parent))
+
+pytestmark = pytest.mark.slow
+
+STEPS = 20
+
+
+# -- process helpers ---------------------------------------------------------------------------------------
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _descendants(pid: int) -> list[int]:
+    todo, seen = [pid], []
+    while todo:
+        p = todo.pop()
+        for c in _children(p):
+            seen.append(c)
+            todo.append(c)
+    return seen
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    for pid in [*_descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
+def _rank_pids(proc: subprocess.Popen) -> dict[int, int]:
+    """{rank: pid} of the trainer processes under a torchrun (or the process itself for one rank)."""
+    out = {}
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"trainer.train" not in cmd or b"torchrun" in cmd:
+            continue
+        for kv in env:
+            if kv.startswith(b"RANK="):
+                out[int(kv[5:])] = pid
+    return out
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", **extra)
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def start(args: list[str], nproc: int, log: Path, **env: str) -> subprocess.Popen:
+    if nproc == 1:
+        cmd = [PY, "-m", "trainer.train", *args]
+    else:
+        cmd = [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), "-m", "trainer.train",
+               *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(proc: subprocess.Popen, log: Path, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        pytest.fail(f"run timed out after {timeout} s; log tail:\n{log.read_text()[-4000:]}")
+
+
+def run(args: list[str], nproc: int, log: Path, timeout: float = 240, **env: str) -> int:
+    return wait(start(args, nproc, log, **env), log, timeout)
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    """step -> the last logged metrics line of that step (a resumed run re-logs steps after its checkpoint)."""
+    rows = {}
+    f = run_dir / "metrics.jsonl"
+    if f.exists():
+        for line in f.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                rows[r["step"]] = r
+    return rows
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, log: Path, timeout: float = 180) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if max(metrics(run_dir), default=0) >= step:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended (code {proc.returncode}) before step {step}:\n{log.read_text()[-4000:]}")
+        time.sleep(0.2)
+    _kill_tree(proc)
+    pytest.fail(f"no step {step} within {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+def common(data: Path, run_dir: Path) -> list[str]:
+    return [f"data.path={data}", f"train.run_dir={run_dir}", "logging.every=1", "logging.progress=false",
+            "logging.wandb_mode=disabled"]
+
+
+# -- fixtures -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """48 real photos (crops of skimage.data) as 64x64 MDS shards, through data_pipeline.prepare_folder."""
+    from data_fixtures import encode, photos, variant
+
+    root = tmp_path_factory.mktemp("shards")
+    src = root / "photos"
+    src.mkdir()
+    ps = photos()
+    for i in range(48):
+        (src / f"img_{i:03d}.jpg").write_bytes(encode(variant(ps[i % len(ps)], i, long_side=96)))
+    out = root / "tiny64"
+    subprocess.run([PY, "-m", "data_pipeline.prepare_folder", "--source", str(src), "--out", str(out), "--size",
+                    "64", "--workers", "0", "--shard-size", "16", "--no-progress"], cwd=ROOT, check=True,
+                   timeout=120, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def vq_run(shards, tmp_path_factory) -> Path:
+    """VQ stage, one process, 4 steps, GAN from step 2; writes runs/.../divae.safetensors."""
+    run_dir = tmp_path_factory.mktemp("vq")
+    log = run_dir / "log.txt"
+    code = run(["--config", "configs/vq_tiny.yaml", *common(shards, run_dir), "train.steps=4", "train.batch_size=4",
+                "vq_loss.disc_start=2", "checkpoint.every=0", "logging.sample_every=4"], 1, log)
+    assert code == 0, log.read_text()[-4000:]
+    return run_dir
+
+
+DECODER = ["--config", "configs/decoder_tiny.yaml", f"train.steps={STEPS}", "train.batch_size=4",
+           "checkpoint.every=8", "logging.sample_every=0", "optim.warmup_steps=5", "optim.lr=2e-3"]
+
+
+@pytest.fixture(scope="module")
+def decoder_ref(shards, vq_run, tmp_path_factory) -> Path:
+    """The uninterrupted reference: 2 ranks, ZeRO-2, bf16, from the VQ stage's export."""
+    run_dir = tmp_path_factory.mktemp("dec_ref")
+    log = run_dir / "log.txt"
+    code = run([*DECODER, *common(shards, run_dir), f"decoder.vq_weights={vq_run / 'divae.safetensors'}"], 2, log)
+    assert code == 0, log.read_text()[-4000:]
+    return run_dir
+
+
+# -- tests --------------------------------------------------------------------------------------------------
+def test_vq_stage_gan_switches_on_at_disc_start(vq_run):
+    m = metrics(vq_run)
+    assert sorted(m) == [1, 2, 3, 4]
+    for s in (1, 2):  # steps 0 and 1 (0-based) < disc_start = 2: no GAN term, no discriminator step
+        assert m[s]["gan_on"] == 0.0 and m[s]["g_loss"] == 0.0 and "d/d_loss" not in m[s]
+    for s in (3, 4):
+        assert m[s]["gan_on"] == 1.0 and m[s]["g_loss"] != 0.0 and m[s]["d_weight"] > 0
+        assert m[s]["d/d_loss"] > 0
+    assert all(0 < m[s]["usage"] <= 1 for s in m)
+    assert (vq_run / "samples" / "step_00000004.png").stat().st_size > 1000
+    from divae.model import DiVAE
+
+    model = DiVAE.from_pretrained(vq_run / "divae.safetensors")
+    assert model.unet is None and model.vq.cfg.embed_dim == 32
+
+
+def test_decoder_zero2_loss_goes_down(decoder_ref):
+    m = metrics(decoder_ref)
+    assert sorted(m) == list(range(1, STEPS + 1))
+    for key, factor in (("mse", 0.8), ("loss", 1.0)):  # L_simple, and L_simple + lambda L_vlb (noisier at t ~ 0)
+        losses = [m[s][key] for s in range(1, STEPS + 1)]
+        first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+        assert last < factor * first, (key, losses)
+    assert any(k.startswith("loss_q") for k in m[STEPS])
+    ckpts = sorted(p.name for p in (decoder_ref / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000016", "step_00000020"]  # keep_last = 2
+    assert (decoder_ref / "checkpoints" / "latest").read_text().strip() == "step_00000020"
+    meta = json.loads((decoder_ref / "checkpoints" / "step_00000020" / "trainer_state.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == STEPS and meta["samples_seen"] == 4 * STEPS
+
+    import torch
+
+    from divae.model import DiVAE
+
+    model = DiVAE.from_pretrained(decoder_ref / "divae.safetensors")
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    y = model.reconstruct(x, decoder="diffusion", sampler="ddim", steps=2, seeds=[0, 1])
+    assert y.shape == x.shape and y.abs().max() <= 1
+
+
+def test_kill_one_rank_then_resume_is_bitwise_identical(shards, vq_run, decoder_ref, tmp_path):
+    run_dir = tmp_path / "dec_kill"
+    run_dir.mkdir()
+    args = [*DECODER, *common(shards, run_dir), f"decoder.vq_weights={vq_run / 'divae.safetensors'}"]
+    log = run_dir / "log1.txt"
+    proc = start(args, 2, log)
+    try:
+        wait_for_step(proc, run_dir, 10, log)
+        ranks = _rank_pids(proc)
+        assert set(ranks) == {0, 1}, ranks
+        os.kill(ranks[1], signal.SIGKILL)
+        code = wait(proc, log, timeout=120)  # the job must end, not hang
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc)
+    assert code != 0
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000008"
+
+    log2 = run_dir / "log2.txt"
+    assert run(args, 2, log2) == 0, log2.read_text()[-4000:]
+    assert "resumed from" in log2.read_text()
+    ref, got = metrics(decoder_ref), metrics(run_dir)
+    for s in range(9, STEPS + 1):
+        assert got[s]["loss"] == ref[s]["loss"], (s, got[s]["loss"], ref[s]["loss"])
+        assert got[s]["grad_norm"] == ref[s]["grad_norm"], s
+
+
+def test_sigusr1_checkpoints_and_exits_with_requeue_code(shards, vq_run, tmp_path):
+    from trainer.preemption import REQUEUE_EXIT_CODE
+
+    run_dir = tmp_path / "dec_usr1"
+    run_dir.mkdir()
+    log = run_dir / "log.txt"
+    proc = start(["--config", "configs/decoder_tiny.yaml", *common(shards, run_dir), "train.steps=200",
+                  "train.batch_size=4", "checkpoint.every=0", "logging.sample_every=0", "deepspeed.zero_stage=1",
+                  f"decoder.vq_weights={vq_run / 'divae.safetensors'}"], 2, log)
+    try:
+        wait_for_step(proc, run_dir, 2, log)
+        for pid in _rank_pids(proc).values():
+            os.kill(pid, signal.SIGUSR1)
+        wait(proc, log, timeout=120)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc)
+    text = log.read_text()
+    assert re.search(rf"exitcode\s*:\s*{REQUEUE_EXIT_CODE}", text), text[-3000:]
+    step = int((run_dir / "REQUEUE").read_text())
+    assert 2 <= step < 200
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    assert max(metrics(run_dir)) == step  # stopped at the step boundary right after the signal
+
+
+def test_crash_during_checkpoint_save_keeps_previous_zero3(shards, vq_run, tmp_path):
+    from trainer.checkpoint import FAULT_ENV
+
+    run_dir = tmp_path / "dec_crash"
+    run_dir.mkdir()
+    args = ["--config", "configs/decoder_tiny.yaml", *common(shards, run_dir), "train.batch_size=4",
+            "checkpoint.every=2", "logging.sample_every=0", "deepspeed.zero_stage=3",
+            f"decoder.vq_weights={vq_run / 'divae.safetensors'}"]
+    log = run_dir / "log1.txt"
+    code = run([*args, "train.steps=4"], 2, log, **{FAULT_ENV: "4"})
+    assert code != 0
+    ck = run_dir / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_00000002"
+    assert (ck / ".tmp_step_00000004").is_dir() and not (ck / "step_00000004").exists()
+
+    log2 = run_dir / "log2.txt"
+    assert run([*args, "train.steps=3"], 2, log2) == 0, log2.read_text()[-4000:]
+    assert "resumed from" in log2.read_text() and "step_00000002" in log2.read_text()
+    assert (ck / "latest").read_text().strip() == "step_00000003"
+    assert not (ck / ".tmp_step_00000004").exists()
+    assert 3 in metrics(run_dir)

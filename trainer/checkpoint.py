@@ -1,0 +1,235 @@
+"""Training checkpoints: collective, atomic, self-describing, pruned; plus auto-resume.
+
+Layout of a run folder:
+
+    <run_dir>/checkpoints/step_00001000/
+        <engine name>/...                 DeepSpeed files of each engine (model, ZeRO optimizer shards, lr schedule)
+        rank_00000.pt ...                 per rank: RNG states (python, numpy, torch), loader state, task state
+        ema_<engine name>.safetensors     fp32 EMA weights (rank 0)
+        trainer_state.json                step, samples seen, world size, ZeRO stage, wandb id, ...
+        config.yaml                       the resolved config
+        divae.safetensors                 weights-only export (EMA weights by default), `DiVAE.from_pretrained`
+    <run_dir>/checkpoints/latest          name of the newest complete checkpoint, written last
+    <run_dir>/divae.safetensors           copy of the newest export (a stable path for the next stage)
+
+Saving is collective (every rank calls `save`). Everything is written into `.tmp_step_XXXXXXXX`; rank 0
+renames it to `step_XXXXXXXX` only after every rank has finished (barrier), then replaces `latest` through
+a temporary file and `os.replace`, then prunes to the last `keep_last`. A crash at any point leaves the
+previous checkpoint and `latest` intact; a stale `.tmp_*` is removed by the next save.
+
+Per-rank files are loaded with `torch.load(weights_only=True)`. DeepSpeed loads its own files with full
+unpickling: resume only from run folders you wrote (share the safetensors export, not the checkpoint).
+
+A checkpoint records the world size. Resuming with another number of ranks is refused at start (the ZeRO
+optimizer shards and the per-rank loader positions belong to that world size), with what to do instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from divae.utils.logging import get_logger
+from trainer.launch import barrier
+
+log = get_logger(__name__)
+
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+EXPORT_NAME = "divae.safetensors"
+# Fault injection for the crash-during-save drill: every rank exits with code 13 after writing its files
+# into the temporary folder of the checkpoint at this step (before it is made visible).
+FAULT_ENV = "DIVAE_FAULT_CKPT_CRASH_AT_STEP"
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # optimizer steps between checkpoints (0: only on preemption and at the end)
+    keep_last: int = 3
+    resume: bool = True  # resume from <run_dir>/checkpoints/latest when present
+    export: bool = True  # write divae.safetensors (weights only) with every checkpoint
+    export_ema: bool = True  # export the EMA weights (else the raw trained weights)
+    init_from: str = ""  # DiVAE file to initialise the trained model from when starting fresh (no checkpoint)
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.keep_last < 1:
+            raise ValueError(f"need every >= 0 and keep_last >= 1, got {self.every}, {self.keep_last}")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# -- RNG ----------------------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states as tensors/plain types (loadable with weights_only=True)."""
+    py = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
+                  float(np_gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    v, keys, gauss = state["python"]
+    random.setstate((v, tuple(keys), gauss))
+    name, keys, pos, has_gauss, g = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, g))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# -- save ---------------------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save(root: Path, step: int, *, rank: int, engines: dict, rank_state: dict[str, Any], meta: dict[str, Any],
+         config_yaml: str, ema: dict[str, dict[str, torch.Tensor]], export_fn=None, keep_last: int = 3,
+         export_name: str = EXPORT_NAME) -> Path:
+    """Collective save of checkpoint `step` under `root` (= <run_dir>/checkpoints). Returns its path.
+
+    engines: {name: DeepSpeed engine}; rank_state: this rank's picklable-with-tensors state;
+    meta: JSON-able shared state (rank 0 writes it); ema: {engine name: EMA state dict} (rank 0 writes it);
+    export_fn(path): writes the weights-only export (called on rank 0) to `export_name` in the checkpoint,
+    copied to the run folder.
+    """
+    t0 = time.perf_counter()
+    root = Path(root)
+    name = step_name(step)
+    tmp = root / f".tmp_{name}"
+    final = root / name
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp_step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():  # a re-save of the same step (e.g. preempted right after a periodic save)
+            shutil.rmtree(final)
+        tmp.mkdir()
+    barrier()
+    for ename, engine in engines.items():
+        engine.save_checkpoint(str(tmp), tag=ename, save_latest=False)
+    torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        for ename, state in ema.items():
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / f"ema_{ename}.safetensors"))
+        (tmp / "config.yaml").write_text(config_yaml)
+        if export_fn is not None:
+            export_fn(tmp / export_name)
+        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
+    if os.environ.get(FAULT_ENV) == str(step):
+        log.error("fault injection (%s=%d): exiting in the middle of a checkpoint save", FAULT_ENV, step)
+        os._exit(13)
+    barrier()  # every rank's files are in tmp
+    if rank == 0:
+        _fsync_dir(tmp)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        _write_text_atomic(root / LATEST, name + "\n")
+        if export_fn is not None:
+            shutil.copyfile(final / export_name, root.parent / f".{export_name}.tmp")
+            os.replace(root.parent / f".{export_name}.tmp", root.parent / export_name)
+        prune(root, keep_last)
+    barrier()
+    log.info("saved checkpoint %s in %.2f s", final, time.perf_counter() - t0)
+    return final
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete complete checkpoints beyond the newest `keep_last` (never the one `latest` names)."""
+    latest = read_latest(root)
+    done = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in done[:-keep_last]:
+        if latest is None or old.name != latest.name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# -- load ---------------------------------------------------------------------------------------------------
+def read_latest(root: Path) -> Path | None:
+    """The checkpoint `latest` names, or None when there is none; an error if `latest` is dangling."""
+    f = Path(root) / LATEST
+    if not f.is_file():
+        return None
+    name = f.read_text().strip()
+    path = Path(root) / name
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"{f} names {name!r} but {path / STATE_FILE} does not exist; the checkpoint folder "
+                              f"was modified by hand. Point {f} at a complete step_* folder or delete it.")
+    return path
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def check_compatible(meta: dict[str, Any], world_size: int, path: Path) -> None:
+    if meta["world_size"] != world_size:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {world_size}. "
+            f"Its ZeRO optimizer shards and per-rank data-loader positions belong to {meta['world_size']} ranks, "
+            f"so it cannot resume here. Either relaunch with {meta['world_size']} ranks "
+            f"(torchrun --nproc_per_node / --nnodes, or the Slurm node and GPU counts), or start a new run "
+            f"(a new train.run_dir) from its weights with checkpoint.init_from={path / EXPORT_NAME} "
+            f"(fresh optimizer state and data order).")
+
+
+def load(path: Path, *, rank: int, world_size: int, engines: dict) -> tuple[dict[str, Any], dict[str, Any],
+                                                                          dict[str, dict[str, torch.Tensor]]]:
+    """Load checkpoint `path` into `engines` (collective). Returns (meta, this rank's state, EMA states)."""
+    t0 = time.perf_counter()
+    path = Path(path)
+    meta = read_meta(path)
+    check_compatible(meta, world_size, path)
+    missing = set(engines) - set(meta["engines"])
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no state for {sorted(missing)} (it holds {meta['engines']}); "
+                              "was it written by another stage?")
+    for ename, engine in engines.items():
+        load_path, _ = engine.load_checkpoint(str(path), tag=ename, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {path / ename}")
+    rank_state = torch.load(path / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=True)
+    ema = {e: load_file(str(path / f"ema_{e}.safetensors")) for e in meta.get("ema", [])}
+    log.info("resumed from %s (step %d) in %.2f s", path, meta["step"], time.perf_counter() - t0)
+    return meta, rank_state, ema

@@ -1,0 +1,75 @@
+"""The interface between the training loop and a stage: a small `Task` object.
+
+The loop (trainer/train.py) knows nothing of stages. For every micro-batch it calls, for each of the
+task's `phases` (one per DeepSpeed engine, e.g. ("model",) or ("generator", "discriminator")):
+
+    loss, metrics = task.loss(batch, phase, step)   # None: this phase sits this step out
+    engines[phase].backward(loss); engines[phase].step()
+
+and every `logging.sample_every` steps `task.sample(batch)` -> {row name: images (B, 3, H, W) in [-1, 1]}
+for the PNG grid. `build_models()` returns the trainable module of each phase (DeepSpeed wraps them);
+`attach(engines)` hands the engines back. `export(path, weights)` writes the weights-only file
+(`export_name`: the DiVAE file, or the prior's).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+class Task:
+    phases: tuple[str, ...] = ("model",)
+    ema_phases: tuple[str, ...] = ("model",)  # engines whose weights get an EMA
+    max_zero_stage: int = 3
+    export_name: str = "divae.safetensors"  # file name of `export` in each checkpoint and in the run folder
+
+    def __init__(self, cfg: Any, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.engines: dict[str, Any] = {}
+
+    def build_models(self) -> dict[str, nn.Module]:
+        """Trainable module per phase (frozen helpers live on the task itself)."""
+        raise NotImplementedError
+
+    def attach(self, engines: dict[str, Any]) -> None:
+        self.engines = engines
+
+    def inner(self, phase: str) -> nn.Module:
+        """The real model of a phase (inside DeepSpeed's engine and the CastIO wrapper)."""
+        return self.engines[phase].module.inner
+
+    def loss(self, batch: dict, phase: str, step: int) -> tuple[torch.Tensor, dict[str, float]] | None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, batch: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def export(self, path: str, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Write the weights-only DiVAE file. `weights` maps each of `ema_phases` to a full state dict of
+        `inner(phase)` (the EMA weights, or the raw ones gathered by the loop); rank 0 only, no collectives."""
+        raise NotImplementedError
+
+    def init_from(self, path: str, models: dict[str, nn.Module]) -> None:
+        """Load the trainable `models` (from build_models) from a DiVAE file, before the engines exist."""
+        raise NotImplementedError(f"{type(self).__name__} cannot initialise from {path}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def images(self, batch: dict) -> torch.Tensor:
+        x = batch["image"]
+        return x.to(self.device, non_blocking=True).float()
+
+
+def fp32_state(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """CPU copy of a state dict with floating tensors in fp32 and keys prefixed with `prefix.`."""
+    p = f"{prefix}." if prefix else ""
+    return {p + k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+            for k, v in state.items()}

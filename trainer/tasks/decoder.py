@@ -1,0 +1,172 @@
+"""Diffusion-decoder stage: the UNet learns p(x | z_q) with the hybrid loss; the VQ is frozen.
+
+The encoder and codebook come from a weights-only DiVAE file written by the VQ stage
+(`decoder.vq_weights`, usually `<vq run_dir>/divae.safetensors`); its config travels inside the file.
+z_q is computed on the fly from the images (`decoder.tokens: encode`) or looked up from token indices that
+`python -m trainer.pre_encode` stored in the shards (`decoder.tokens: precomputed`, the batch's "tokens").
+`decoder.finetune_encoder: true` trains the encoder (and quant_conv) end to end with the UNet through the
+straight-through estimator, plus the commitment term; the codebook and the CNN decoder stay frozen.
+
+Logged: loss, mse, vb, and the loss by timestep quartile (loss_q0..loss_q3). Sample grids: input, the VQ's
+CNN reconstruction, the diffusion reconstruction (`decoder.sampler`, `decoder.sample_steps`, fixed seeds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from divae.diffusion import create_diffusion, create_schedule_sampler, quartile_losses, sample
+from divae.model import DiVAE, read_pretrained
+from divae.unet import UNetModel
+from divae.utils.config import from_dict
+from divae.vq import VQConfig, VQModel
+from trainer.pre_encode import tokens_from_bytes
+from trainer.tasks.base import Task
+
+
+@dataclass
+class DecoderTaskConfig:
+    vq_weights: str = ""  # DiVAE file from the VQ stage (required)
+    tokens: Literal["encode", "precomputed"] = "encode"
+    finetune_encoder: bool = False
+    commit_weight: float = 1.0  # weight of the quantizer loss when fine-tuning the encoder
+    sampler: Literal["ddpm", "ddim", "dpmpp2m"] = "ddim"  # for the sample grids
+    sample_steps: int = 25
+
+
+class DecoderNet(nn.Module):
+    """The trained module: the UNet, plus the VQ when its encoder is fine-tuned.
+
+    forward(x_t, t, cond=z_q) or forward(x_t, t, image=x0) (fine-tuning: z_q from the trainable encoder;
+    the quantizer loss of that pass is left in `self.qloss`).
+    """
+
+    def __init__(self, unet: UNetModel, vq: VQModel | None = None):
+        super().__init__()
+        self.unet = unet
+        self.vq = vq
+        self.qloss: torch.Tensor | None = None
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+                image: torch.Tensor | None = None) -> torch.Tensor:
+        if image is not None:
+            cond, _, self.qloss, _ = self.vq.quantize(image)
+        return self.unet(x_t, t, cond)
+
+
+class DecoderTask(Task):
+    phases = ("model",)
+    ema_phases = ("model",)
+
+    def build_models(self) -> dict[str, nn.Module]:
+        cfg, dcfg = self.cfg, self.cfg.decoder
+        if not dcfg.vq_weights:
+            raise ValueError("decoder.vq_weights is required: the DiVAE file the VQ stage wrote "
+                             "(e.g. decoder.vq_weights=runs/vq_tiny/divae.safetensors)")
+        vq_dict, state = read_pretrained(dcfg.vq_weights)
+        self.vq_cfg = from_dict(VQConfig, vq_dict["vq"])
+        self.vq_state = {k[3:]: v for k, v in state.items() if k.startswith("vq.")}
+        unet_cfg = cfg.unet
+        if unet_cfg.cond_position != "none" and unet_cfg.cond_channels != self.vq_cfg.embed_dim:
+            raise ValueError(f"unet.cond_channels={unet_cfg.cond_channels} but the VQ in {dcfg.vq_weights} has "
+                             f"embed_dim={self.vq_cfg.embed_dim}: set unet.cond_channels={self.vq_cfg.embed_dim}")
+        if unet_cfg.learn_sigma != cfg.diffusion.learn_sigma:
+            raise ValueError(f"unet.learn_sigma={unet_cfg.learn_sigma} does not match diffusion.model_var_type="
+                             f"{cfg.diffusion.model_var_type!r}")
+        if cfg.deepspeed.activation_checkpointing:
+            unet_cfg = type(unet_cfg)(**{**unet_cfg.__dict__, "use_checkpoint": True})
+        self.unet_cfg = unet_cfg
+        self.diffusion = create_diffusion(cfg.diffusion)
+        self.schedule_sampler = create_schedule_sampler(cfg.diffusion.schedule_sampler, self.diffusion.num_timesteps)
+        self.frozen_vq = VQModel(self.vq_cfg)
+        self.frozen_vq.load_state_dict(self.vq_state)
+        self.frozen_vq.requires_grad_(False).eval().to(self.device)
+        if dcfg.tokens == "precomputed" and cfg.data.random_flip:
+            raise ValueError("decoder.tokens=precomputed needs data.random_flip=false: the stored tokens belong to "
+                             "the unflipped images")
+        tuned = None
+        if dcfg.finetune_encoder:
+            if dcfg.tokens == "precomputed":
+                raise ValueError("decoder.finetune_encoder needs the images: set decoder.tokens=encode")
+            tuned = VQModel(self.vq_cfg)
+            tuned.load_state_dict(self.vq_state)
+            tuned.requires_grad_(False)
+            for m in (tuned.encoder, tuned.quant_conv):
+                m.requires_grad_(True)
+        return {"model": DecoderNet(UNetModel(unet_cfg), tuned)}
+
+    def init_from(self, path: str, models: dict[str, nn.Module]) -> None:
+        _, state = read_pretrained(path)
+        unet_state = {k[5:]: v for k, v in state.items() if k.startswith("unet.")}
+        if not unet_state:
+            raise ValueError(f"{path} holds no UNet (a VQ-stage export?); checkpoint.init_from needs a decoder export")
+        models["model"].unet.load_state_dict(unet_state)
+
+    def _cond(self, batch: dict, x0: torch.Tensor | None) -> torch.Tensor:
+        if self.cfg.decoder.tokens == "precomputed":
+            if "tokens" not in batch:
+                raise KeyError("decoder.tokens=precomputed but the batch has no 'tokens': point data at shards "
+                               "written by `python -m trainer.pre_encode`")
+            tokens = batch["tokens"]
+            if not isinstance(tokens, torch.Tensor):
+                tokens = tokens_from_bytes(tokens, self.cfg.data.image_size // self.vq_cfg.downsample_factor)
+            return self.frozen_vq.embed(tokens.to(self.device))
+        with torch.no_grad():  # encode + embed: no codebook statistics (and no collective) for a frozen VQ
+            return self.frozen_vq.embed(self.frozen_vq.encode(x0))
+
+    def loss(self, batch: dict, phase: str, step: int):
+        x0 = self.images(batch)
+        t, weights = self.schedule_sampler.sample(x0.shape[0], self.device)
+        if self.cfg.decoder.finetune_encoder:
+            kwargs = {"image": x0}
+        else:
+            kwargs = {"cond": self._cond(batch, x0)}
+        losses = self.diffusion.training_losses(self.engines["model"], x0, t, model_kwargs=kwargs)
+        loss = (losses["loss"] * weights).mean()
+        if hasattr(self.schedule_sampler, "update_with_local_losses"):
+            self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
+        metrics = {"mse": losses["mse"].mean().item(), "vb": losses["vb"].mean().item()}
+        if self.cfg.decoder.finetune_encoder:
+            qloss = self.inner("model").qloss.float()
+            loss = loss + self.cfg.decoder.commit_weight * qloss
+            metrics["qloss"] = qloss.item()
+        metrics["loss"] = loss.item()
+        metrics.update(quartile_losses(t, {"loss": losses["loss"]}, self.diffusion.num_timesteps))
+        return loss, metrics
+
+    @torch.no_grad()
+    def sample(self, batch: dict) -> dict[str, torch.Tensor]:
+        x0 = self.images(batch)
+        net = self.engines["model"].module  # CastIO(DecoderNet)
+        if self.cfg.decoder.finetune_encoder:
+            net.eval()
+            z_q = self.inner("model").vq.quantize(x0.to(next(net.parameters()).dtype))[0].float()
+            net.train()
+        else:
+            z_q = self._cond(batch, x0)
+        dcfg = self.cfg.decoder
+        x = sample(net, self.cfg.diffusion, tuple(x0.shape), sampler=dcfg.sampler, steps=dcfg.sample_steps,
+                   model_kwargs={"cond": z_q}, seeds=range(x0.shape[0]), device=self.device)
+        return {"input": x0, "vq_cnn": self.frozen_vq.decode(z_q).clamp(-1, 1), "diffusion": x.clamp(-1, 1)}
+
+    def export(self, path: str, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        model = DiVAE(self.vq_cfg, self.unet_cfg, self.cfg.diffusion)
+        model.vq.load_state_dict(self.vq_state)
+        w = weights["model"]
+        model.unet.load_state_dict({k[5:]: v for k, v in w.items() if k.startswith("unet.")})
+        tuned = {k[3:]: v for k, v in w.items() if k.startswith("vq.")}
+        if tuned:
+            model.vq.load_state_dict(tuned)
+        model.save_pretrained(path)
+
+    def state_dict(self) -> dict:
+        sd = getattr(self.schedule_sampler, "state_dict", None)
+        return {"schedule_sampler": sd()} if sd is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "schedule_sampler" in state:
+            self.schedule_sampler.load_state_dict(state["schedule_sampler"])

@@ -1,0 +1,125 @@
+"""VQ stage: encoder + codebook + CNN decoder (the "generator") and a PatchGAN discriminator, two engines.
+
+Per micro-batch: the generator phase computes L1 (+ LPIPS) + codebook loss and, from `vq_loss.disc_start`
+on, the adaptive-weighted GAN term, with the discriminator's parameters frozen so that its gradients stay
+clean; the discriminator phase then trains on the (detached) reconstruction of the same batch. Before
+disc_start the discriminator phase is skipped (no forward, no optimizer step). Codebook usage and
+perplexity are logged. The export is a VQ-only DiVAE file, the input of the decoder stage.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from divae.model import DiVAE, read_pretrained
+from divae.vq import VQModel
+from divae.vq_loss import VQLoss, generator_adv_loss
+from trainer.tasks.base import Task
+
+
+class VQTask(Task):
+    phases = ("generator", "discriminator")
+    ema_phases = ("generator",)
+    max_zero_stage = 2  # the adaptive weight differentiates w.r.t. the full last-layer weight
+
+    def build_models(self) -> dict[str, torch.nn.Module]:
+        cfg = self.cfg
+        vq_cfg = cfg.vq
+        if cfg.deepspeed.activation_checkpointing:
+            vq_cfg = type(vq_cfg)(**{**vq_cfg.__dict__, "grad_checkpointing": True})
+        self.vq_cfg = vq_cfg
+        vq = VQModel(vq_cfg)
+        self.loss_fn = VQLoss(cfg.vq_loss).to(self.device)
+        disc = self.loss_fn.discriminator
+        return {"generator": vq, "discriminator": disc}
+
+    def attach(self, engines: dict) -> None:
+        super().attach(engines)
+        # VQLoss calls self.discriminator(...): route it through the engine's dtype-casting wrapper.
+        self.loss_fn.discriminator = engines["discriminator"].module
+        self._x_hat: torch.Tensor | None = None
+        self._last_io: tuple[torch.Tensor, torch.Tensor] | None = None
+        last = self.inner("generator").decoder.conv_out
+        if not isinstance(last, torch.nn.Conv2d):
+            raise TypeError("the adaptive GAN weight expects the VQ decoder's last layer to be a Conv2d")
+        last.register_forward_hook(self._keep_last_io)
+
+    def _keep_last_io(self, module, inputs, output) -> None:
+        self._last_io = (inputs[0], output)
+
+    def _last_layer_grad(self, loss: torch.Tensor) -> torch.Tensor:
+        """d loss / d (decoder's last conv weight), without differentiating w.r.t. the parameter itself.
+
+        DeepSpeed's gradient hooks fire whenever autograd reaches a managed parameter, also inside
+        `torch.autograd.grad`, and would start a gradient reduction mid-step. So the gradient is taken at
+        the conv's output and turned into the weight gradient with `conv2d_weight` (the same number).
+        """
+        conv = self.inner("generator").decoder.conv_out
+        h, out = self._last_io
+        g_out = torch.autograd.grad(loss, out, retain_graph=True)[0]
+        return torch.nn.grad.conv2d_weight(h.float(), conv.weight.shape, g_out.float(), stride=conv.stride,
+                                           padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+
+    def _generator_loss(self, x: torch.Tensor, x_hat: torch.Tensor, qloss: torch.Tensor, step: int):
+        """VQGAN generator loss (as `VQLoss.generator_loss`), with the adaptive weight from `_last_layer_grad`."""
+        lf, c = self.loss_fn, self.cfg.vq_loss
+        nll, logs = lf.reconstruction_loss(x, x_hat)
+        loss = nll + c.codebook_weight * qloss
+        logs["qloss"] = qloss.detach()
+        if lf.gan_active(step):
+            g = generator_adv_loss(lf.discriminator(x_hat.contiguous()), c.disc_loss)
+            ratio = self._last_layer_grad(nll).norm() / (self._last_layer_grad(g).norm() + 1e-4)
+            d_weight = ratio.clamp(0.0, c.adaptive_weight_max).detach() * c.disc_weight
+            loss = loss + d_weight * c.disc_factor * g
+            logs["g_loss"] = g.detach()
+            logs["d_weight"] = d_weight
+        logs["loss"] = loss.detach()
+        return loss, logs
+
+    def _disc_requires_grad(self, flag: bool) -> None:
+        for p in self.inner("discriminator").parameters():
+            p.requires_grad_(flag)
+
+    def loss(self, batch: dict, phase: str, step: int):
+        x = self.images(batch)
+        gan_on = self.loss_fn.gan_active(step)
+        if phase == "generator":
+            self._disc_requires_grad(False)
+            try:
+                # the CastIO module, not the engine: engine.forward hooks its outputs so that any backward
+                # through them (also the adaptive weight's autograd.grad) would start a gradient reduction
+                x_hat, qloss, stats = self.engines["generator"].module(x)
+                loss, logs = self._generator_loss(x, x_hat, qloss, step)
+            finally:
+                self._disc_requires_grad(True)
+            self._x_hat, self._last_io = x_hat.detach(), None
+            metrics = {k: float(v) for k, v in logs.items()}
+            metrics.update(usage=float(stats["usage"]), perplexity=float(stats["perplexity"]),
+                           gan_on=float(gan_on))
+            metrics.setdefault("g_loss", 0.0)
+            return loss, metrics
+        if not gan_on:
+            return None
+        d_loss, logs = self.loss_fn.discriminator_loss(x, self._x_hat, step)
+        self._x_hat = None
+        return d_loss, {f"d/{k}": float(v) for k, v in logs.items()}
+
+    @torch.no_grad()
+    def sample(self, batch: dict) -> dict[str, torch.Tensor]:
+        x = self.images(batch)
+        model = self.engines["generator"].module
+        model.eval()  # no codebook statistics or restarts from a sampling batch
+        try:
+            x_hat, _, _ = model(x)
+        finally:
+            model.train()
+        return {"input": x, "reconstruction": x_hat.clamp(-1, 1)}
+
+    def export(self, path: str, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        model = DiVAE(self.vq_cfg)
+        model.vq.load_state_dict(weights["generator"])
+        model.save_pretrained(path)
+
+    def init_from(self, path: str, models: dict[str, torch.nn.Module]) -> None:
+        _, state = read_pretrained(path)
+        models["generator"].load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("vq.")})
