@@ -1,0 +1,215 @@
+"""The trainer's `prior` stage on CPU, from captioned photos to a prior file that `load_prior` reads.
+
+Chain (module fixture `data`, all real commands called in-process): scikit-image photos with captions ->
+`data_pipeline.prepare_cc --tsv` (64 px MDS shards) -> a tiny DiVAE file (the vq_tiny VQ and the
+decoder_tiny UNet, randomly initialised with a fixed seed: the prior only needs a fixed image -> tokens
+map and a decoder for the grids) -> `trainer.pre_encode` (the `tokens` column) ->
+`data_pipeline.train_tokenizer` (tokenizer.json beside the shards). Then real DeepSpeed runs in
+subprocesses: 40 steps in one process (ZeRO-2, bf16, grids decoded by the diffusion decoder, DDIM 2 steps)
+and 4 steps under `torchrun --nproc_per_node 2` with ZeRO-3 (token grids, no DiVAE file).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_trainer import common, metrics, run  # noqa: E402
+
+from divae.utils.config import ConfigError  # noqa: E402
+from trainer.config import load_train_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CAPTIONS = ["an astronaut in a white space suit in front of a flag", "a ginger cat lying down and looking up",
+            "a cup of coffee on a saucer on a wooden table", "a white rocket on the launch pad",
+            "a microscope image of tissue stained brown and blue"]
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    from data_fixtures import encode, photos, variant
+
+    from data_pipeline import prepare_cc, train_tokenizer
+    from divae.model import DiVAE
+    from trainer import pre_encode
+
+    root = tmp_path_factory.mktemp("prior_data")
+    (root / "img").mkdir()
+    ps, lines = photos(), []
+    for i in range(32):
+        (root / "img" / f"{i:03d}.jpg").write_bytes(encode(variant(ps[i % len(ps)], i, long_side=80)))
+        lines.append(f"{CAPTIONS[i % len(ps)]}, crop {i // len(ps)}\timg/{i:03d}.jpg")
+    (root / "captions.tsv").write_text("\n".join(lines) + "\n")
+    shards = root / "cap64"
+    prepare_cc.main(["--tsv", str(root / "captions.tsv"), "--out", str(shards), "--size", "64", "--workers", "0",
+                     "--shard-size", "16", "--no-progress"])
+
+    dec = load_train_config(ROOT / "configs/decoder_tiny.yaml")
+    vq = load_train_config(ROOT / "configs/vq_tiny.yaml").vq
+    torch.manual_seed(0)
+    divae_file = root / "divae.safetensors"
+    DiVAE(vq, dec.unet, dec.diffusion).save_pretrained(divae_file)
+
+    tok_shards = root / "cap64_tok"
+    pre_encode.main(["--vq", str(divae_file), "--src", str(shards), "--dst", str(tok_shards), "--device", "cpu"])
+    train_tokenizer.main(["--shards", str(tok_shards), "--vocab-size", "400", "--min-frequency", "1"])
+    return {"shards": shards, "tok_shards": tok_shards, "divae": divae_file, "tokenizer": tok_shards / "tokenizer.json"}
+
+
+def _task(data: dict, *overrides: str):
+    from trainer.tasks.prior import PriorTask
+
+    cfg = load_train_config(ROOT / "configs/prior_tiny.yaml",
+                            [f"data.path={data['tok_shards']}", f"prior_task.divae_weights={data['divae']}",
+                             *overrides])
+    return PriorTask(cfg, torch.device("cpu"))
+
+
+# -- build-time checks and the token column (in-process, no DeepSpeed) ----------------------------------------
+def test_build_checks_the_inputs_with_clear_errors(data):
+    task = _task(data)
+    models = task.build_models()
+    assert task.decode_mode == "diffusion" and task.tokenizer.vocab_size <= 400
+    assert models["model"].prior.cfg.image_vocab_size == 256
+    vocab = task.tokenizer.vocab_size
+    cases = [
+        ((f"data.path={data['shards']}", f"prior_task.tokenizer={data['tokenizer']}"), "trainer.pre_encode"),
+        ((f"data.path={data['shards']}",), f"--shards {data['shards']}"),  # no tokenizer.json there
+        (("prior_task.tokenizer=/nonexistent/tokenizer.json",), "data_pipeline.train_tokenizer"),
+        (("prior.image_h=4", "prior.image_w=4"), "bytes per image"),
+        (("prior.image_vocab_size=40000",), "bytes per image"),  # int32 tokens expected, int16 stored
+        (("prior.image_vocab_size=512",), "n_embed=256"),  # shards fit, the DiVAE file's codebook does not
+        ((f"prior.text_vocab_size={vocab - 1}",), f"prior.text_vocab_size={vocab}"),
+        (("prior.text_len=32",), "prior.text_len=64"),
+        (("prior_task.divae_weights=/nonexistent.safetensors",), "does not exist"),
+    ]
+    for overrides, needle in cases:
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            _task(data, *overrides).build_models()
+    cnn = _task(data, "prior_task.decoder=cnn")
+    cnn.build_models()
+    assert cnn.decode_mode == "cnn"
+
+
+def test_token_column_matches_the_vq_encoding(data):
+    from data_pipeline.reader import ShardReader
+    from divae.model import DiVAE
+    from trainer.tasks.prior import tokens_from_column
+
+    model = DiVAE.from_pretrained(data["divae"])
+    reader = ShardReader(str(data["tok_shards"]))
+    samples = [reader[i] for i in (0, 7, 31)]
+    x = torch.from_numpy(np.stack([s["image"] for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    z = tokens_from_column([s["tokens"] for s in samples], 8, 8, np.dtype(np.int16))
+    assert torch.equal(z, model.encode(x))
+    assert z.unique().numel() > 8  # the tiny VQ spreads the photos over many codes
+    with pytest.raises(ValueError, match="bytes"):
+        tokens_from_column([samples[0]["tokens"][:-2]], 8, 8, np.dtype(np.int16))
+
+
+def test_token_palette_is_fixed_per_code():
+    from trainer.tasks.prior import token_palette_images
+
+    z = torch.tensor([[[0, 1], [1, 0]], [[5, 5], [0, 1]]])
+    img = token_palette_images(z, 8, min_side=8)
+    assert img.shape == (2, 3, 8, 8) and img.min() >= -1 and img.max() <= 1
+    assert torch.equal(img[0, :, 0, 0], img[1, :, 4, 0])  # code 0 has one colour everywhere
+    assert not torch.equal(img[0, :, 0, 0], img[0, :, 0, 4])  # codes 0 and 1 differ
+
+
+# -- DeepSpeed runs ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prior_run(data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("prior_run")
+    log = run_dir / "log.txt"
+    code = run(["--config", "configs/prior_tiny.yaml", *common(data["tok_shards"], run_dir), f"train.steps={STEPS}",
+                "train.batch_size=8", "checkpoint.every=0", f"logging.sample_every={STEPS}", "optim.lr=2e-3",
+                "optim.warmup_steps=5", f"prior_task.divae_weights={data['divae']}", "prior_task.sample_steps=2"],
+               1, log, timeout=180)
+    assert code == 0, log.read_text()[-4000:]
+    return run_dir
+
+
+@pytest.mark.slow
+def test_prior_stage_learns_and_logs_token_accuracy(prior_run):
+    m = metrics(prior_run)
+    assert sorted(m) == list(range(1, STEPS + 1))
+    loss = [m[s]["loss"] for s in range(1, STEPS + 1)]
+    acc = [m[s]["token_acc"] for s in range(1, STEPS + 1)]
+    assert np.mean(loss[-5:]) < 0.75 * np.mean(loss[:5]), loss
+    assert all(0.0 <= a <= 1.0 for a in acc) and np.mean(acc[-5:]) > np.mean(acc[:5]) + 0.05, acc
+    assert all("caption_dropped" in m[s] for s in m)
+
+    png = prior_run / "samples" / f"step_{STEPS:08d}.png"
+    assert png.stat().st_size > 1000
+    from PIL import Image
+
+    assert Image.open(png).size[1] > 2 * 64  # two rows (data, prior) of 64 px images
+    rec = json.loads((prior_run / "samples" / f"step_{STEPS:08d}_tokens.json").read_text())
+    z = torch.tensor(rec["prior_tokens"])
+    assert rec["step"] == STEPS and len(rec["captions"]) == z.shape[0] == 8  # logging.num_samples of the micro batch
+    assert z.shape[1:] == (8, 8) and 0 <= int(z.min()) and int(z.max()) < 256
+    assert all(c.split(", crop")[0] in CAPTIONS for c in rec["captions"])
+
+
+@pytest.mark.slow
+def test_prior_export_round_trips_with_its_tokenizer(prior_run, data):
+    from data_pipeline.reader import ShardReader
+    from divae.prior import load_prior
+    from divae.text_tokenizer import TextTokenizer
+    from trainer.tasks.prior import tokens_from_column
+
+    assert not (prior_run / "divae.safetensors").exists()
+    assert (prior_run / "checkpoints" / f"step_{STEPS:08d}" / "prior.safetensors").is_file()
+    model, tok = load_prior(prior_run / "prior.safetensors")
+    ref = TextTokenizer.load(data["tokenizer"])
+    assert tok.to_json() == ref.to_json()
+    assert torch.equal(tok.encode(CAPTIONS)[0], ref.encode(CAPTIONS)[0])
+
+    reader = ShardReader(str(data["tok_shards"]), decode_image=False)
+    rows = [reader[i] for i in range(len(reader))]
+    ids, mask = tok.encode([r["caption"] for r in rows])
+    z = tokens_from_column([r["tokens"] for r in rows], 8, 8, np.dtype(np.int16))
+    with torch.no_grad():
+        loss, _ = model.loss(ids, mask, z)
+    first = np.mean([metrics(prior_run)[s]["loss"] for s in (1, 2, 3)])
+    assert float(loss) < 0.8 * first, (float(loss), first)  # the exported (EMA) weights are the trained ones
+    out = model.sample(ids[:2], mask[:2], guidance_scale=2.0, seeds=[0, 1])
+    assert out.shape == (2, 8, 8)
+
+    task = _task(data)  # checkpoint.init_from: a new run starts from the exported weights
+    models = task.build_models()
+    task.init_from(str(prior_run / "prior.safetensors"), models)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in models["model"].prior.state_dict().items())
+    with pytest.raises(ConfigError, match="dec_layers"):
+        other = _task(data, "prior.dec_layers=3")
+        other.init_from(str(prior_run / "prior.safetensors"), other.build_models())
+
+
+@pytest.mark.slow
+def test_prior_two_ranks_zero3(data, tmp_path):
+    run_dir = tmp_path / "prior_zero3"
+    run_dir.mkdir()
+    log = run_dir / "log.txt"
+    code = run(["--config", "configs/prior_tiny.yaml", *common(data["tok_shards"], run_dir), "train.steps=4",
+                "train.batch_size=8", "checkpoint.every=0", "logging.sample_every=4", "deepspeed.zero_stage=3",
+                "prior_task.divae_weights=", "optim.warmup_steps=1"], 2, log, timeout=180)
+    assert code == 0, log.read_text()[-4000:]
+    m = metrics(run_dir)
+    assert sorted(m) == [1, 2, 3, 4] and all(np.isfinite(m[s]["loss"]) and "token_acc" in m[s] for s in m)
+    assert (run_dir / "samples" / "step_00000004.png").stat().st_size > 500
+    rec = json.loads((run_dir / "samples" / "step_00000004_tokens.json").read_text())
+    assert np.array(rec["prior_tokens"]).shape == (4, 8, 8) and np.array(rec["data_tokens"]).shape == (4, 8, 8)
+    from divae.prior import load_prior
+
+    model, _ = load_prior(run_dir / "prior.safetensors")
+    assert model.num_params() > 1e6
