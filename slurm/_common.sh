@@ -1,0 +1,140 @@
+# Shared launch helper for slurm/train_*.sh (sourced, not run). One `srun` task per node starts
+# `torchrun` with c10d rendezvous on the job's first node; the batch shell forwards preemption
+# signals to the step and requeues the job when the trainer stopped for preemption.
+#
+# Environment knobs (all optional):
+#   DIVAE_VENV            virtualenv to activate (default: <repo>/.venv when it exists)
+#   NPROC_PER_NODE        ranks per node (default: GPUs allocated on the node, else 1 = CPU)
+#   MASTER_PORT           rendezvous port (default: 20000 + job id % 20000)
+#   DIVAE_LAUNCHER        torchrun (default) | srun (one srun task per rank, no torchrun)
+#   DIVAE_MAX_REQUEUES    stop requeueing after this many restarts (default 50)
+#   DIVAE_SHUTDOWN_TIMEOUT seconds torchrun waits for ranks to checkpoint after SIGTERM (default 100)
+#   OMP_NUM_THREADS       default: CPUs of the task / ranks per node
+
+# Exit code of a preempted rank and the marker file it leaves in the run folder (trainer/preemption.py).
+DIVAE_REQUEUE_EXIT_CODE=75
+DIVAE_REQUEUE_MARKER=REQUEUE
+
+divae_log() { echo "[divae $(date +%H:%M:%S) ${SLURM_JOB_ID:-nojob}] $*"; }
+divae_die() { echo "[divae] error: $*" >&2; exit 2; }
+
+# Activate the project's environment: $DIVAE_VENV, else <repo>/.venv, else the python on PATH.
+divae_activate() {
+    local venv=${DIVAE_VENV:-$DIVAE_ROOT/.venv}
+    if [[ -f $venv/bin/activate ]]; then
+        # shellcheck disable=SC1091
+        source "$venv/bin/activate"
+    elif [[ -n ${DIVAE_VENV:-} ]]; then
+        divae_die "DIVAE_VENV=$DIVAE_VENV has no bin/activate"
+    fi
+    command -v python >/dev/null || divae_die "no python on PATH; set DIVAE_VENV to the project's virtualenv"
+    if ! python -c 'import importlib.util as u, sys; sys.exit(u.find_spec("trainer") is None)' 2>/dev/null; then
+        export PYTHONPATH=$DIVAE_ROOT${PYTHONPATH:+:$PYTHONPATH}
+    fi
+}
+
+# The run folder the trainer will use (where it leaves the REQUEUE marker), resolved by the trainer's
+# own config loader; empty when it cannot be resolved (the exit-code and signal rules still apply).
+divae_run_dir() {
+    python - "$@" 2>/dev/null <<'EOF' || true
+import sys
+from trainer.config import load_train_config
+print(load_train_config(sys.argv[2], sys.argv[3:]).train.run_dir)
+EOF
+}
+
+# divae_train CONFIG.yaml [key=value ...]: run the trainer on every node of the allocation.
+divae_train() {
+    [[ -n ${SLURM_JOB_ID:-} ]] || divae_die "not inside a Slurm job: submit with sbatch, or run torchrun directly"
+    local config=${1:-}
+    [[ $config == *.yaml || $config == *.yml ]] || divae_die "usage: sbatch $0 configs/<preset>.yaml [key=value ...]"
+    [[ -f $config ]] || divae_die "config '$config' not found (relative paths start at the submit dir $PWD)"
+    shift
+    divae_activate
+
+    local nnodes=${SLURM_NNODES:-1}
+    local nproc=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
+    [[ $nproc =~ ^[0-9]+$ && $nproc -gt 0 ]] || nproc=1
+    local cpus=${SLURM_CPUS_PER_TASK:-1}
+    local cpus_per_rank=$(( cpus / nproc > 0 ? cpus / nproc : 1 ))
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$cpus_per_rank}
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    export MASTER_ADDR
+    export MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
+    # Seconds torchrun gives its ranks to checkpoint after a SIGTERM before it SIGKILLs them.
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${DIVAE_SHUTDOWN_TIMEOUT:-100}
+
+    local run_dir launcher=${DIVAE_LAUNCHER:-torchrun}
+    local -a step
+    case $launcher in
+        torchrun)
+            step=(srun --kill-on-bad-exit=1 --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1
+                  --cpus-per-task="$cpus"
+                  bash -c 'trap "" USR1; exec "$@"' torchrun-ignoring-usr1
+                  torchrun --nnodes="$nnodes" --nproc_per_node="$nproc" --rdzv_backend=c10d
+                  --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID"
+                  -m trainer.train --config "$config" "$@") ;;
+        srun)
+            step=(srun --kill-on-bad-exit=1 --nodes="$nnodes" --ntasks=$(( nnodes * nproc ))
+                  --ntasks-per-node="$nproc" --cpus-per-task="$cpus_per_rank"
+                  python -m trainer.train --config "$config" "$@") ;;
+        *) divae_die "DIVAE_LAUNCHER must be torchrun or srun, not '$launcher'" ;;
+    esac
+    divae_log "restart ${SLURM_RESTART_COUNT:-0}: $nnodes node(s) x $nproc rank(s), master $MASTER_ADDR:$MASTER_PORT," \
+              "OMP_NUM_THREADS=$OMP_NUM_THREADS, python $(command -v python)"
+    divae_log "${step[*]}"
+
+    # The batch shell gets USR1 from `--signal=B:USR1@N` or `scancel --signal=USR1 --full`: remember it
+    # and forward it to srun, which signals every process of the step. torchrun itself ignores USR1
+    # (inherited SIG_IGN; the trainer installs its own handler): torchrun treats a signal it handles as
+    # fatal, and a second one (a --full scancel reaches the step twice) makes it SIGKILL the ranks
+    # while they are still writing their checkpoint.
+    DIVAE_PREEMPTED=0
+    DIVAE_STEP_PID=
+    trap '_divae_forward USR1' USR1
+    trap '_divae_forward TERM' TERM
+    # Resolve the run folder (a python start-up: seconds) while the step runs; needed only after it.
+    local run_dir_file
+    run_dir_file=$(mktemp)
+    divae_run_dir --config "$config" "$@" >"$run_dir_file" &
+    local run_dir_pid=$!
+    "${step[@]}" &
+    DIVAE_STEP_PID=$!
+    local rc
+    while :; do
+        wait "$DIVAE_STEP_PID"
+        rc=$?
+        kill -0 "$DIVAE_STEP_PID" 2>/dev/null || break  # else `wait` was interrupted by a trapped signal
+    done
+    trap - USR1 TERM
+    divae_log "training step exited with code $rc"
+    while kill -0 "$run_dir_pid" 2>/dev/null; do wait "$run_dir_pid"; done
+    run_dir=$(cat "$run_dir_file")
+    rm -f "$run_dir_file"
+    (( rc == 0 )) && return 0
+
+    local why=
+    if [[ $rc == "$DIVAE_REQUEUE_EXIT_CODE" ]]; then
+        why="a rank exited with the requeue code $rc"
+    elif [[ -n $run_dir && -f $run_dir/$DIVAE_REQUEUE_MARKER ]]; then
+        why="the trainer left $run_dir/$DIVAE_REQUEUE_MARKER (step $(cat "$run_dir/$DIVAE_REQUEUE_MARKER"))"
+    elif [[ $DIVAE_PREEMPTED == 1 && $rc != 0 ]]; then
+        why="the job was signalled for preemption and the step stopped (code $rc)"
+    fi
+    [[ -n $why ]] || return "$rc"
+    [[ -n $run_dir ]] && rm -f "$run_dir/$DIVAE_REQUEUE_MARKER"
+    if (( ${SLURM_RESTART_COUNT:-0} >= ${DIVAE_MAX_REQUEUES:-50} )); then
+        divae_log "not requeueing: already restarted ${SLURM_RESTART_COUNT} times (DIVAE_MAX_REQUEUES)"
+        return "$rc"
+    fi
+    divae_log "requeueing job $SLURM_JOB_ID: $why"
+    scontrol requeue "$SLURM_JOB_ID"
+    return 0
+}
+
+_divae_forward() {
+    divae_log "batch shell got SIG$1; forwarding it to the training step"
+    [[ $1 == USR1 ]] && DIVAE_PREEMPTED=1
+    [[ -n $DIVAE_STEP_PID ]] && kill -s "$1" "$DIVAE_STEP_PID" 2>/dev/null
+    return 0
+}
