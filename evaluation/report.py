@@ -1,0 +1,52 @@
+"""Outputs of an evaluation: the Table 1 style Markdown and the sample grid."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+# Table 1 of the paper (reconstruction FID, 50k ImageNet val), printed under our table for comparison.
+PAPER_TABLE1 = [("VQGAN", "f16", 16384, 4.98), ("DiVAE", "f16", 16384, 4.07), ("DiVAE DDIM25", "f16", 16384, 7.07),
+                ("VQGAN", "f8", 8192, 1.49), ("DiVAE", "f8", 8192, 1.24), ("DiVAE DDIM25", "f8", 8192, 3.14)]
+
+
+def save_grid(rows: list[torch.Tensor], path: str | os.PathLike, pad: int = 2) -> None:
+    """PNG of rows of uint8 images (n, 3, H, W), e.g. originals above reconstructions."""
+    n = max(r.shape[0] for r in rows)
+    h, w = rows[0].shape[-2:]
+    canvas = torch.full((3, len(rows) * (h + pad) + pad, n * (w + pad) + pad), 255, dtype=torch.uint8)
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            y, x = pad + r * (h + pad), pad + c * (w + pad)
+            canvas[:, y:y + h, x:x + w] = img
+    Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(path)
+
+
+def _fmt(x, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def write_results_md(results: list[dict], path: str | os.PathLike) -> None:
+    """A Markdown table in the form of the paper's Table 1, plus our extra figures."""
+    lines = ["| Model | Dataset | D → R | Rate | dim Z | Sampler | Steps | FID | PSNR | SSIM | LPIPS | "
+             "Codebook usage | Perplexity | Images |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        p = r["protocol"]
+        th, tw = r.get("tokens_hw") or (None, None)
+        ih, iw = r.get("image_hw") or (None, None)
+        dr = f"{th}x{tw} → {ih}x{iw}" if th else "-"
+        rate = f"f{ih // th}" if th else "-"
+        cb = r.get("codebook") or {}
+        lines.append(
+            f"| {r['label']} | {p.get('dataset_name', '-')} | {dr} | {rate} | {p.get('codebook_size') or '-'} | "
+            f"{p.get('sampler') or '-'} | {p.get('steps') or '-'} | {r['fid']:.2f} | {_fmt(r['psnr'], 2)} | "
+            f"{_fmt(r['ssim'], 4)} | {_fmt(r['lpips'], 4)} | {_fmt(cb.get('usage'), 3)} | "
+            f"{_fmt(cb.get('perplexity'), 1)} | {r['num_images']} |")
+    paper = ", ".join(f"{m} {rate} (K={k}) {fid}" for m, rate, k, fid in PAPER_TABLE1)
+    lines += ["", f"FID of reconstructions against their own originals (val vs val), TF-Inception pool features, "
+                  f"uint8, no JPEG. Paper, Table 1 (50,000 ImageNet val): {paper}.", ""]
+    Path(path).write_text("\n".join(lines))
