@@ -177,3 +177,15 @@ def test_pre_encode_writes_the_vq_tokens(tmp_path):
     assert torch.equal(tokens, model.encode(x))
     with pytest.raises(ValueError, match="8x8"):
         tokens_from_bytes([b"\0" * 10], 8)
+
+
+@pytest.mark.parametrize("override", ["vq.quantizer.kmeans_init=true", "vq.quantizer.restart_after_steps=10"])
+def test_vq_stage_refuses_in_place_codebook_edits_without_ema(override):
+    """DeepSpeed's master weights would undo k-means init / dead-code restart on a trained codebook."""
+    from trainer.tasks import TASKS
+
+    cfg = load_train_config("configs/vq_tiny.yaml", [override])
+    with pytest.raises(ConfigError, match="use_ema=true"):
+        TASKS["vq"](cfg, torch.device("cpu")).build_models()
+    ok = load_train_config("configs/vq_tiny.yaml", [override, "vq.quantizer.use_ema=true"])
+    assert set(TASKS["vq"](ok, torch.device("cpu")).build_models()) == {"generator", "discriminator"}

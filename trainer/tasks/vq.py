@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from divae.model import DiVAE, read_pretrained
+from divae.utils.config import ConfigError
 from divae.vq import VQModel
 from divae.vq_loss import VQLoss, generator_adv_loss
 from trainer.tasks.base import Task
@@ -25,6 +26,14 @@ class VQTask(Task):
     def build_models(self) -> dict[str, torch.nn.Module]:
         cfg = self.cfg
         vq_cfg = cfg.vq
+        q = vq_cfg.quantizer
+        if not q.use_ema and (q.kmeans_init or q.restart_after_steps > 0):
+            # These options write the codebook in place; a DeepSpeed engine keeps its own (fp32, partitioned)
+            # master copy of every trained parameter and would overwrite those edits at the next step.
+            raise ConfigError(
+                "vq.quantizer.kmeans_init / restart_after_steps edit the codebook in place, which the DeepSpeed "
+                "optimizer's master weights would silently undo; set vq.quantizer.use_ema=true (the codebook is "
+                "then a buffer updated by EMA) or turn kmeans_init and restart_after_steps off")
         if cfg.deepspeed.activation_checkpointing:
             vq_cfg = type(vq_cfg)(**{**vq_cfg.__dict__, "grad_checkpointing": True})
         self.vq_cfg = vq_cfg
