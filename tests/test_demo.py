@@ -1,0 +1,105 @@
+"""`make demo` end to end with the shortened schedule (`scripts/demo.py --quick`), so that it cannot rot.
+
+The same script as `make demo`: real prepare_folder, real `torchrun --nproc_per_node 2` DeepSpeed training of
+both stages, real recon_fid with the offline Inception (and LPIPS when its weights are installed). Then a second
+run must reuse everything (no command runs) and rewrite the same report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "scripts" / "demo.py"
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+
+
+def _run_demo(out: Path, timeout: float) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    proc = subprocess.Popen([sys.executable, str(DEMO), "--quick", "--out", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        stdout, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its ranks are in this session too
+        stdout, _ = proc.communicate()
+        pytest.fail(f"demo did not finish in {timeout} s; output tail:\n{stdout[-4000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, "")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    first = _run_demo(out, timeout=900)
+    assert first.returncode == 0, first.stdout[-6000:]
+    return out, first.stdout
+
+
+def test_demo_runs_every_step_with_the_real_command_lines(demo_run):
+    out, stdout = demo_run
+    for step in ("data", "vq", "decoder", "eval", "report"):
+        assert f"[demo] {step}" in stdout, f"no summary line for step {step}"
+    commands = [ln for ln in stdout.splitlines() if ln.startswith("$ ")]
+    assert sum("data_pipeline.prepare_folder" in c for c in commands) == 2
+    train = [c for c in commands if "trainer.train" in c]
+    assert len(train) == 2 and all("torchrun" in c and "--nproc_per_node 2" in c for c in train)
+    assert "configs/demo_vq.yaml" in train[0] and "configs/demo_decoder.yaml" in train[1]
+    assert sum("-m evaluation.recon_fid" in c for c in commands) == 2
+    for stage in ("vq", "decoder"):
+        state = json.loads((out / stage / "checkpoints" / (out / stage / "checkpoints" / "latest").read_text().strip()
+                            / "trainer_state.json").read_text())
+        assert state["step"] == 4 and state["world_size"] == 2
+        assert (out / stage / "divae.safetensors").is_file()
+
+
+def test_demo_report_figures_and_samples(demo_run):
+    out, _ = demo_run
+    fast = json.loads((out / "eval" / "fast" / "results.json").read_text())
+    ddpm = json.loads((out / "eval" / "ddpm" / "results.json").read_text())
+    floors = json.loads((out / "eval" / "floors.json").read_text())
+    assert [r["protocol"]["decoder"] for r in fast] == ["cnn", "diffusion"]
+    assert ddpm["protocol"]["sampler"] == "ddpm" and ddpm["num_images"] == 4
+    figures = [*fast, ddpm, floors["noise"], floors["mean"]]
+    for r in figures:
+        assert math.isfinite(r["fid"]) and r["fid"] >= 0 and math.isfinite(r["psnr"])
+    assert all(r["num_images"] == 16 for r in [*fast, floors["noise"], floors["mean"]])
+    # uniform noise against natural images: about 7-8 dB, far below the mean image's figure
+    assert floors["noise"]["psnr"] < 9.0
+    assert floors["noise"]["psnr"] < floors["mean"]["psnr"]
+
+    report = (out / "report.md").read_text()
+    for needle in ("Uniform noise (floor)", "Mean training image (floor)", "VQGAN baseline (CNN decoder)",
+                   "DiVAE, dpmpp2m", "DiVAE, DDPM", "![samples](samples.png)", "sbatch slurm/train_vq.sh",
+                   "sbatch slurm/train_decoder.sh", "python -m evaluation.recon_fid", "torchrun"):
+        assert needle in report, needle
+    assert f"{fast[0]['psnr']:.2f}" in report and f"{fast[1]['psnr']:.2f}" in report
+
+    im = Image.open(out / "samples.png")
+    # 4 labelled rows (originals, VQGAN, DiVAE fast, DiVAE DDPM) of 4 images of 64 px shown at 2x
+    assert im.height == 4 * (128 + 4) + 4
+    assert im.width == 150 + 2 * (4 * (64 + 2) + 2)
+    assert len(set(im.convert("L").getdata())) > 50  # real pictures, not a blank canvas
+
+
+def test_demo_second_run_reuses_everything(demo_run):
+    out, _ = demo_run
+    before = (out / "report.md").read_text()
+    again = _run_demo(out, timeout=300)
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert not [ln for ln in again.stdout.splitlines() if ln.startswith("$ ")], "a finished step ran again"
+    for step in ("data", "vq", "decoder", "eval"):
+        line = next(ln for ln in again.stdout.splitlines() if ln.startswith(f"[demo] {step}"))
+        assert line.endswith("(reused)"), line
+    after = (out / "report.md").read_text()
+    table = [ln for ln in before.splitlines() if ln.startswith("| ") and "|" in ln[2:]][:7]
+    assert table == [ln for ln in after.splitlines() if ln.startswith("| ") and "|" in ln[2:]][:7]
