@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from test_unet import _randomized  # tests/ is on sys.path (rootdir conftest)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from divae.attention import xformers_available
@@ -17,16 +18,6 @@ pytestmark = pytest.mark.gpu
 
 SMALL = UNetConfig(image_size=32, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                    attention_resolutions=(16, 8), num_head_channels=32, cond_channels=8, token_grid=8)
-
-
-def _randomized(cfg: UNetConfig, seed: int = 0) -> UNetModel:
-    torch.manual_seed(seed)
-    model = UNetModel(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if (p == 0).all():
-                p.normal_(0, 0.05)
-    return model
 
 
 def _inputs(device, b=4, hw=32, grid=8, d=8):
