@@ -14,6 +14,7 @@ the metadata key `divae_config`, a JSON object {"vq": VQConfig, "unet": UNetConf
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -106,6 +107,7 @@ class DiVAE(nn.Module):
     def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> DiVAE:
         """Load a file written by `save_pretrained` (no pickle: safetensors only). Returns it in eval mode."""
         cfg, state = read_pretrained(path)
+        check_config_size(path, cfg, state)  # before anything is allocated for the config
         model = cls(from_dict(VQConfig, cfg["vq"]),
                     from_dict(UNetConfig, cfg["unet"]) if cfg.get("unet") else None,
                     from_dict(DiffusionConfig, cfg["diffusion"]) if cfg.get("diffusion") else None)
@@ -134,3 +136,35 @@ def read_pretrained(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
                              "by DiVAE.save_pretrained")
         state = {k: f.get_tensor(k) for k in f.keys()}
     return json.loads(meta["divae_config"]), state
+
+def check_config_size(path: str | Path, cfg: dict, state: dict[str, torch.Tensor]) -> None:
+    """Refuse a file whose config (metadata, untrusted) describes another model than the tensors it holds,
+    before any memory is allocated for that model: the model is built on the meta device, its submodules
+    counted as they are registered (at most 4 per tensor in the file, so a config asking for millions of
+    layers stops at once), and its state-dict keys and shapes compared with the file's. What the file holds
+    is bounded by its size (safetensors checks that), so the model built afterwards is too."""
+    limit, count = 4 * len(state) + 256, 0
+
+    def count_modules(module: nn.Module, name: str, sub: nn.Module | None) -> None:
+        nonlocal count
+        count += 1
+        if count > limit:
+            raise ValueError(f"{path}: its config describes a model of more than {limit} modules, but the file "
+                             f"holds only {len(state)} tensors; refusing to build it (a crafted or damaged file)")
+
+    handle = nn.modules.module.register_module_module_registration_hook(count_modules)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            meta = DiVAE(from_dict(VQConfig, cfg["vq"]),
+                         from_dict(UNetConfig, cfg["unet"]) if cfg.get("unet") else None,
+                         from_dict(DiffusionConfig, cfg["diffusion"]) if cfg.get("diffusion") else None)
+    finally:
+        handle.remove()
+    want = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    if want != have:
+        diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+        n_want = sum(math.prod(s) for s in want.values())
+        raise ValueError(f"{path}: its config describes a model of {n_want:,} parameters in {len(want)} tensors, "
+                         f"the file holds {sum(v.numel() for v in state.values()):,} in {len(have)} (first "
+                         f"differences: {[(k, want.get(k), have.get(k)) for k in diff[:3]]}); refusing to build it")

@@ -65,3 +65,55 @@ def test_bad_files_are_clear_errors(tmp_path):
         DiVAE.from_pretrained(tmp_path / "foreign.safetensors")
     with pytest.raises(ValueError, match="cond_channels"):
         DiVAE(VQ_PRESETS["tiny"], UNET_PRESETS["tiny"], DiffusionConfig())
+
+
+_LOAD = """
+import json, sys
+from divae.model import DiVAE
+res = {}
+for name, path in json.loads(sys.argv[1]).items():
+    try:
+        DiVAE.from_pretrained(path)
+        res[name] = "LOADED"
+    except BaseException as e:
+        res[name] = f"{type(e).__name__}: {e}"
+res["peak_kb"] = int([ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0])
+print(json.dumps(res))
+"""
+
+
+def test_crafted_config_is_refused_before_any_allocation(tmp_path):
+    """A 13 MB file whose metadata asks for a 2 TiB codebook, 53 TB of convolutions or a million layers."""
+    import json
+    import resource
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    ok = tmp_path / "ok.safetensors"
+    DiVAE(VQ_PRESETS["tiny"]).save_pretrained(ok)
+    with safe_open(str(ok), framework="pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    files = {"ok": str(ok)}
+    for name, change in (("codebook", {"n_embed": 2**34}), ("channels", {"ch": 2**16}),
+                         ("depth", {"num_res_blocks": 10**6})):
+        cfg = json.loads(meta["divae_config"])
+        cfg["vq"].update(change)
+        files[name] = str(tmp_path / f"{name}.safetensors")
+        save_file(state, files[name], metadata=dict(meta, divae_config=json.dumps(cfg)))
+
+    def cap():  # a safety net only: loading must never come near it
+        resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
+
+    r = subprocess.run([sys.executable, "-c", _LOAD, json.dumps(files)], capture_output=True, text=True,
+                       timeout=300, preexec_fn=cap)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["ok"] == "LOADED"
+    for name in ("codebook", "channels", "depth"):
+        assert res[name].startswith("ValueError: ") and "refusing to build it" in res[name], (name, res[name])
+    assert "(17179869184, 32)" in res["codebook"] and f"{sum(v.numel() for v in state.values()):,}" in res["codebook"]
+    assert "modules" in res["depth"]
+    assert res["peak_kb"] < 1500 * 1024
