@@ -477,9 +477,10 @@ def _sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, to
 PRIOR_FORMAT = "divae-prior-v1"
 
 
-def save_prior(path: str | Path, model: PriorModel, tokenizer: TextTokenizer) -> None:
+def save_prior(path: str | Path, model: PriorModel, tokenizer: TextTokenizer, weights: dict | None = None) -> None:
     """One safetensors file: the weights, plus metadata `prior_config` (JSON) and `text_tokenizer` (the
-    tokenizer's JSON), so the tokenizer always travels with the model."""
+    tokenizer's JSON), so the tokenizer always travels with the model; `weights` (which weights these are,
+    as in `divae.model.weights_info`) under the metadata key `weights`."""
     from safetensors.torch import save_file
 
     tok_vocab = tokenizer.vocab_size
@@ -489,6 +490,8 @@ def save_prior(path: str | Path, model: PriorModel, tokenizer: TextTokenizer) ->
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": PRIOR_FORMAT, "prior_config": json.dumps(to_dict(model.cfg)),
             "text_tokenizer": tokenizer.to_json()}
+    if weights:
+        meta["weights"] = json.dumps(weights)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=meta)
 

@@ -60,16 +60,27 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, budget: int = 2**24) -
     """Index of the nearest code (squared euclidean distance) for each row.
 
     z: (N, c); codebook: (K, c). Returns LongTensor (N,). Works on at most `budget` distance entries at a time.
+
+    The search always runs in float32 (float64 if either input is float64) with autocast switched off: under
+    the trainer's bf16 autocast `addmm` would otherwise be recast to bf16, whose 8-bit mantissa cannot rank
+    codes that differ by less than ~1% of ||c||^2. Both sides are first shifted by the codebook mean (the
+    distances do not change) so that a codebook far from the origin does not lose digits to cancellation in
+    ||c||^2 - 2 z.c.
     """
     n, k = z.shape[0], codebook.shape[0]
     rows = max(1, budget // max(k, 1))
-    c_sq = codebook.pow(2).sum(1)  # (K,)
+    dtype = torch.float64 if torch.float64 in (z.dtype, codebook.dtype) else torch.float32
     out = torch.empty(n, dtype=torch.long, device=z.device)
-    for s in range(0, n, rows):
-        zc = z[s : s + rows]
-        # ||z||^2 is constant per row, so argmin(||c||^2 - 2 z.c) is the nearest code.
-        d = torch.addmm(c_sq.unsqueeze(0), zc, codebook.t(), beta=1.0, alpha=-2.0)
-        out[s : s + rows] = d.argmin(1)
+    with torch.autocast(z.device.type, enabled=False):
+        codebook = codebook.detach().to(dtype)
+        center = codebook.mean(0)
+        codebook = codebook - center
+        z = z.detach().to(dtype) - center
+        c_sq = codebook.pow(2).sum(1)  # (K,)
+        for s in range(0, n, rows):
+            # ||z||^2 is constant per row, so argmin(||c||^2 - 2 z.c) is the nearest code.
+            d = torch.addmm(c_sq.unsqueeze(0), z[s : s + rows], codebook.t(), beta=1.0, alpha=-2.0)
+            out[s : s + rows] = d.argmin(1)
     return out
 
 
@@ -181,7 +192,7 @@ class VectorQuantizer(nn.Module):
         self._check(z)
         b, _, h, w = z.shape
         zl = self._to_lookup(self._flatten(z))
-        return nearest_code(zl.float(), self._lookup_codebook().float(), self.cfg.search_budget).view(b, h, w)
+        return nearest_code(zl, self._lookup_codebook(), self.cfg.search_budget).view(b, h, w)
 
     def embed(self, indices: torch.Tensor) -> torch.Tensor:
         """Code indices (B, h, w) -> quantized vectors z_q (B, d, h, w)."""
@@ -203,8 +214,7 @@ class VectorQuantizer(nn.Module):
         if self.training and not bool(self.initialized):
             self._kmeans_init(ze.detach())
         cb = self._lookup_codebook()
-        # the search runs in float32 whatever the training precision: bf16 distances mis-rank close codes
-        idx = nearest_code(ze.detach().float(), cb.detach().float(), self.cfg.search_budget)
+        idx = nearest_code(ze, cb, self.cfg.search_budget)  # float32 whatever the training precision
         zq = F.embedding(idx, cb).to(ze.dtype)  # (N, c), carries the codebook gradient
 
         commit = F.mse_loss(ze, zq.detach())

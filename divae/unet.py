@@ -10,6 +10,14 @@ first block of every encoder / decoder level, "middle" before the middle block (
 our default). z_q is layer-normalised per token, projected with a 1x1 conv and resampled to the
 resolution where it enters (concat, add), or attended to as tokens (attention). The network is fully
 convolutional: any H, W divisible by 2^(len(channel_mult) - 1) and any token grid work.
+
+Precision: with `fp32_edges` (the default) the input conv, the timestep-embedding MLP and the output layer
+(norm, SiLU, conv) run in float32 whatever the parameters' dtype and any autocast, as improved-diffusion
+keeps them; the body runs in the dtype of its parameters (bf16 under a bf16 engine). At small t the noise in
+x_t is a few bf16 ulps of x_0 (sqrt(1 - abar_0) = 0.01, while bf16 spaces values near 1 by 2^-7), so a bf16
+input conv would see little of it, and the output conv predicts epsilon and v, whose errors the sampler
+multiplies by up to sqrt(1/abar - 1) (~157 at t = T-1 under the linear schedule). Inputs may come in any
+floating dtype: the model casts them where they enter.
 """
 
 from __future__ import annotations
@@ -26,9 +34,13 @@ from divae.unet_blocks import (
     CondConcat,
     CrossAttentionBlock,
     Downsample,
+    EdgeConv2d,
+    EdgeGroupNorm,
+    EdgeLinear,
+    Fp32Edge,
     ResBlock,
     Upsample,
-    normalization,
+    norm_groups,
     timestep_embedding,
     zero_module,
 )
@@ -51,6 +63,7 @@ class UNetConfig:
     cond_embed_channels: for concat, channels z_q is projected to; 0 = the feature width where it enters.
     use_checkpoint: activation checkpointing of every block (saves memory, costs one more forward).
     attn_backend: "auto" | "sdpa" | "xformers", see divae.attention.
+    fp32_edges: run the input conv, the timestep MLP and the output layer in float32 (see the module doc).
     """
 
     image_size: int = 64
@@ -73,6 +86,7 @@ class UNetConfig:
     cond_embed_channels: int = 0
     use_checkpoint: bool = False
     attn_backend: str = "auto"
+    fp32_edges: bool = True
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
@@ -110,12 +124,14 @@ class _Stage(nn.ModuleList):
 class UNetModel(nn.Module):
     """ADM UNet: forward(x (B, in, H, W), t (B,) long, cond (B, d, h, w) | None) -> (B, out[*2], H, W)."""
 
+    casts_own_inputs = True  # takes inputs in any float dtype (a wrapper must not pre-cast x_t to bf16)
+
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
         mc, emb_ch = cfg.model_channels, 4 * cfg.model_channels
         attn_ds = {cfg.image_size // r for r in cfg.attention_resolutions}
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        self.time_embed = nn.Sequential(EdgeLinear(mc, emb_ch), nn.SiLU(), EdgeLinear(emb_ch, emb_ch))
         res = dict(dropout=cfg.dropout, use_scale_shift_norm=cfg.use_scale_shift_norm)
         heads = dict(num_heads=cfg.num_heads, num_head_channels=cfg.num_head_channels, backend=cfg.attn_backend)
 
@@ -135,7 +151,7 @@ class UNetModel(nn.Module):
                 return [CrossAttentionBlock(ch, cfg.cond_channels, **heads)]
             return []
 
-        self.input_blocks = nn.ModuleList([_Stage([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([_Stage([EdgeConv2d(cfg.in_channels, mc, 3, padding=1)])])
         skip_chs, ch, ds = [mc], mc, 1
         for level, mult in enumerate(cfg.channel_mult):
             for i in range(cfg.num_res_blocks):
@@ -176,7 +192,9 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(_Stage(layers))
 
         out_ch = cfg.out_channels * (2 if cfg.learn_sigma else 1)
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_ch, 3, padding=1)))
+        self.out = nn.Sequential(EdgeGroupNorm(norm_groups(ch), ch), nn.SiLU(),
+                                 zero_module(EdgeConv2d(ch, out_ch, 3, padding=1)))
+        self.set_fp32_edges(cfg.fp32_edges)
 
     @property
     def conditional(self) -> bool:
@@ -207,12 +225,24 @@ class UNetModel(nn.Module):
         elif cond is not None:
             raise ValueError("this UNet is unconditional (cond_position='none'); do not pass cond")
 
+    def set_fp32_edges(self, flag: bool) -> None:
+        """Switch the edge layers between float32 and the body's dtype (no weights change)."""
+        self.cfg.fp32_edges = flag
+        for m in self.modules():
+            if isinstance(m, Fp32Edge):
+                m.fp32 = flag
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, in_channels, H, W), t (B,) timesteps, cond z_q (B, d, h, w) -> (B, out[*2], H, W)."""
+        """x (B, in_channels, H, W), t (B,) timesteps, cond z_q (B, d, h, w) -> (B, out[*2], H, W) float32
+        (the body's dtype without `fp32_edges`)."""
         self._check_inputs(x, t, cond)
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels))
-        hs, h = [], x
-        for stage in self.input_blocks:
+        body_dtype = next(self.middle_block.parameters()).dtype
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels)).to(body_dtype)
+        if cond is not None:
+            cond = cond.to(body_dtype)
+        h = self.input_blocks[0][0](x if self.cfg.fp32_edges else x.to(body_dtype)).to(body_dtype)
+        hs = [h]
+        for stage in self.input_blocks[1:]:
             h = self._run(stage, h, emb, cond)
             hs.append(h)
         h = self._run(self.middle_block, h, emb, cond)

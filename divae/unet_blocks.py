@@ -52,6 +52,35 @@ def normalization(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(norm_groups(ch), ch)
 
 
+class Fp32Edge:
+    """Mixin of the UNet's edge layers: with `fp32` set they run in float32 whatever the dtype of their
+    parameters and any autocast around them (the parameters are upcast inside forward, after a ZeRO-3 hook has
+    gathered them, and gradients flow back in the parameters' own dtype); without it they are the plain layer."""
+
+    fp32: bool = True
+
+    def _fp32_call(self, fn, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x.float(), *(p.float() if p is not None else None for p in (self.weight, self.bias)))
+
+
+class EdgeConv2d(Fp32Edge, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fp32_call(self._conv_forward, x) if self.fp32 else super().forward(x)
+
+
+class EdgeLinear(Fp32Edge, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fp32_call(F.linear, x) if self.fp32 else super().forward(x)
+
+
+class EdgeGroupNorm(Fp32Edge, nn.GroupNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fp32:
+            return super().forward(x)
+        return self._fp32_call(lambda h, w, b: F.group_norm(h, self.num_groups, w, b, self.eps), x)
+
+
 def zero_module(module: nn.Module) -> nn.Module:
     """Zero the parameters of a module (the last layer of residual branches) and return it."""
     for p in module.parameters():

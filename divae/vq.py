@@ -176,9 +176,9 @@ class VQModel(nn.Module):
         z_q, _, qloss, stats = self.quantize(x)
         return self.decode(z_q), qloss, stats
 
-    def last_layer(self) -> torch.Tensor:
-        """Weight of the decoder's last conv: where the VQGAN adaptive GAN weight is measured."""
-        return self.decoder.conv_out.weight
+    def last_layer(self) -> nn.Conv2d:
+        """The decoder's last conv: where the VQGAN adaptive GAN weight is measured (`vq_loss.LastLayerTap`)."""
+        return self.decoder.conv_out
 
 
 def count_params(module: nn.Module) -> int:

@@ -6,8 +6,9 @@ PatchGAN discriminator with hinge or non-saturating loss and the adaptive genera
 measured at the decoder's last layer; the GAN terms are zero before `disc_start`.
 
 Typical step (two optimizers):
+    tap = LastLayerTap(vq.last_layer())  # once, before the forward
     x_hat, qloss, stats = vq(x)
-    g_loss, logs = loss_fn.generator_loss(x, x_hat, qloss, step, vq.last_layer())
+    g_loss, logs = loss_fn.generator_loss(x, x_hat, qloss, step, tap)
     d_loss, d_logs = loss_fn.discriminator_loss(x, x_hat.detach(), step)
 """
 
@@ -97,12 +98,55 @@ def generator_adv_loss(logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
     return F.softplus(-logits_fake).mean()
 
 
-def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                    disc_weight: float = 1.0, max_weight: float = 1e4) -> torch.Tensor:
-    """clamp(||d nll / d W|| / (||d g / d W|| + 1e-4), 0, max_weight) * disc_weight, detached; W = last_layer."""
-    g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-    g_adv = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    w = g_nll.norm() / (g_adv.norm() + 1e-4)
+class LastLayerTap:
+    """Keeps the input and output of a model's last Conv2d from its latest forward, for the adaptive weight.
+
+        tap = LastLayerTap(vq.last_layer())  # once; a forward hook
+        x_hat, qloss, stats = vq(x)
+        grad_w = tap.weight_grad(loss)       # d loss / d conv.weight, (C_out, C_in, k, k) float32
+
+    The gradient is taken at the conv's output and turned into the weight gradient with `conv2d_weight` (the
+    same number as `torch.autograd.grad(loss, conv.weight)`), so autograd never reaches the parameter itself:
+    DeepSpeed's gradient hooks fire whenever autograd visits a managed parameter, also inside
+    `torch.autograd.grad`, and would start a gradient reduction in the middle of a step. The same code runs
+    with and without DeepSpeed, so there is one implementation of the adaptive weight.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"the adaptive GAN weight needs a Conv2d last layer, got {type(conv).__name__}")
+        self.conv = conv
+        self.io: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._handle = conv.register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self.io = (inputs[0], output)
+
+    def weight_grad(self, loss: torch.Tensor) -> torch.Tensor:
+        """d loss / d W of the last conv at its latest forward, in float32 (the graph is retained)."""
+        if self.io is None or not self.io[1].requires_grad:
+            raise RuntimeError("LastLayerTap: no forward with gradients through the last layer since the last clear()")
+        h, out = self.io
+        c = self.conv
+        (g_out,) = torch.autograd.grad(loss, out, retain_graph=True)
+        with torch.autocast(h.device.type, enabled=False):
+            return torch.nn.grad.conv2d_weight(h.float(), c.weight.shape, g_out.float(), stride=c.stride,
+                                               padding=c.padding, dilation=c.dilation, groups=c.groups)
+
+    def clear(self) -> None:
+        """Drop the kept activations (call after the adaptive weight is computed)."""
+        self.io = None
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self.io = None
+
+
+def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, tap: LastLayerTap, disc_weight: float = 1.0,
+                    max_weight: float = 1e4) -> torch.Tensor:
+    """clamp(||d nll / d W|| / (||d g / d W|| + 1e-4), 0, max_weight) * disc_weight, detached, float32;
+    W is the weight of the last layer that `tap` watches."""
+    w = tap.weight_grad(nll).norm() / (tap.weight_grad(g_loss).norm() + 1e-4)
     return w.clamp(0.0, max_weight).detach() * disc_weight
 
 
@@ -143,19 +187,20 @@ class VQLoss(nn.Module):
         return nll, logs
 
     def generator_loss(self, x: torch.Tensor, x_hat: torch.Tensor, qloss: torch.Tensor, step: int,
-                       last_layer: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                       tap: LastLayerTap | None = None) -> tuple[torch.Tensor, dict]:
         """Autoencoder loss: nll + codebook_weight * qloss + [lambda * disc_factor * L_g after disc_start].
 
-        last_layer (the decoder's last weight, `VQModel.last_layer()`) is needed for the adaptive weight when
-        the GAN is on; without it (or without grad, e.g. in validation) lambda falls back to disc_weight.
+        tap (a `LastLayerTap` on the decoder's last conv, `VQModel.last_layer()`, that saw the forward of x_hat)
+        is needed for the adaptive weight when the GAN is on; without it (or without grad, e.g. in validation)
+        lambda falls back to disc_weight.
         """
         nll, logs = self.reconstruction_loss(x, x_hat)
         loss = nll + self.cfg.codebook_weight * qloss
         logs["qloss"] = qloss.detach()
         if self.gan_active(step):
             g = generator_adv_loss(self.discriminator(x_hat.contiguous()), self.cfg.disc_loss)
-            if last_layer is not None and torch.is_grad_enabled() and g.requires_grad:
-                d_weight = adaptive_weight(nll, g, last_layer, self.cfg.disc_weight, self.cfg.adaptive_weight_max)
+            if tap is not None and torch.is_grad_enabled() and g.requires_grad:
+                d_weight = adaptive_weight(nll, g, tap, self.cfg.disc_weight, self.cfg.adaptive_weight_max)
             else:
                 d_weight = torch.tensor(self.cfg.disc_weight, device=x.device)
             loss = loss + d_weight * self.cfg.disc_factor * g

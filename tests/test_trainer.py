@@ -13,6 +13,7 @@ Every subprocess runs in its own session and is killed with all its descendants 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -180,7 +181,8 @@ def vq_run(shards, tmp_path_factory) -> Path:
 
 
 DECODER = ["--config", "configs/decoder_tiny.yaml", f"train.steps={STEPS}", "train.batch_size=4",
-           "checkpoint.every=8", "logging.sample_every=0", "optim.warmup_steps=5", "optim.lr=2e-3"]
+           "checkpoint.every=8", "logging.sample_every=0", "optim.warmup_steps=5", "optim.lr=2e-3",
+           "checkpoint.export_raw=true"]
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +236,33 @@ def test_decoder_zero2_loss_goes_down(decoder_ref):
     assert y.shape == x.shape and y.abs().max() <= 1
 
 
+def test_decoder_export_names_its_weights_and_config_holds_what_the_stage_reads(decoder_ref):
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    from divae.model import weights_info
+
+    ema, raw = decoder_ref / "divae.safetensors", decoder_ref / "divae.raw.safetensors"
+    assert weights_info(ema) == {"kind": "ema", "step": STEPS, "decay": 0.999, "warmup": True, "updates": STEPS}
+    assert weights_info(raw) == {"kind": "raw", "step": STEPS}
+    a, b = load_file(ema), load_file(raw)
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a if k.startswith("unet."))
+    assert (decoder_ref / "checkpoints" / "step_00000020" / "divae.raw.safetensors").is_file()
+
+    saved = yaml.safe_load((decoder_ref / "config.yaml").read_text())
+    assert set(saved) == {"train", "data", "optim", "deepspeed", "ema", "checkpoint", "logging", "unet", "diffusion",
+                          "decoder"}  # no unused `vq:` defaults beside the real VQ file
+    assert saved["data"]["batch_size"] == 2  # train.batch_size 4 over 2 ranks: what each rank really loaded
+
+
+def test_logged_metrics_are_averaged_over_ranks(decoder_ref):
+    """Each rank draws 2 timesteps per step: rank 0 alone can fill at most 2 of the 4 timestep quartiles."""
+    m = metrics(decoder_ref)
+    quartiles = [sum(k.startswith("loss_q") for k in row) for row in m.values()]
+    assert max(quartiles) > 2, quartiles
+
+
 def test_kill_one_rank_then_resume_is_bitwise_identical(shards, vq_run, decoder_ref, tmp_path):
     run_dir = tmp_path / "dec_kill"
     run_dir.mkdir()
@@ -255,10 +284,52 @@ def test_kill_one_rank_then_resume_is_bitwise_identical(shards, vq_run, decoder_
     log2 = run_dir / "log2.txt"
     assert run(args, 2, log2) == 0, log2.read_text()[-4000:]
     assert "resumed from" in log2.read_text()
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))  # the steps after checkpoint 8 were logged once, not twice
     ref, got = metrics(decoder_ref), metrics(run_dir)
     for s in range(9, STEPS + 1):
         assert got[s]["loss"] == ref[s]["loss"], (s, got[s]["loss"], ref[s]["loss"])
         assert got[s]["grad_norm"] == ref[s]["grad_norm"], s
+
+
+def test_nan_guard_with_grad_accum_keeps_the_boundary_and_resumes_bitwise(shards, vq_run, tmp_path):
+    """train.grad_accum=2 on 2 ranks, a non-finite loss injected on rank 0's first micro-batch of step 3: every
+    rank gives that micro-batch a zero gradient, DeepSpeed still steps once per training step, and a run killed
+    after step 6 resumes from checkpoint 4 with the uninterrupted run's losses, bitwise."""
+    from trainer.train import FAULT_NAN_ENV
+
+    def args(run_dir: Path) -> list[str]:
+        return ["--config", "configs/decoder_tiny.yaml", *common(shards, run_dir), "train.steps=8",
+                "train.batch_size=8", "train.grad_accum=2", "checkpoint.every=4", "logging.sample_every=0",
+                "optim.warmup_steps=2", f"decoder.vq_weights={vq_run / 'divae.safetensors'}"]
+
+    fault = {FAULT_NAN_ENV: "2:0:0"}  # 0-based step 2 (the third), micro-batch 0, rank 0
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    assert run(args(ref_dir), 2, ref_dir / "log.txt", **fault) == 0, (ref_dir / "log.txt").read_text()[-4000:]
+    ref = metrics(ref_dir)
+    assert ref[3]["model_bad"] == 1.0 and all("model_bad" not in ref[s] for s in ref if s != 3)
+    assert all(math.isfinite(ref[s]["loss"]) for s in ref)
+    state = json.loads((ref_dir / "checkpoints" / "step_00000008" / "trainer_state.json").read_text())
+    assert state["optimizer_steps"] == {"model": 8}  # one optimizer step per training step, boundary kept
+
+    run_dir = tmp_path / "killed"
+    run_dir.mkdir()
+    log = run_dir / "log1.txt"
+    proc = start(args(run_dir), 2, log, **fault)
+    try:
+        wait_for_step(proc, run_dir, 6, log)
+        os.kill(_rank_pids(proc)[1], signal.SIGKILL)
+        wait(proc, log, timeout=120)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    log2 = run_dir / "log2.txt"
+    assert run(args(run_dir), 2, log2, **fault) == 0, log2.read_text()[-4000:]
+    got = metrics(run_dir)
+    for s in range(5, 9):
+        assert got[s]["loss"] == ref[s]["loss"] and got[s]["grad_norm"] == ref[s]["grad_norm"], s
 
 
 def test_sigusr1_checkpoints_and_exits_with_requeue_code(shards, vq_run, tmp_path):

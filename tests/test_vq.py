@@ -8,6 +8,7 @@ import torch
 from divae.quantizer import QuantizerConfig
 from divae.vq import VQ_PRESETS, VQConfig, VQModel, param_counts
 from divae.vq_loss import (
+    LastLayerTap,
     PatchDiscriminator,
     VQLoss,
     VQLossConfig,
@@ -37,7 +38,7 @@ def test_contract_shapes_and_consistency():
     assert x_hat.shape == x.shape
     assert torch.allclose(m.decode(z_q), x_hat, atol=1e-5)
     assert torch.allclose(qloss, loss)
-    assert m.last_layer() is m.decoder.conv_out.weight
+    assert m.last_layer() is m.decoder.conv_out
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -94,21 +95,33 @@ def test_hinge_and_non_saturating_values_on_hand_made_logits():
     assert float(generator_adv_loss(torch.tensor([0.0]), "non_saturating")) == pytest.approx(0.693147, rel=1e-5)
 
 
-def test_adaptive_weight_matches_formula():
+def test_adaptive_weight_matches_autograd_on_the_weight():
+    """The one adaptive-weight implementation (gradient at the conv output -> conv2d_weight) equals
+    torch.autograd.grad with respect to the weight itself, for strided, padded and grouped convs."""
     torch.manual_seed(0)
-    w = torch.randn(4, 3, requires_grad=True)
-    x = torch.randn(5, 4)
-    y = x @ w
-    nll = y.pow(2).mean()
-    g = -(y.sin()).mean()
-    gn = torch.autograd.grad(nll, w, retain_graph=True)[0].norm()
-    gg = torch.autograd.grad(g, w, retain_graph=True)[0].norm()
-    lam = adaptive_weight(nll, g, w, disc_weight=0.8)
-    assert float(lam) == pytest.approx(float(gn / (gg + 1e-4) * 0.8), rel=1e-5)
-    assert not lam.requires_grad
-    # clamp at max_weight when the adversarial gradient vanishes
-    lam0 = adaptive_weight(nll, (w * 0).sum(), w, disc_weight=1.0, max_weight=1e4)
-    assert float(lam0) == pytest.approx(1e4)
+    for kw in ({"padding": 1}, {"stride": 2, "padding": 1}, {"groups": 2, "dilation": 2, "padding": 2}):
+        conv = torch.nn.Conv2d(4, 6, 3, **kw)
+        tap = LastLayerTap(conv)
+        h = torch.randn(3, 4, 9, 9, requires_grad=True)
+        y = conv(h.tanh())
+        nll = y.pow(2).mean()
+        g = -(y.sin()).mean()
+        for loss in (nll, g):
+            ref = torch.autograd.grad(loss, conv.weight, retain_graph=True)[0]
+            got = tap.weight_grad(loss)
+            assert torch.allclose(got, ref, rtol=1e-5, atol=1e-7), kw
+        gn = torch.autograd.grad(nll, conv.weight, retain_graph=True)[0].norm()
+        gg = torch.autograd.grad(g, conv.weight, retain_graph=True)[0].norm()
+        lam = adaptive_weight(nll, g, tap, disc_weight=0.8)
+        assert float(lam) == pytest.approx(float(gn / (gg + 1e-4) * 0.8), rel=1e-5)
+        assert not lam.requires_grad
+        # clamp at max_weight when the adversarial gradient vanishes
+        lam0 = adaptive_weight(100 * nll, (y * 0).sum(), tap, disc_weight=1.0, max_weight=1e4)
+        assert float(100 * gn / 1e-4) > 1e4
+        assert float(lam0) == pytest.approx(1e4)
+        tap.clear()
+        with pytest.raises(RuntimeError, match="no forward"):
+            tap.weight_grad(nll)
 
 
 def test_vq_loss_disc_start_and_generator_weight():
@@ -118,17 +131,21 @@ def test_vq_loss_disc_start_and_generator_weight():
     loss_fn = VQLoss(cfg)
     assert loss_fn.lpips is None
     x = torch.rand(2, 3, 16, 16) * 2 - 1
+    tap = LastLayerTap(m.last_layer())
     x_hat, qloss, _ = m(x)
-    before, logs = loss_fn.generator_loss(x, x_hat, qloss, step=9, last_layer=m.last_layer())
+    before, logs = loss_fn.generator_loss(x, x_hat, qloss, step=9, tap=tap)
     assert "g_loss" not in logs
     assert float(before.detach()) == pytest.approx(float((x - x_hat).abs().mean().detach() + qloss.detach()), rel=1e-6)
     d_before, _ = loss_fn.discriminator_loss(x, x_hat, step=9)
     assert float(d_before.detach()) == 0.0
-    after, logs = loss_fn.generator_loss(x, x_hat, qloss, step=10, last_layer=m.last_layer())
+    after, logs = loss_fn.generator_loss(x, x_hat, qloss, step=10, tap=tap)
     nll = (x - x_hat).abs().mean()  # l1_weight 1, no LPIPS, no L2
-    lam = adaptive_weight(nll, generator_adv_loss(loss_fn.discriminator(x_hat), "hinge"), m.last_layer(), 0.5)
-    assert float(logs["d_weight"]) == pytest.approx(float(lam), rel=1e-4)
-    assert float(after.detach()) == pytest.approx(float(before.detach()) + float(lam) * float(logs["g_loss"]), rel=1e-4)
+    g = generator_adv_loss(loss_fn.discriminator(x_hat), "hinge")
+    w = m.last_layer().weight
+    ref = torch.autograd.grad(nll, w, retain_graph=True)[0].norm() / (
+        torch.autograd.grad(g, w, retain_graph=True)[0].norm() + 1e-4) * 0.5
+    assert float(logs["d_weight"]) == pytest.approx(float(ref), rel=1e-5)
+    assert float(after.detach()) == pytest.approx(float(before.detach()) + float(ref) * float(logs["g_loss"]), rel=1e-4)
     d_after, dl = loss_fn.discriminator_loss(x, x_hat, step=10)
     assert float(d_after.detach()) == pytest.approx(float(dl["d_loss"])) and float(dl["d_loss"]) > 0
     after.backward()

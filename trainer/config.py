@@ -7,11 +7,19 @@ ema (trainer.ema), checkpoint (trainer.checkpoint), logging (trainer.metrics), v
 vq_loss (divae.vq_loss.VQLossConfig), unet (divae.unet.UNetConfig), diffusion
 (divae.diffusion.DiffusionConfig), decoder (trainer.tasks.decoder.DecoderTaskConfig), prior
 (divae.prior.PriorConfig), prior_task (trainer.tasks.prior.PriorTaskConfig). A stage reads the sections it
-needs and ignores the rest.
+needs (`Task.config_sections`) and the saved config.yaml holds only those.
+
+Checked across sections at load time:
+- the EMA's horizon: without `ema.warmup`, an EMA with decay d averages over ~1/(1-d) optimizer steps and
+  still holds d^steps of the initial weights at the end; a horizon above EMA_HORIZON_MAX_FRACTION of
+  train.steps (init weight above e^-5 = 0.7%) is refused, since the export (and so every evaluation) would
+  be mostly the initialisation;
+- data.batch_size is derived by the trainer (train.batch_size / (ranks x grad_accum)); leave it unset (0).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,7 +28,7 @@ from data_pipeline.loaders import DataConfig
 from divae.diffusion import DiffusionConfig
 from divae.prior import PriorConfig
 from divae.unet import UNetConfig
-from divae.utils.config import load_config
+from divae.utils.config import ConfigError, load_config, to_dict
 from divae.vq import VQConfig
 from divae.vq_loss import VQLossConfig
 from trainer.checkpoint import CheckpointConfig
@@ -56,9 +64,39 @@ class TrainLoopConfig:
 
 
 @dataclass
+class TrainDataConfig(DataConfig):
+    """The loader config of a training run: its per-rank `batch_size` is derived from train.batch_size."""
+
+    batch_size: int = 0  # 0: train.batch_size / (ranks x grad_accum); another value must agree with that
+
+
+EMA_HORIZON_MAX_FRACTION = 0.2
+
+
+def ema_horizon(cfg: EMAConfig) -> float:
+    """Optimizer steps an EMA without warm-up averages over: every / (1 - decay^every) (~1 / (1 - decay))."""
+    return cfg.every / (1.0 - cfg.decay**cfg.every) if cfg.decay > 0 else float(cfg.every)
+
+
+def check_ema_horizon(ema: EMAConfig, steps: int) -> None:
+    """Refuse an EMA that would still be mostly the initial weights after `steps` optimizer steps."""
+    if not ema.enabled or ema.warmup:
+        return
+    horizon = ema_horizon(ema)
+    if horizon <= EMA_HORIZON_MAX_FRACTION * steps:
+        return
+    init_share = ema.decay**steps
+    max_decay = 1.0 - 1.0 / (EMA_HORIZON_MAX_FRACTION * steps)
+    raise ConfigError(
+        f"ema.decay={ema.decay} averages over ~{horizon:.0f} steps, more than {EMA_HORIZON_MAX_FRACTION:.0%} of "
+        f"train.steps={steps}: the exported EMA would still be {init_share:.0%} initial weights. Set ema.warmup=true "
+        f"(decay ramps up as (1+n)/(10+n)), or ema.decay<={math.floor(max_decay * 1e6) / 1e6}, or ema.enabled=false")
+
+
+@dataclass
 class TrainConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -71,6 +109,25 @@ class TrainConfig:
     decoder: DecoderTaskConfig = field(default_factory=DecoderTaskConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     prior_task: PriorTaskConfig = field(default_factory=PriorTaskConfig)
+
+    def __post_init__(self) -> None:
+        check_ema_horizon(self.ema, self.train.steps)
+        if self.data.batch_size < 0:
+            raise ConfigError("data.batch_size must be >= 0 (0: derived from train.batch_size)")
+
+    def per_rank_batch(self, world_size: int) -> int:
+        """Images per rank per micro-batch (from train.batch_size); an error if data.batch_size disagrees."""
+        micro = self.train.micro_batch(world_size)
+        if self.data.batch_size not in (0, micro):
+            raise ConfigError(
+                f"data.batch_size={self.data.batch_size} but train.batch_size={self.train.batch_size} over "
+                f"{world_size} rank(s) x {self.train.grad_accum} accumulation gives {micro} per rank: remove "
+                "data.batch_size (the trainer derives it) and set train.batch_size, the global batch")
+        return micro
+
+    def sections(self, names: tuple[str, ...]) -> dict:
+        """The config as a plain dict with only the sections in `names` (what a stage reads)."""
+        return {k: v for k, v in to_dict(self).items() if k in names}
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:

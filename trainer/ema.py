@@ -22,7 +22,9 @@ import torch.nn as nn
 class EMAConfig:
     enabled: bool = True
     decay: float = 0.9999  # ADM practice
-    warmup: bool = False  # decay_t = min(decay, (1 + n) / (10 + n)) for the n-th update
+    # decay_n = min(decay, (1 + n) / (10 + n)) for the n-th update: the EMA then averages over ~n/9 steps until
+    # it reaches `decay`, so it never holds much of the initial weights (trainer.config.check_ema_horizon)
+    warmup: bool = True
     every: int = 1  # update every N optimizer steps (with decay**N)
 
     def __post_init__(self) -> None:

@@ -5,9 +5,11 @@ On CPU the optimizer is a client `torch.optim.AdamW` (DeepSpeed's FusedAdam is a
 be JIT-compiled for nothing); on CUDA DeepSpeed's fused AdamW. The learning-rate schedule is a client
 `LambdaLR` stepped by the engine at every optimizer step and saved in its checkpoints.
 
-Every engine wraps its module in `CastIO`: floating inputs are cast to the engine's compute dtype (bf16),
-the forward runs under autocast (models make fp32 tensors inside, e.g. timestep embeddings), and floating
-outputs come back as fp32, so that tasks compute losses in fp32 whatever the precision.
+Every engine wraps its module in `CastIO`: floating inputs are cast to the engine's compute dtype (bf16)
+unless the module says it casts them itself (`casts_own_inputs = True`, e.g. the diffusion decoder, whose
+UNet keeps x_t in float32 for its input conv), the forward runs under autocast (models make fp32 tensors
+inside, e.g. timestep embeddings), and floating outputs come back as fp32, so that tasks compute losses in
+fp32 whatever the precision.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class CastIO(nn.Module):
     """Runs `inner` in the dtype of its parameters, taking and returning fp32 tensors.
 
     `inner` is the real model (its parameters are DeepSpeed-managed); reach it as `engine.module.inner`.
+    Its floating inputs are cast to that dtype first, unless `inner.casts_own_inputs` is true.
     """
 
     def __init__(self, inner: nn.Module):
@@ -93,8 +96,10 @@ class CastIO(nn.Module):
         if dtype == torch.float32:
             return self.inner(*args, **kwargs)
         # autocast too: models create fp32 tensors inside (timestep embeddings, norms) that meet bf16 weights
+        if not getattr(self.inner, "casts_own_inputs", False):
+            args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
         with torch.autocast(p.device.type, dtype=dtype):
-            out = self.inner(*_cast(args, dtype), **_cast(kwargs, dtype))
+            out = self.inner(*args, **kwargs)
         return _cast(out, torch.float32)
 
 

@@ -50,6 +50,27 @@ def peak_memory_mb(device: torch.device) -> float:
     return kb / 1024
 
 
+def drop_rows_after(jsonl: Path, step: int) -> int:
+    """Remove the lines of `jsonl` whose "step" is above `step`, and a line torn by a kill (atomically);
+    returns how many were dropped."""
+    if not jsonl.is_file():
+        return 0
+
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except json.JSONDecodeError:
+            return False
+
+    lines = jsonl.read_text().splitlines(keepends=True)
+    keep = [ln if ln.endswith("\n") else ln + "\n" for ln in lines if kept(ln)]
+    if len(keep) != len(lines):
+        tmp = jsonl.with_name(jsonl.name + ".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(jsonl)
+    return len(lines) - len(keep)
+
+
 class RunLogger:
     def __init__(self, cfg: LoggingConfig, run_dir: Path, is_main: bool, wandb_id: str, total_steps: int,
                  start_step: int, config: dict[str, Any]):
@@ -58,7 +79,10 @@ class RunLogger:
         self.bar = None
         if not is_main:
             return
-        self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        jsonl = self.run_dir / "metrics.jsonl"
+        if start_step > 0:
+            drop_rows_after(jsonl, start_step)  # logged after the checkpoint we resume from: they run again
+        self.jsonl = open(jsonl, "a")
         if cfg.wandb_mode != "disabled":
             import wandb
 
@@ -127,7 +151,26 @@ class WindowMeter:
                 self.counts[k] = self.counts.get(k, 0) + 1
 
     def means(self) -> dict[str, float]:
+        """Means of this rank's window; the window starts anew."""
         out = {k: self.sums[k] / self.counts[k] for k in self.sums}
         self.sums.clear()
         self.counts.clear()
         return out
+
+    def means_over_ranks(self, device: torch.device) -> dict[str, float]:
+        """Means of the window over every rank (a collective: all ranks call it at the same step). Keys may
+        differ between ranks (a timestep quartile that only one rank drew): each key is averaged over the
+        ranks and steps that have it. The window starts anew."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.means()
+        gathered: list[list[str] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, sorted(self.sums))
+        keys = sorted(set().union(*gathered))
+        t = torch.tensor([[self.sums.get(k, 0.0), float(self.counts.get(k, 0))] for k in keys], dtype=torch.float64,
+                         device=device)
+        dist.all_reduce(t)
+        self.sums.clear()
+        self.counts.clear()
+        return {k: s / c for k, (s, c) in zip(keys, t.tolist()) if c > 0}

@@ -55,8 +55,9 @@ class GaussianDiffusion:
     """Diffusion utilities for a given beta schedule.
 
     model_mean_type: what the model predicts, "epsilon" (the noise) or "x0".
-    model_var_type: "learned_range" (the model outputs 2C channels; the extra C are v in [-1, 1] and
-        log Sigma = frac log beta_t + (1 - frac) log beta~_t with frac = (v + 1) / 2), "fixed_small"
+    model_var_type: "learned_range" (the model outputs 2C channels; the extra C are v, nominally in [-1, 1]
+        and not clamped, and log Sigma = frac log beta_t + (1 - frac) log beta~_t with frac = (v + 1) / 2),
+        "fixed_small"
         (beta~_t, the posterior variance) or "fixed_large" (beta_t).
     loss_type: "simple" (MSE on the prediction), "kl" (the variational bound alone, T * L_t in bits/dim),
         "hybrid" (MSE + vlb_weight * T * L_t with the mean detached in the vlb term: Improved DDPM).
@@ -143,6 +144,17 @@ class GaussianDiffusion:
         )
 
     # ---- reverse process -------------------------------------------------------------------------
+    @staticmethod
+    def variance_frac(v: torch.Tensor) -> torch.Tensor:
+        """Interpolation weight (v + 1) / 2 of log beta_t against log beta~_t, with v left unclamped.
+
+        As in improved-diffusion: where the vlb optimum lies outside [beta~_t, beta_t], v settles a little
+        outside [-1, 1] and the gradient vanishes there. A straight-through clamp (forward clamped, gradient
+        passed) was measured against it on the tiny decoder in bf16 (bench/decoder_numerics.py, figures in
+        bench/RESULTS.md): the clamp's gradient never vanishes outside the range, so v drifts without bound.
+        """
+        return (v + 1) / 2
+
     def wrap_model(self, model: Callable) -> Callable:
         """Hook for subclasses that remap timesteps (respacing); identity here."""
         return model
@@ -170,12 +182,9 @@ class GaussianDiffusion:
                     f"{output.shape[1]}: set UNetConfig.learn_sigma=True"
                 )
             pred, v = output[:, :c], output[:, c:]
-            # Clamp v to [-1, 1] in the forward pass (so Sigma stays between beta~_t and beta_t) but let
-            # the gradient through, so a v that strays outside is still pulled back by the vlb term.
-            v = v + (v.clamp(-1.0, 1.0) - v).detach()
             min_log = _extract(self.posterior_log_variance_clipped, t, xt)
             max_log = _extract(np.log(self.betas), t, xt)
-            frac = (v + 1) / 2
+            frac = self.variance_frac(v)
             log_var = frac * max_log + (1 - frac) * min_log
             var = torch.exp(log_var)
         else:

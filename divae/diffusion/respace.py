@@ -23,7 +23,9 @@ def space_timesteps(num_timesteps: int, section_counts: str | list[int]) -> set[
           "time_quadratic"; the default of the dpmpp2m sampler);
       "ddimN": every (T/N)-th step starting at 0 (the DDIM paper's spacing; some integer stride must give
           exactly N steps);
-      "N" or [N]: N evenly spaced steps including 0 and T - 1;
+      "N" or [N]: N evenly spaced steps including 0 and T - 1 (improved-diffusion's convention, so that a
+          respaced sampler visits the same steps: the fractional stride (size-1)/(N-1) is accumulated by
+          repeated addition and each position rounded half to even, Python's `round`);
       "10,15,20": split [0, T) into 3 equal sections and keep 10, 15 and 20 evenly spaced steps in them.
     """
     if isinstance(section_counts, str):
@@ -51,7 +53,10 @@ def space_timesteps(num_timesteps: int, section_counts: str | list[int]) -> set[
         if count < 1 or count > size:
             raise ValueError(f"cannot take {count} steps from a section of {size} steps")
         stride = (size - 1) / (count - 1) if count > 1 else 1.0
-        kept += [start + round(stride * j) for j in range(count)]
+        pos = 0.0
+        for _ in range(count):  # accumulated, not stride * j: the two round differently at .5 ties
+            kept.append(start + round(pos))
+            pos += stride
         start += size
     return set(kept)
 

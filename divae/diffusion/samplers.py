@@ -8,6 +8,7 @@ the batch size or the number of ranks. Use `divae.diffusion.sample` rather than 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -123,7 +124,7 @@ def dpmpp2m_loop(
         else:
             r = h_prev / h
             d_used = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * d_prev
-        x = float(sigma[j] / sigma[i]) * x - float(alpha[j]) * torch.expm1(torch.tensor(-h)).item() * d_used
+        x = float(sigma[j] / sigma[i]) * x - float(alpha[j]) * math.expm1(-h) * d_used  # float64 coefficients
         d_prev, h_prev = d, h
     return x
 

@@ -19,8 +19,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+COMMON_SECTIONS = ("train", "data", "optim", "deepspeed", "ema", "checkpoint", "logging")
+
 
 class Task:
+    config_sections: tuple[str, ...] = COMMON_SECTIONS  # the TrainConfig sections this stage reads
     phases: tuple[str, ...] = ("model",)
     ema_phases: tuple[str, ...] = ("model",)  # engines whose weights get an EMA
     max_zero_stage: int = 3
@@ -48,9 +51,10 @@ class Task:
     def sample(self, batch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def export(self, path: str, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    def export(self, path: str, weights: dict[str, dict[str, torch.Tensor]], info: dict | None = None) -> None:
         """Write the weights-only DiVAE file. `weights` maps each of `ema_phases` to a full state dict of
-        `inner(phase)` (the EMA weights, or the raw ones gathered by the loop); rank 0 only, no collectives."""
+        `inner(phase)` (the EMA weights, or the raw ones gathered by the loop); `info` says which (stored in
+        the file's metadata, `divae.model.weights_info`). Rank 0 only, no collectives."""
         raise NotImplementedError
 
     def init_from(self, path: str, models: dict[str, nn.Module]) -> None:

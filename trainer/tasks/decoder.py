@@ -5,7 +5,8 @@ The encoder and codebook come from a weights-only DiVAE file written by the VQ s
 z_q is computed on the fly from the images (`decoder.tokens: encode`) or looked up from token indices that
 `python -m trainer.pre_encode` stored in the shards (`decoder.tokens: precomputed`, the batch's "tokens").
 `decoder.finetune_encoder: true` trains the encoder (and quant_conv) end to end with the UNet through the
-straight-through estimator, plus the commitment term; the codebook and the CNN decoder stay frozen.
+straight-through estimator, plus the commitment term; the codebook and the CNN decoder stay frozen (an EMA
+codebook too: its quantizer is kept in eval mode, so no EMA update, restart or usage count touches it).
 
 Logged: loss, mse, vb, and the loss by timestep quartile (loss_q0..loss_q3). Sample grids: input, the VQ's
 CNN reconstruction, the diffusion reconstruction (`decoder.sampler`, `decoder.sample_steps`, fixed seeds).
@@ -25,7 +26,7 @@ from divae.unet import UNetModel
 from divae.utils.config import from_dict
 from divae.vq import VQConfig, VQModel
 from trainer.pre_encode import tokens_from_bytes
-from trainer.tasks.base import Task
+from trainer.tasks.base import COMMON_SECTIONS, Task
 
 
 @dataclass
@@ -42,23 +43,34 @@ class DecoderNet(nn.Module):
     """The trained module: the UNet, plus the VQ when its encoder is fine-tuned.
 
     forward(x_t, t, cond=z_q) or forward(x_t, t, image=x0) (fine-tuning: z_q from the trainable encoder;
-    the quantizer loss of that pass is left in `self.qloss`).
+    the quantizer loss of that pass is left in `self.qloss`). Inputs may be float32 under a bf16 engine
+    (`casts_own_inputs`): the UNet keeps x_t in float32 for its input conv (`UNetConfig.fp32_edges`).
     """
+
+    casts_own_inputs = True
 
     def __init__(self, unet: UNetModel, vq: VQModel | None = None):
         super().__init__()
         self.unet = unet
         self.vq = vq
         self.qloss: torch.Tensor | None = None
+        self.train()
+
+    def train(self, mode: bool = True) -> DecoderNet:
+        super().train(mode)
+        if self.vq is not None:
+            self.vq.quantizer.eval()  # frozen codebook: an EMA codebook updates itself in train mode
+        return self
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
                 image: torch.Tensor | None = None) -> torch.Tensor:
         if image is not None:
-            cond, _, self.qloss, _ = self.vq.quantize(image)
+            cond, _, self.qloss, _ = self.vq.quantize(image.to(self.vq.encoder.conv_in.weight.dtype))
         return self.unet(x_t, t, cond)
 
 
 class DecoderTask(Task):
+    config_sections = (*COMMON_SECTIONS, "unet", "diffusion", "decoder")
     phases = ("model",)
     ema_phases = ("model",)
 
@@ -153,7 +165,7 @@ class DecoderTask(Task):
                    model_kwargs={"cond": z_q}, seeds=range(x0.shape[0]), device=self.device)
         return {"input": x0, "vq_cnn": self.frozen_vq.decode(z_q).clamp(-1, 1), "diffusion": x.clamp(-1, 1)}
 
-    def export(self, path: str, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    def export(self, path: str, weights: dict[str, dict[str, torch.Tensor]], info: dict | None = None) -> None:
         model = DiVAE(self.vq_cfg, self.unet_cfg, self.cfg.diffusion)
         model.vq.load_state_dict(self.vq_state)
         w = weights["model"]
@@ -161,7 +173,7 @@ class DecoderTask(Task):
         tuned = {k[3:]: v for k, v in w.items() if k.startswith("vq.")}
         if tuned:
             model.vq.load_state_dict(tuned)
-        model.save_pretrained(path)
+        model.save_pretrained(path, info)
 
     def state_dict(self) -> dict:
         sd = getattr(self.schedule_sampler, "state_dict", None)

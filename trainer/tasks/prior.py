@@ -32,7 +32,7 @@ from divae.text_tokenizer import TextTokenizer
 from divae.utils.config import ConfigError, from_dict
 from divae.utils.logging import get_logger
 from trainer.pre_encode import tokens_dtype
-from trainer.tasks.base import Task
+from trainer.tasks.base import COMMON_SECTIONS, Task
 
 log = get_logger(__name__)
 
@@ -94,6 +94,7 @@ def token_palette_images(tokens: torch.Tensor, vocab_size: int, min_side: int = 
 
 
 class PriorTask(Task):
+    config_sections = (*COMMON_SECTIONS, "prior", "prior_task")
     phases = ("model",)
     ema_phases = ("model",)
     export_name = "prior.safetensors"
@@ -289,10 +290,10 @@ class PriorTask(Task):
         model.load_state_dict({k: v.float().cpu() for k, v in state.items()}, assign=True)
         return model
 
-    def export(self, path: str, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    def export(self, path: str, weights: dict[str, dict[str, torch.Tensor]], info: dict | None = None) -> None:
         w = weights["model"]
         save_prior(path, self._export_model({k[6:]: v for k, v in w.items() if k.startswith("prior.")}),
-                   self.tokenizer)
+                   self.tokenizer, info)
 
     def init_from(self, path: str, models: dict[str, nn.Module]) -> None:
         model, tok = load_prior(path)

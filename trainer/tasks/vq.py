@@ -14,11 +14,12 @@ import torch
 from divae.model import DiVAE, read_pretrained
 from divae.utils.config import ConfigError
 from divae.vq import VQModel
-from divae.vq_loss import VQLoss, generator_adv_loss
-from trainer.tasks.base import Task
+from divae.vq_loss import LastLayerTap, VQLoss
+from trainer.tasks.base import COMMON_SECTIONS, Task
 
 
 class VQTask(Task):
+    config_sections = (*COMMON_SECTIONS, "vq", "vq_loss")
     phases = ("generator", "discriminator")
     ema_phases = ("generator",)
     max_zero_stage = 2  # the adaptive weight differentiates w.r.t. the full last-layer weight
@@ -47,43 +48,7 @@ class VQTask(Task):
         # VQLoss calls self.discriminator(...): route it through the engine's dtype-casting wrapper.
         self.loss_fn.discriminator = engines["discriminator"].module
         self._x_hat: torch.Tensor | None = None
-        self._last_io: tuple[torch.Tensor, torch.Tensor] | None = None
-        last = self.inner("generator").decoder.conv_out
-        if not isinstance(last, torch.nn.Conv2d):
-            raise TypeError("the adaptive GAN weight expects the VQ decoder's last layer to be a Conv2d")
-        last.register_forward_hook(self._keep_last_io)
-
-    def _keep_last_io(self, module, inputs, output) -> None:
-        self._last_io = (inputs[0], output)
-
-    def _last_layer_grad(self, loss: torch.Tensor) -> torch.Tensor:
-        """d loss / d (decoder's last conv weight), without differentiating w.r.t. the parameter itself.
-
-        DeepSpeed's gradient hooks fire whenever autograd reaches a managed parameter, also inside
-        `torch.autograd.grad`, and would start a gradient reduction mid-step. So the gradient is taken at
-        the conv's output and turned into the weight gradient with `conv2d_weight` (the same number).
-        """
-        conv = self.inner("generator").decoder.conv_out
-        h, out = self._last_io
-        g_out = torch.autograd.grad(loss, out, retain_graph=True)[0]
-        return torch.nn.grad.conv2d_weight(h.float(), conv.weight.shape, g_out.float(), stride=conv.stride,
-                                           padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
-
-    def _generator_loss(self, x: torch.Tensor, x_hat: torch.Tensor, qloss: torch.Tensor, step: int):
-        """VQGAN generator loss (as `VQLoss.generator_loss`), with the adaptive weight from `_last_layer_grad`."""
-        lf, c = self.loss_fn, self.cfg.vq_loss
-        nll, logs = lf.reconstruction_loss(x, x_hat)
-        loss = nll + c.codebook_weight * qloss
-        logs["qloss"] = qloss.detach()
-        if lf.gan_active(step):
-            g = generator_adv_loss(lf.discriminator(x_hat.contiguous()), c.disc_loss)
-            ratio = self._last_layer_grad(nll).norm() / (self._last_layer_grad(g).norm() + 1e-4)
-            d_weight = ratio.clamp(0.0, c.adaptive_weight_max).detach() * c.disc_weight
-            loss = loss + d_weight * c.disc_factor * g
-            logs["g_loss"] = g.detach()
-            logs["d_weight"] = d_weight
-        logs["loss"] = loss.detach()
-        return loss, logs
+        self.tap = LastLayerTap(self.inner("generator").last_layer())
 
     def _disc_requires_grad(self, flag: bool) -> None:
         for p in self.inner("discriminator").parameters():
@@ -98,10 +63,11 @@ class VQTask(Task):
                 # the CastIO module, not the engine: engine.forward hooks its outputs so that any backward
                 # through them (also the adaptive weight's autograd.grad) would start a gradient reduction
                 x_hat, qloss, stats = self.engines["generator"].module(x)
-                loss, logs = self._generator_loss(x, x_hat, qloss, step)
+                loss, logs = self.loss_fn.generator_loss(x, x_hat, qloss, step, self.tap)
             finally:
                 self._disc_requires_grad(True)
-            self._x_hat, self._last_io = x_hat.detach(), None
+                self.tap.clear()
+            self._x_hat = x_hat.detach()
             metrics = {k: float(v) for k, v in logs.items()}
             metrics.update(usage=float(stats["usage"]), perplexity=float(stats["perplexity"]),
                            gan_on=float(gan_on))
@@ -122,12 +88,13 @@ class VQTask(Task):
             x_hat, _, _ = model(x)
         finally:
             model.train()
+            self.tap.clear()
         return {"input": x, "reconstruction": x_hat.clamp(-1, 1)}
 
-    def export(self, path: str, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    def export(self, path: str, weights: dict[str, dict[str, torch.Tensor]], info: dict | None = None) -> None:
         model = DiVAE(self.vq_cfg)
         model.vq.load_state_dict(weights["generator"])
-        model.save_pretrained(path)
+        model.save_pretrained(path, info)
 
     def init_from(self, path: str, models: dict[str, torch.nn.Module]) -> None:
         _, state = read_pretrained(path)

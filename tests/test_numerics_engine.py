@@ -1,0 +1,149 @@
+"""Numerics through the trainer's real DeepSpeed engines (one process, gloo), in the precision we train in.
+
+- a bf16 VQ engine assigns, in its training forward, the codes that an fp32 search gives on the same vectors;
+- the VQ stage's adaptive GAN weight equals torch.autograd.grad's with respect to the last layer's weight;
+- the decoder stage under a bf16 engine hands x_t to the UNet's input conv in fp32, and fine-tuning the encoder
+  leaves an EMA codebook untouched.
+The engines are built exactly as trainer.train builds them (task.build_models -> build_engine -> task.attach).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def single_process_group():
+    from trainer.launch import cleanup, init_distributed
+
+    saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID") if k in os.environ}
+    info = init_distributed()
+    yield info
+    cleanup()
+    os.environ.update(saved)
+
+
+def _photo_batch(n: int = 4, size: int = 64, seed: int = 0) -> dict:
+    from skimage import data
+
+    im = torch.from_numpy(data.astronaut()).permute(2, 0, 1).float() / 127.5 - 1
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        y, x = (int(v) for v in torch.randint(0, 512 - size, (2,), generator=g))
+        out.append(im[:, y : y + size, x : x + size])
+    return {"image": torch.stack(out)}
+
+
+def _task(overrides: list[str], config: str, before_engines=None):
+    from trainer.config import load_train_config
+    from trainer.engine import build_engine
+    from trainer.tasks import TASKS
+
+    cfg = load_train_config(ROOT / "configs" / config, ["train.batch_size=4", "train.steps=10", *overrides])
+    task = TASKS[cfg.train.stage](cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    models = task.build_models()
+    if before_engines is not None:
+        before_engines(models)
+    engines = {n: build_engine(models[n], cfg.deepspeed, cfg.optim, micro_batch=4, grad_accum=1, world_size=1,
+                               grad_clip=cfg.train.grad_clip, total_steps=cfg.train.steps) for n in task.phases}
+    task.attach(engines)
+    return task, engines
+
+
+def _train_step(task, engines, batch: dict, step: int) -> dict:
+    metrics = {}
+    for phase in task.phases:
+        out = task.loss(batch, phase, step)
+        if out is None:
+            continue
+        loss, m = out
+        engines[phase].backward(loss)
+        engines[phase].step()
+        metrics.update(m)
+    return metrics
+
+
+def test_bf16_vq_training_assigns_the_fp32_codes(single_process_group):
+    def offset_codebook(models):  # codes away from the origin, as after some training
+        q = models["generator"].quantizer
+        g = torch.Generator().manual_seed(1)
+        c0 = torch.randn(q.codebook_dim, generator=g)
+        q.codebook.data.copy_(c0 + 0.05 * torch.randn(q.codebook.shape, generator=g))
+
+    task, engines = _task(["deepspeed.precision=bf16"], "vq_tiny.yaml", offset_codebook)
+    quantizer = task.inner("generator").quantizer
+    assert quantizer.codebook.dtype == torch.bfloat16  # the engine trains it in bf16
+    checked = []
+
+    def compare(module, inputs, output):
+        with torch.autocast("cpu", enabled=False):  # the fp32 search, outside the engine's autocast
+            ref = module.encode(inputs[0].detach().float())
+        checked.append((output[1] != ref).float().mean().item())
+
+    handle = quantizer.register_forward_hook(compare)
+    try:
+        for step in range(3):
+            _train_step(task, engines, _photo_batch(seed=step), step)
+    finally:
+        handle.remove()
+    assert len(checked) == 3 and checked == [0.0, 0.0, 0.0], checked
+
+
+def test_trained_adaptive_weight_equals_autograd_on_the_weight(single_process_group):
+    from divae.vq_loss import generator_adv_loss
+
+    task, engines = _task(["deepspeed.precision=fp32", "vq_loss.disc_start=0"], "vq_tiny.yaml")
+    batch = _photo_batch()
+    _train_step(task, engines, batch, 0)  # one update first: a discriminator that has seen data
+    gen = copy.deepcopy(task.inner("generator"))
+    disc = copy.deepcopy(task.inner("discriminator")).requires_grad_(False)
+    metrics = _train_step(task, engines, batch, 1)
+
+    x = batch["image"]
+    x_hat, _, _ = gen(x)
+    nll, _ = task.loss_fn.reconstruction_loss(x, x_hat)
+    g = generator_adv_loss(disc(x_hat), task.cfg.vq_loss.disc_loss)
+    w = gen.last_layer().weight
+    ratio = torch.autograd.grad(nll, w, retain_graph=True)[0].norm() / (torch.autograd.grad(g, w)[0].norm() + 1e-4)
+    expected = float(ratio.clamp(0, task.cfg.vq_loss.adaptive_weight_max)) * task.cfg.vq_loss.disc_weight
+    assert metrics["gan_on"] == 1.0
+    assert metrics["d_weight"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_bf16_decoder_keeps_x_t_fp32_and_finetuning_keeps_an_ema_codebook(single_process_group, tmp_path):
+    from dataclasses import replace
+
+    from divae.model import DiVAE
+    from divae.quantizer import QuantizerConfig
+    from divae.vq import VQ_PRESETS
+
+    vq_cfg = replace(VQ_PRESETS["tiny"], quantizer=QuantizerConfig(use_ema=True, ema_decay=0.9))
+    torch.manual_seed(0)
+    vq_file = tmp_path / "vq.safetensors"
+    DiVAE(vq_cfg).save_pretrained(vq_file)
+    task, engines = _task(["deepspeed.precision=bf16", f"decoder.vq_weights={vq_file}",
+                           "decoder.finetune_encoder=true", f"unet.cond_channels={vq_cfg.embed_dim}",
+                           f"unet.token_grid={64 // vq_cfg.downsample_factor}"], "decoder_tiny.yaml")
+    net = task.inner("model")
+    q = net.vq.quantizer
+    frozen = {k: v.clone() for k, v in q.state_dict().items()}
+    encoder_before = net.vq.encoder.conv_in.weight.detach().float().clone()
+    seen = []
+    net.unet.input_blocks[0][0].register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+    for step in range(2):
+        metrics = _train_step(task, engines, _photo_batch(seed=step), step)
+    assert next(net.unet.parameters()).dtype == torch.bfloat16
+    assert seen and set(seen) == {torch.float32}  # x_t reached the input conv in fp32
+    for k, v in q.state_dict().items():
+        assert torch.equal(v, frozen[k]), f"the frozen quantizer's {k} changed"
+    assert not torch.equal(net.vq.encoder.conv_in.weight.detach().float(), encoder_before)  # the encoder trains
+    assert metrics["qloss"] > 0
