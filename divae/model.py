@@ -9,6 +9,8 @@
 A saved model is one safetensors file: tensors `vq.*` and `unet.*` (the state dicts of the components) and
 the metadata key `divae_config`, a JSON object {"vq": VQConfig, "unet": UNetConfig | null,
 "diffusion": DiffusionConfig | null}. A VQ-stage export has no UNet; its `decoder="diffusion"` raises.
+A trainer export also names the weights it holds in the metadata key `weights` (`weights_info(path)`):
+{"kind": "ema" | "raw", "step": ..., and for an EMA "decay", "warmup", "updates"}.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from divae.diffusion import DiffusionConfig, sample
 from divae.unet import UNetConfig, UNetModel
 from divae.utils.config import from_dict, to_dict
 from divae.vq import VQConfig, VQModel
+
+WEIGHTS_KEY = "weights"
 
 FORMAT = "divae/1"
 
@@ -97,11 +101,12 @@ class DiVAE(nn.Module):
         return {"vq": to_dict(self.vq.cfg), "unet": to_dict(self.unet.cfg) if self.unet is not None else None,
                 "diffusion": asdict(self.diffusion_cfg) if self.diffusion_cfg is not None else None}
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write one safetensors file (fp32 tensors `vq.*`, `unet.*`; configs in metadata)."""
+    def save_pretrained(self, path: str | Path, weights: dict | None = None) -> None:
+        """Write one safetensors file (fp32 tensors `vq.*`, `unet.*`; configs in metadata). `weights`: which
+        weights these are (`weights_info`), recorded in the metadata."""
         state = {k: v.detach().float().contiguous() if v.is_floating_point() else v.detach().contiguous()
                  for k, v in self.state_dict().items()}
-        save_pretrained_state(path, state, self.config_dict())
+        save_pretrained_state(path, state, self.config_dict(), weights)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> DiVAE:
@@ -118,9 +123,20 @@ class DiVAE(nn.Module):
         return model.to(device).eval()
 
 
-def save_pretrained_state(path: str | Path, state: dict[str, torch.Tensor], config: dict) -> None:
+def save_pretrained_state(path: str | Path, state: dict[str, torch.Tensor], config: dict,
+                          weights: dict | None = None) -> None:
     """Write a DiVAE file from a state dict with `vq.`/`unet.` keys and a `config_dict()`-style dict."""
-    save_file(state, str(path), metadata={"divae_config": json.dumps(config), "format": FORMAT})
+    meta = {"divae_config": json.dumps(config), "format": FORMAT}
+    if weights:
+        meta[WEIGHTS_KEY] = json.dumps(weights)
+    save_file(state, str(path), metadata=meta)
+
+
+def weights_info(path: str | Path) -> dict:
+    """Which weights a trainer export holds (metadata `weights`): e.g. {"kind": "ema", "decay": 0.9999,
+    "updates": 10000, "step": 10000}; {} for a file written without it."""
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get(WEIGHTS_KEY, "{}"))
 
 
 def read_pretrained(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -136,6 +152,7 @@ def read_pretrained(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
                              "by DiVAE.save_pretrained")
         state = {k: f.get_tensor(k) for k in f.keys()}
     return json.loads(meta["divae_config"]), state
+
 
 def check_config_size(path: str | Path, cfg: dict, state: dict[str, torch.Tensor]) -> None:
     """Refuse a file whose config (metadata, untrusted) describes another model than the tensors it holds,
