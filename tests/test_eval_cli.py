@@ -108,5 +108,7 @@ def test_one_rank_and_two_ranks_agree(inputs, tmp_path):
 
 
 def test_bad_checkpoint_fails_clearly(inputs, tmp_path):
-    with pytest.raises(FileNotFoundError, match="do not exist"):
+    from divae.utils.cli import UsageError
+
+    with pytest.raises(UsageError, match="--checkpoint .*missing.safetensors: no such file"):
         main(["--checkpoint", str(tmp_path / "missing.safetensors"), "--data", str(inputs / "val")])

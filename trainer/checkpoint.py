@@ -9,13 +9,21 @@ Layout of a run folder:
         trainer_state.json                step, samples seen, world size, ZeRO stage, wandb id, ...
         config.yaml                       the resolved config
         divae.safetensors                 weights-only export (EMA weights by default), `DiVAE.from_pretrained`
+        manifest.json                     size and sha256 of every file above (written before `latest` moves)
     <run_dir>/checkpoints/latest          name of the newest complete checkpoint, written last
     <run_dir>/divae.safetensors           copy of the newest export (a stable path for the next stage)
 
 Saving is collective (every rank calls `save`). Everything is written into `.tmp_step_XXXXXXXX`; rank 0
 renames it to `step_XXXXXXXX` only after every rank has finished (barrier), then replaces `latest` through
 a temporary file and `os.replace`, then prunes to the last `keep_last`. A crash at any point leaves the
-previous checkpoint and `latest` intact; a stale `.tmp_*` is removed by the next save.
+previous checkpoint and `latest` intact; a stale `.tmp_*` is removed by the next save. A save that fails
+to write (a full disk, an I/O error) raises a CheckpointError naming the folder, the cause and the free space.
+
+Before the rename, the ranks hash the checkpoint's files (each a share) into `manifest.json`. Resuming
+(`select_checkpoint`) checks the size and sha256 of every file of the checkpoint `latest` names against it
+(the ranks again split the hashing); a damaged checkpoint (a truncated or altered file, e.g. after a disk
+fault or a copy that stopped half-way) is passed over with a one-line warning naming the file, and the
+newest intact older checkpoint is used. Checkpoints written before manifests existed are used unverified.
 
 Per-rank files are loaded with `torch.load(weights_only=True)`. DeepSpeed loads its own files with full
 unpickling: resume only from run folders you wrote (share the safetensors export, not the checkpoint).
@@ -26,6 +34,7 @@ optimizer shards and the per-rank loader positions belong to that world size), w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -39,13 +48,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from divae.utils.cli import one_line
+from divae.utils.config import ConfigError
 from divae.utils.logging import get_logger
-from trainer.launch import barrier
+from trainer.launch import all_gather_object, barrier, rank_and_world
 
 log = get_logger(__name__)
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"  # {"files": {relative path: {"bytes", "sha256"}}} of a checkpoint folder
 EXPORT_NAME = "divae.safetensors"
 # Fault injection for the crash-during-save drill: every rank exits with code 13 after writing its files
 # into the temporary folder of the checkpoint at this step (before it is made visible).
@@ -60,6 +72,7 @@ class CheckpointConfig:
     export: bool = True  # write divae.safetensors (weights only) with every checkpoint
     export_ema: bool = True  # export the EMA weights (else the raw trained weights)
     init_from: str = ""  # DiVAE file to initialise the trained model from when starting fresh (no checkpoint)
+    verify: bool = True  # on resume, check every file's size and sha256 against the checkpoint's manifest
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.keep_last < 1:
@@ -67,7 +80,11 @@ class CheckpointConfig:
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that cannot be written or resumed from (a runtime error: exit 1)."""
+
+
+class WorldSizeError(CheckpointError, ConfigError):
+    """Resuming with another number of ranks than wrote the checkpoint (a usage error: exit 2)."""
 
 
 def step_name(step: int) -> str:
@@ -124,7 +141,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def save(root: Path, step: int, *, rank: int, engines: dict, rank_state: dict[str, Any], meta: dict[str, Any],
+def _save(root: Path, step: int, *, rank: int, engines: dict, rank_state: dict[str, Any], meta: dict[str, Any],
          config_yaml: str, ema: dict[str, dict[str, torch.Tensor]], export_fn=None, keep_last: int = 3,
          export_name: str = EXPORT_NAME) -> Path:
     """Collective save of checkpoint `step` under `root` (= <run_dir>/checkpoints). Returns its path.
@@ -161,6 +178,7 @@ def save(root: Path, step: int, *, rank: int, engines: dict, rank_state: dict[st
         log.error("fault injection (%s=%d): exiting in the middle of a checkpoint save", FAULT_ENV, step)
         os._exit(13)
     barrier()  # every rank's files are in tmp
+    write_manifest(tmp, rank)
     if rank == 0:
         _fsync_dir(tmp)
         os.rename(tmp, final)
@@ -173,6 +191,137 @@ def save(root: Path, step: int, *, rank: int, engines: dict, rank_state: dict[st
     barrier()
     log.info("saved checkpoint %s in %.2f s", final, time.perf_counter() - t0)
     return final
+
+
+def save(root: Path, step: int, **kwargs: Any) -> Path:
+    """Collective save of checkpoint `step` under `root` (arguments: see `_save`). A failure to write (a full
+    disk, an I/O error) becomes a CheckpointError that names the folder, the cause and the free space."""
+    try:
+        return _save(root, step, **kwargs)
+    except Exception as e:
+        if not _is_write_failure(e, root):
+            raise
+        raise write_error(Path(root), step, e) from e
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None
+
+
+def _is_write_failure(e: BaseException, root: Path) -> bool:
+    if isinstance(e, OSError):
+        return True
+    free = _free_bytes(Path(root))
+    text = str(e).lower()
+    return (free is not None and free < 64 << 20) or any(
+        w in text for w in ("iostream", "write", "no space", "i/o error", "disk quota"))
+
+
+def write_error(root: Path, step: int, e: BaseException) -> CheckpointError:
+    """The one-line error for a checkpoint that could not be written."""
+    free = _free_bytes(root)
+    full = getattr(e, "errno", None) == 28 or (free is not None and free < 64 << 20)
+    latest = root / LATEST
+    prev = latest.read_text().strip() if latest.is_file() else None
+    where = f"{free / 2**20:.0f} MiB free on {root}" if free is not None else f"free space on {root} unknown"
+    fix = ("the disk is full: free space there or move train.run_dir to a larger disk, then relaunch"
+           if full else "check the disk, then relaunch")
+    kept = f"; the previous checkpoint {prev} is intact and the relaunch resumes from it" if prev else ""
+    return CheckpointError(f"could not write checkpoint {root / ('.tmp_' + step_name(step))} "
+                           f"({type(e).__name__}: {one_line(e)}; {where}): {fix}{kept}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, rank: int) -> None:
+    """Collective: the ranks hash the folder's files (rank r every world-th of the sorted list) and rank 0
+    writes `manifest.json` with the size and sha256 of each (needs a file system every rank sees)."""
+    folder = Path(folder)
+    _, world = rank_and_world()
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    mine = {n: {"bytes": (folder / n).stat().st_size, "sha256": _sha256(folder / n)}
+            for i, n in enumerate(names) if i % world == rank}
+    files: dict[str, dict] = {}
+    for part in all_gather_object(mine):
+        files.update(part)
+    if rank == 0:
+        (folder / MANIFEST).write_text(json.dumps({"files": dict(sorted(files.items()))}, indent=1))
+
+
+def damaged_file(path: Path) -> str | None:
+    """Collective check of checkpoint folder `path` against its manifest: None when every file has its
+    recorded size and sha256 (or the folder has no manifest: written before manifests), else one line
+    naming the first bad file. The ranks split the hashing and agree on the answer."""
+    path = Path(path)
+    rank, world = rank_and_world()
+    problems = []
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        files = None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        problems.append(f"{path / MANIFEST} is unreadable ({one_line(e)})")
+        files = {}
+    for i, (name, want) in enumerate(sorted((files or {}).items())):
+        f = path / name
+        try:
+            size = f.stat().st_size
+        except OSError:
+            problems.append(f"{f} is missing")
+            continue
+        if size != want["bytes"]:
+            problems.append(f"{f} has {size} bytes, the manifest says {want['bytes']}")
+        elif i % world == rank and _sha256(f) != want["sha256"]:
+            problems.append(f"{f} differs from the manifest (sha256)")
+    found = sorted({p for part in all_gather_object(problems) for p in part})
+    if files is None and not found:
+        log.info("checkpoint %s has no %s (written before manifests): not verified", path, MANIFEST)
+    return found[0] if found else None
+
+
+def select_checkpoint(root: Path, verify: bool = True) -> Path | None:
+    """Collective: the checkpoint to resume from under `root` (= <run_dir>/checkpoints), or None when there is
+    none. The one `latest` names if intact (see `damaged_file`), else the newest intact older one, after a
+    one-line warning naming the damaged file; a CheckpointError when checkpoints exist and none is intact."""
+    root = Path(root)
+    try:
+        latest = read_latest(root)
+    except CheckpointError as e:
+        if not verify:
+            raise
+        log.warning("%s", e)
+        latest = None
+    older = sorted((p for p in root.glob("step_*") if (p / STATE_FILE).is_file()), reverse=True)
+    if latest is None and not older:
+        return None
+    if not verify:
+        return latest
+    candidates = ([latest] if latest is not None else []) + [p for p in older if latest is None or p.name < latest.name]
+    damaged = []
+    for cand in candidates:
+        bad = damaged_file(cand)
+        if bad is None:
+            if damaged:
+                log.warning("checkpoint %s is damaged (%s): resuming from %s instead", damaged[0][0].name,
+                            damaged[0][1], cand.name)
+            return cand
+        damaged.append((cand, bad))
+    if not damaged:
+        return None
+    raise CheckpointError(f"no intact checkpoint in {root}: {'; '.join(f'{c.name}: {b}' for c, b in damaged)}. "
+                          f"Restore the files, or start over with a new train.run_dir (or delete {root})")
 
 
 def prune(root: Path, keep_last: int) -> None:
@@ -204,7 +353,7 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 def check_compatible(meta: dict[str, Any], world_size: int, path: Path) -> None:
     if meta["world_size"] != world_size:
-        raise CheckpointError(
+        raise WorldSizeError(
             f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {world_size}. "
             f"Its ZeRO optimizer shards and per-rank data-loader positions belong to {meta['world_size']} ranks, "
             f"so it cannot resume here. Either relaunch with {meta['world_size']} ranks "

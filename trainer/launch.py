@@ -152,6 +152,22 @@ def all_reduce_max(value: float) -> float:
     return float(t.item())
 
 
+def all_gather_object(obj: object) -> list:
+    """[obj of rank 0, obj of rank 1, ...] (a collective; [obj] without torch.distributed)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        out = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed, or (0, 1) when it is not initialised."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def cleanup() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
