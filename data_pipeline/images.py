@@ -91,6 +91,10 @@ def decode(data: bytes, cfg: ImageConfig, target: int | None = None) -> tuple[Im
     """
     if not data:
         raise SkipImage(EMPTY)
+    if Image.MAX_IMAGE_PIXELS is not None and cfg.max_pixels > Image.MAX_IMAGE_PIXELS:
+        # cfg.max_pixels is the limit (checked below); PIL's own, lower one would refuse at open(). Only ever
+        # raised, never lowered, so code sharing this process keeps at least the protection it had.
+        Image.MAX_IMAGE_PIXELS = cfg.max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -5,19 +5,40 @@ order). After a shard is renamed into place, `.partial/chunk.NNNNN.json` records
 settings reads the input again but only decodes the chunks without a record, so a run killed at any
 moment (SIGKILL included) finishes with byte-identical shards. `manifest.json` is written last, then
 `.partial/` is removed.
+
+Each chunk record also holds the sha256 of its inputs (`sources.item_fingerprint`: keys, labels, captions,
+and the bytes, or size and mtime, of every input). If the source changed between the interrupted run and
+the rerun (files added, removed or edited), the finished chunks whose inputs differ are redone, so the
+result is the one an uninterrupted run on today's source gives. A worker process that dies (SIGKILL from
+the out-of-memory killer) ends the run at once with a message; the rerun resumes. One run at a time per
+`--out`: a lock (`.lock`, flock) names the holder to a second run.
+
+Keys are unique and UTF-8: names that are not valid UTF-8 are escaped (`sources.escape_name`), and a key
+already used by an earlier input gets the suffix `~2`, `~3`, ...; both are listed in the manifest's
+`renamed_keys` (with `name_hex`, the original bytes, or `duplicate_of`, the key already taken).
+
+The CLIs run through `cli()` (`divae.utils.cli`): arguments are checked before any work; a usage error prints
+one line and exits 2, a runtime error one line and exits 1, and `--debug` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import fcntl
 import glob
+import hashlib
 import json
 import multiprocessing as mp
 import os
+import socket
 import sys
+import tarfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 from tqdm import tqdm
 
@@ -30,9 +51,28 @@ from data_pipeline.shards import (
     write_json_atomic,
     write_shard,
 )
-from data_pipeline.sources import Item, read_item_bytes
+from data_pipeline.sources import (
+    DEFAULT_MAX_FILE_MB,
+    TOO_LARGE,
+    FileTooLarge,
+    Item,
+    escape_name,
+    item_fingerprint,
+    max_bytes,
+    read_item_bytes,
+)
+from divae.utils.cli import UsageError, run_cli, writable_dir
 
 PARTIAL = ".partial"
+LOCK = ".lock"
+
+
+class OutputBusy(RuntimeError):
+    """Another run holds the lock on the output folder (exit 1)."""
+
+
+class WorkerDied(RuntimeError):
+    """A worker process ended abruptly (SIGKILL, e.g. from the out-of-memory killer) (exit 1)."""
 
 
 def add_common_args(p: argparse.ArgumentParser, size: int = 256, shard_size: int = 2000) -> None:
@@ -50,33 +90,99 @@ def add_common_args(p: argparse.ArgumentParser, size: int = 256, shard_size: int
     g.add_argument("--no-draft", action="store_true", help="always decode JPEGs at full size")
     g.add_argument("--resample", default="bicubic", choices=["bicubic", "lanczos", "bilinear"])
     g.add_argument("--max-pixels", type=int, default=ImageConfig.max_pixels,
-                   help="reject images whose header claims more pixels (decompression bombs)")
+                   help="reject images whose header claims more pixels (decompression bombs); may exceed "
+                        "PIL's own limit")
+    g.add_argument("--max-file-mb", type=float, default=DEFAULT_MAX_FILE_MB,
+                   help="skip (and list) files and tar members larger than this, without reading them")
+    p.add_argument("--debug", action="store_true", help="print the full traceback on errors")
+
+
+def _at_least(args: argparse.Namespace, name: str, low: float, high: float | None = None) -> None:
+    v = getattr(args, name.lstrip("-").replace("-", "_"))
+    if v is None:
+        return
+    if v < low or (high is not None and v > high):
+        want = f"in {low}..{high}" if high is not None else f">= {low}"
+        raise UsageError(f"{name} must be {want} (got {v})")
+
+
+def validate_common(args: argparse.Namespace) -> None:
+    """Check the options of `add_common_args` (and --min-size where present); raises UsageError."""
+    _at_least(args, "--size", 8)
+    _at_least(args, "--jpeg-quality", 1, 100)
+    _at_least(args, "--shard-size", 1)
+    _at_least(args, "--workers", 0)
+    _at_least(args, "--limit", 1)
+    _at_least(args, "--max-pixels", 1)
+    _at_least(args, "--max-file-mb", 1e-6)
+    if hasattr(args, "min_size"):
+        _at_least(args, "--min-size", 0)
+
+
+def check_out(out: str) -> None:
+    """Create the output folder and prove it is writable (before any work); raises UsageError."""
+    writable_dir(out, "--out")
+
+
+def check_tar(path: str, flag: str) -> None:
+    """Refuse a file that is not a tar archive (plain or compressed) before any work; raises UsageError."""
+    try:
+        ok = tarfile.is_tarfile(path)
+    except OSError as e:
+        raise UsageError(f"{flag} {path!r} cannot be read ({e.strerror or e})") from None
+    if not ok:
+        raise UsageError(f"{flag} {path!r} is not a tar archive")
 
 
 def image_config(args: argparse.Namespace, min_size: int = 0) -> ImageConfig:
-    return ImageConfig(size=args.size, jpeg_quality=args.jpeg_quality, draft=not args.no_draft,
-                       resample=args.resample, max_pixels=args.max_pixels, min_size=min_size)
+    try:
+        return ImageConfig(size=args.size, jpeg_quality=args.jpeg_quality, draft=not args.no_draft,
+                           resample=args.resample, max_pixels=args.max_pixels, min_size=min_size)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+# Errors a prepare run reports in one line with exit status 1 (besides OSError): a dead worker, a busy --out,
+# a tar that is damaged or cut short mid-stream. Usage errors (UsageError) exit 2; anything else is a bug and
+# keeps its traceback (divae.utils.cli).
+RUNTIME_ERRORS = (RuntimeError, tarfile.TarError, EOFError)
+
+
+def cli(main: Callable[[list[str]], object], prog: str, argv: list[str] | None = None) -> int:
+    """Run a prepare CLI's `main(argv)` at the process boundary (`divae.utils.cli.run_cli`): returns the exit
+    status (0 done, 1 runtime error, 2 usage error) after printing `<prog>: error: <one line>`; `--debug`
+    adds the traceback."""
+    def run(args: list[str]) -> int:
+        main(args)
+        return 0
+
+    return run_cli(run, argv, prog=prog, runtime=RUNTIME_ERRORS)
 
 
 _CFG: ImageConfig | None = None
+_MAX_FILE_BYTES: int | None = None
 
 
-def _init_worker(cfg: ImageConfig) -> None:
-    global _CFG
-    _CFG = cfg
+def _init_worker(cfg: ImageConfig, max_file_bytes: int | None = None) -> None:
+    global _CFG, _MAX_FILE_BYTES
+    _CFG, _MAX_FILE_BYTES = cfg, max_file_bytes
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def process_item(item: Item, cfg: ImageConfig | None = None) -> tuple[dict | None, dict | None]:
+def process_item(item: Item, cfg: ImageConfig | None = None,
+                 max_file_bytes: int | None = None) -> tuple[dict | None, dict | None]:
     """Item -> (sample dict, None) or (None, skipped entry {"key", "reason", "detail"})."""
-    cfg = cfg or _CFG
+    if cfg is None:  # in a worker process
+        cfg, max_file_bytes = _CFG, _MAX_FILE_BYTES
     if item.skip is not None:
         return None, {"key": item.key, "reason": item.skip, "detail": item.detail}
     try:
-        data = read_item_bytes(item)
+        data = read_item_bytes(item, max_file_bytes)
         jpg, (w, h) = preprocess(data, cfg)
     except SkipImage as e:
         return None, {"key": item.key, "reason": e.reason, "detail": e.detail[:200]}
+    except FileTooLarge as e:
+        return None, {"key": item.key, "reason": TOO_LARGE, "detail": str(e)[:200]}
     except OSError as e:  # unreadable file
         return None, {"key": item.key, "reason": "unreadable file", "detail": str(e)[:200]}
     sample = {"jpg": jpg, "label": int(item.label), "caption": item.caption, "key": item.key,
@@ -89,27 +195,111 @@ def _tagged(tag_item: tuple[int, Item]) -> tuple[int, tuple]:
     return tag_item[0], process_item(tag_item[1])
 
 
-def _ordered_map(tagged: Iterable[tuple[int, Item]], cfg: ImageConfig, workers: int) -> Iterator[tuple]:
+def _ordered_map(tagged: Iterable[tuple[int, Item]], cfg: ImageConfig, workers: int,
+                 max_file_bytes: int | None = None) -> Iterator[tuple]:
     """(tag, item) -> (tag, process_item(item)), in order, at most workers*16 in flight (the input is
-    never read further ahead than that, so a 150 GB tar stays a stream)."""
+    never read further ahead than that, so a 150 GB tar stays a stream).
+
+    A worker that dies abruptly breaks the pool (concurrent.futures notices a dead process, unlike
+    multiprocessing.Pool, which waits forever for its lost task): that raises WorkerDied at once."""
     if workers <= 1:
         for tag, it in tagged:
-            yield tag, process_item(it, cfg)
+            yield tag, process_item(it, cfg, max_file_bytes)
         return
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg,)) as pool:
-        pending: collections.deque = collections.deque()
+    ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg, max_file_bytes))
+    pending: collections.deque = collections.deque()
+
+    def take() -> tuple:
+        key, fut = pending.popleft()
+        try:
+            return fut.result()
+        except BrokenProcessPool:
+            raise WorkerDied(f"a worker process died abruptly (killed by a signal; SIGKILL usually means the "
+                             f"out-of-memory killer) with input {key!r} or one shortly before it in flight. "
+                             "Finished shards are kept: rerun the same command to resume (with fewer --workers, "
+                             "or a lower --max-pixels / --max-file-mb if memory is short)") from None
+
+    try:
         for ti in tagged:
-            pending.append(pool.apply_async(_tagged, (ti,)))
+            pending.append((ti[1].key, ex.submit(_tagged, ti)))
             if len(pending) >= workers * 16:
-                yield pending.popleft().get()
+                yield take()
         while pending:
-            yield pending.popleft().get()
+            yield take()
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
 
 
-def _settings(fmt, cfg, shard_size, source, columns) -> dict:
+@contextlib.contextmanager
+def out_lock(out_dir: str) -> Iterator[None]:
+    """Hold an exclusive lock on `out_dir` (flock on `out_dir/.lock`, released by the kernel even after
+    SIGKILL). A second holder gets OutputBusy naming the first (pid, host, start time, command). The lock
+    file is removed on release; a holder re-checks after locking that the file it locked is still the one
+    at the path, so removal cannot let two runs in."""
+    path = os.path.join(out_dir, LOCK)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown holder"
+            finally:
+                os.close(fd)
+            raise OutputBusy(f"{out_dir} is being written by another prepare run ({holder}): wait for it to "
+                             "finish, or choose another --out") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed that file as we locked it: lock the new one
+    try:
+        info = (f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                f"{' '.join(sys.argv)[:300]}")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode("utf-8", "replace"), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        os.close(fd)
+
+
+class _Keys:
+    """Makes every key UTF-8 and unique, in input order (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.renamed: list[dict] = []
+
+    def assign(self, item: Item) -> Item:
+        """Rename `item.key` if needed; a renaming is recorded as {"key": new key, "why", and "name_hex"
+        (the original bytes, for a name that is not UTF-8) or "duplicate_of" (the key already used)}."""
+        key, name_hex = escape_name(item.key)
+        escaped, n = key, 1
+        while key in self.seen:
+            n += 1
+            key = f"{escaped}~{n}"
+        self.seen.add(key)
+        if key != item.key:
+            change: dict = {"key": key}
+            if name_hex is not None:
+                change["name_hex"] = name_hex
+            if key != escaped:
+                change["duplicate_of"] = escaped
+            change["why"] = "; ".join((["name is not valid UTF-8"] if name_hex else []) +
+                                      (["duplicate key"] if key != escaped else []))
+            self.renamed.append(change)
+            item.key = key
+        return item
+
+
+def _settings(fmt, cfg, shard_size, source, columns, max_file_bytes) -> dict:
     return {"format": fmt, "preprocessing": cfg.describe(), "shard_size": shard_size, "source": source,
-            "columns": columns}
+            "columns": columns, "max_file_bytes": max_file_bytes}
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -119,19 +309,34 @@ def _same(a: dict, b: dict) -> bool:
 def run_prepare(items: Iterable[Item], out_dir: str, *, fmt: str = "mds", cfg: ImageConfig,
                 shard_size: int = 2000, workers: int = 1, source: dict, extra_columns: dict | None = None,
                 limit: int | None = None, progress: bool = True, total: int | None = None,
-                manifest_extra: dict | None = None) -> dict:
+                manifest_extra: dict | None = None, max_file_bytes: int | None = max_bytes(DEFAULT_MAX_FILE_MB),
+                extra_json: dict[str, object] | None = None) -> dict:
     """Prepare `items` into `out_dir`; resume if a previous run with the same settings left a partial one.
 
     `source` describes the input (recorded; part of the resume check). `extra_columns` are additional
-    {name: MDS encoding} columns filled from `Item.extra`. Returns the manifest dict.
+    {name: MDS encoding} columns filled from `Item.extra`. Files over `max_file_bytes` are skipped unread.
+    `extra_json` {file name: object} are written into `out_dir` just before the manifest. Returns the
+    manifest dict. Holds `out_lock(out_dir)` throughout.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        raise UsageError(f"--format must be one of {FORMATS}, got {fmt!r}")
     if shard_size < 1:
-        raise ValueError("--shard-size must be >= 1")
+        raise UsageError("--shard-size must be >= 1")
+    os.makedirs(out_dir, exist_ok=True)
+    with out_lock(out_dir):
+        return _run_locked(items, out_dir, fmt=fmt, cfg=cfg, shard_size=shard_size, workers=workers,
+                           source=source, extra_columns=extra_columns, limit=limit, progress=progress,
+                           total=total, manifest_extra=manifest_extra, max_file_bytes=max_file_bytes,
+                           extra_json=extra_json)
+
+
+def _run_locked(items: Iterable[Item], out_dir: str, *, fmt: str, cfg: ImageConfig, shard_size: int,
+                workers: int, source: dict, extra_columns: dict | None, limit: int | None, progress: bool,
+                total: int | None, manifest_extra: dict | None, max_file_bytes: int | None,
+                extra_json: dict[str, object] | None) -> dict:
     columns = {**STANDARD_COLUMNS, **(extra_columns or {})}
     source = dict(source, limit=limit)
-    settings = _settings(fmt, cfg, shard_size, source, columns)
+    settings = _settings(fmt, cfg, shard_size, source, columns, max_file_bytes)
     partial = os.path.join(out_dir, PARTIAL)
     mpath = os.path.join(out_dir, MANIFEST)
     if os.path.exists(mpath):
@@ -140,7 +345,7 @@ def run_prepare(items: Iterable[Item], out_dir: str, *, fmt: str = "mds", cfg: I
         if m.get("complete") and _same(m.get("settings", {}), settings):
             print(f"{out_dir}: already complete ({m['num_samples']} samples); nothing to do")
             return m
-        raise SystemExit(f"error: {out_dir} already holds a dataset prepared with other settings; "
+        raise UsageError(f"{out_dir} already holds a dataset prepared with other settings; "
                          "choose a new --out (or delete that folder)")
     os.makedirs(partial, exist_ok=True)
     cpath = os.path.join(partial, "settings.json")
@@ -148,7 +353,7 @@ def run_prepare(items: Iterable[Item], out_dir: str, *, fmt: str = "mds", cfg: I
         with open(cpath) as f:
             old = json.load(f)
         if not _same(old, settings):
-            raise SystemExit(f"error: {out_dir} holds a partial run with different settings "
+            raise UsageError(f"{out_dir} holds a partial run with different settings "
                              f"(see {cpath}); rerun with the same arguments, or choose a new --out")
     else:
         write_json_atomic(cpath, settings)
@@ -160,22 +365,49 @@ def run_prepare(items: Iterable[Item], out_dir: str, *, fmt: str = "mds", cfg: I
         with open(rec_path) as f:
             rec = json.load(f)
         shard = rec["shard"]
-        spath = os.path.join(out_dir, shard["basename"])
+        spath = os.path.join(out_dir, shard["basename"]) if shard["basename"] else None
         if shard["samples"] == 0 or (os.path.isfile(spath) and os.path.getsize(spath) == shard["bytes"]):
             done[rec["chunk"]] = rec
 
     t0 = time.time()
     stats = {"processed": 0}
     chunk_inputs: dict[int, int] = collections.Counter()
+    fingerprints: dict[int, str] = {}
+    keys = _Keys()
 
     def todo() -> Iterator[tuple[int, Item]]:
+        """(chunk, item) for every input of a chunk not done yet. The inputs of a done chunk are held until
+        the chunk ends; if their fingerprint differs from its record's (the source changed), they are
+        processed after all and the chunk is redone."""
+        cur, h, held = None, None, []
+
+        def end_chunk() -> list[Item]:
+            fp = h.hexdigest()
+            fingerprints[cur] = fp
+            if cur in done and done[cur].get("inputs_sha256") != fp:
+                bar.write(f"source changed since the interrupted run: the inputs of shard {cur} differ from "
+                          "those it was made from; redoing it")
+                del done[cur]
+                return held
+            return []
+
         for n, item in enumerate(items):
             if limit is not None and n >= limit:
-                return
+                break
             c = n // shard_size
+            if c != cur:
+                if cur is not None:
+                    yield from ((cur, it) for it in end_chunk())
+                cur, h, held = c, hashlib.sha256(), []
             chunk_inputs[c] += 1
-            if c not in done:
+            item = keys.assign(item)
+            h.update(item_fingerprint(item))
+            if c in done:
+                held.append(item)
+            else:
                 yield c, item
+        if cur is not None:
+            yield from ((cur, it) for it in end_chunk())
 
     bar = tqdm(total=total if limit is None or total is None else min(total, limit), unit="img",
                disable=not progress, smoothing=0.1, dynamic_ncols=True)
@@ -185,12 +417,12 @@ def run_prepare(items: Iterable[Item], out_dir: str, *, fmt: str = "mds", cfg: I
     def flush(c: int, samples: list[dict], skipped: list[dict]) -> None:
         info = write_shard(out_dir, c, fmt, samples, columns) if samples else \
             {"basename": None, "samples": 0, "bytes": 0, "sha256": None}
-        rec = {"chunk": c, "shard": info, "skipped": skipped}
+        rec = {"chunk": c, "shard": info, "skipped": skipped, "inputs_sha256": fingerprints[c]}
         write_json_atomic(os.path.join(partial, f"chunk.{c:05d}.json"), rec)
         done[c] = rec
 
     cur, samples, skipped = None, [], []
-    for c, (sample, skip) in _ordered_map(todo(), cfg, workers):
+    for c, (sample, skip) in _ordered_map(todo(), cfg, workers, max_file_bytes):
         if cur is not None and c != cur:
             flush(cur, samples, skipped)
             samples, skipped = [], []
@@ -214,9 +446,16 @@ def run_prepare(items: Iterable[Item], out_dir: str, *, fmt: str = "mds", cfg: I
     inputs = sum(chunk_inputs.values())
     counts = {"inputs": inputs, "written": written, "skipped": len(skipped_all), "skipped_by_reason": reasons}
     shards = [r["shard"] for r in recs]
+    # shards of an earlier, interrupted run on a source that has since shrunk, or redone as empty
+    keep = {s["basename"] for s in shards if s["basename"]}
+    for f in os.listdir(out_dir):
+        if f.startswith("shard.") and f not in keep:
+            os.remove(os.path.join(out_dir, f))
+    for name, obj in (extra_json or {}).items():
+        write_json_atomic(os.path.join(out_dir, name), obj)
     m = finalize(out_dir, fmt, columns, shards, source=source, preprocessing=settings["preprocessing"],
-                 shard_size=shard_size, counts=counts, skipped=skipped_all, settings=settings,
-                 **(manifest_extra or {}))
+                 shard_size=shard_size, counts=counts, skipped=skipped_all, renamed_keys=keys.renamed,
+                 settings=settings, **(manifest_extra or {}))
     for f in glob.glob(os.path.join(partial, "*")):
         os.remove(f)
     os.rmdir(partial)
@@ -225,4 +464,7 @@ def run_prepare(items: Iterable[Item], out_dir: str, *, fmt: str = "mds", cfg: I
     print(f"done: {out_dir}: {written} written, {len(skipped_all)} skipped {reasons}, "
           f"{len(m['shards'])} shards, {nbytes / 1e6:.1f} MB, {dt:.1f} s "
           f"({stats['processed'] / max(dt, 1e-9):.1f} images/s processed this run)")
+    if keys.renamed:
+        print(f"note: {len(keys.renamed)} key(s) renamed (not valid UTF-8, or a duplicate); see renamed_keys in "
+              f"{MANIFEST}")
     return m

@@ -6,8 +6,9 @@
 --source: img2dataset output, a folder of webdataset tars (read in sorted order) with `{key}.jpg`,
 `{key}.txt` (caption) and `{key}.json` per sample; the img2dataset key is kept. --tsv: lines of
 `caption<TAB>image path` (relative paths are relative to the TSV's folder); the key is the 0-based line
-number, 9 digits (img2dataset's scheme). Captions: whitespace collapsed, empty ones skipped
-("empty caption"), cut to --max-caption-chars at a word boundary. --min-size skips small sources.
+number, 9 digits (img2dataset's scheme); the TSV is read as UTF-8 (invalid bytes in a caption become U+FFFD,
+in a path they name the file's bytes). Captions: whitespace collapsed, empty ones skipped ("empty caption"),
+cut to --max-caption-chars at a word boundary. --min-size skips small sources.
 """
 
 from __future__ import annotations
@@ -16,8 +17,17 @@ import argparse
 import os
 from collections.abc import Iterator
 
-from data_pipeline.prepare import add_common_args, image_config, run_prepare
-from data_pipeline.sources import UNSAFE, Item, iter_tar
+from data_pipeline.prepare import (
+    UsageError,
+    add_common_args,
+    check_out,
+    check_tar,
+    cli,
+    image_config,
+    run_prepare,
+    validate_common,
+)
+from data_pipeline.sources import Item, iter_tar, max_bytes, tar_skip
 
 EMPTY_CAPTION = "empty caption"
 NO_IMAGE = "missing image"
@@ -40,15 +50,24 @@ def _finish(key: str, files: dict[str, bytes], max_chars: int) -> Item:
     return Item(key=key, data=files["jpg"], caption=cap)
 
 
-def wds_items(folder: str, max_chars: int) -> Iterator[Item]:
+def wds_tars(folder: str) -> list[str]:
+    """The sorted .tar files of an img2dataset folder, each checked to be a tar; raises UsageError."""
+    if not os.path.isdir(folder):
+        raise UsageError(f"--source {folder!r} is not a folder (expected img2dataset webdataset output)")
     tars = sorted(f for f in os.listdir(folder) if f.endswith(".tar"))
     if not tars:
-        raise SystemExit(f"error: no .tar files in {folder} (expected img2dataset webdataset output)")
+        raise UsageError(f"no .tar files in --source {folder!r} (expected img2dataset webdataset output)")
     for t in tars:
+        check_tar(os.path.join(folder, t), "--source")
+    return tars
+
+
+def wds_items(folder: str, max_chars: int, max_member_bytes: int | None = None) -> Iterator[Item]:
+    for t in wds_tars(folder):
         key, files = None, {}
-        for m, data, bad in iter_tar(path=os.path.join(folder, t)):
+        for m, data, bad in iter_tar(path=os.path.join(folder, t), max_member_bytes=max_member_bytes):
             if bad is not None:
-                yield Item(key=f"{t}/{m.name}", skip=UNSAFE, detail=bad)
+                yield tar_skip(f"{t}/{m.name}", bad)
                 continue
             base = os.path.basename(m.name)
             k, _, ext = base.partition(".")
@@ -63,12 +82,12 @@ def wds_items(folder: str, max_chars: int) -> Iterator[Item]:
 
 def tsv_items(path: str, max_chars: int) -> Iterator[Item]:
     root = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            line = line.rstrip("\n")
-            if n == 0 and line.lower().startswith("caption\t"):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f):
+            cap_raw, _, img_raw = raw.rstrip(b"\r\n").rpartition(b"\t")
+            cap, img = cap_raw.decode("utf-8", "replace"), os.fsdecode(img_raw)
+            if n == 0 and raw.lower().startswith(b"caption\t"):
                 continue  # header
-            cap, _, img = line.rpartition("\t")
             key = f"{n:09d}"
             cap = clean_caption(cap, max_chars)
             if not img:
@@ -89,19 +108,25 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--min-size", type=int, default=0, help="skip sources whose shorter side is smaller")
     add_common_args(p, shard_size=5000)
     args = p.parse_args(argv)
+    validate_common(args)
+    if args.max_caption_chars < 1:
+        raise UsageError(f"--max-caption-chars must be >= 1 (got {args.max_caption_chars})")
+    cfg = image_config(args, min_size=args.min_size)
     if args.source:
-        items = wds_items(args.source, args.max_caption_chars)
+        wds_tars(args.source)  # checked now, before any work
+        items = wds_items(args.source, args.max_caption_chars, max_bytes(args.max_file_mb))
         src = {"kind": "conceptual_captions", "img2dataset": os.path.abspath(args.source)}
     else:
         if not os.path.isfile(args.tsv):
-            raise SystemExit(f"error: --tsv {args.tsv!r} does not exist")
+            raise UsageError(f"--tsv {args.tsv!r} does not exist")
         items = tsv_items(args.tsv, args.max_caption_chars)
         src = {"kind": "conceptual_captions", "tsv": os.path.abspath(args.tsv)}
     src["max_caption_chars"] = args.max_caption_chars
-    return run_prepare(items, args.out, fmt=args.format, cfg=image_config(args, min_size=args.min_size),
-                       shard_size=args.shard_size, workers=args.workers, source=src, limit=args.limit,
-                       progress=not args.no_progress)
+    check_out(args.out)
+    return run_prepare(items, args.out, fmt=args.format, cfg=cfg, shard_size=args.shard_size,
+                       workers=args.workers, source=src, limit=args.limit, progress=not args.no_progress,
+                       max_file_bytes=max_bytes(args.max_file_mb))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli(main, "python -m data_pipeline.prepare_cc"))

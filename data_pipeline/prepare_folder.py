@@ -4,9 +4,11 @@
     python -m data_pipeline.prepare_folder --source pets/ --labels-from-subfolders --out data/pets256
 
 Images are found recursively (extensions: .jpg .jpeg .png .webp .bmp .gif .tif .tiff .ppm .pgm .pbm; hidden
-entries skipped) in sorted order. Keys are relative paths without extension. With --labels-from-subfolders,
-each first-level subfolder is a class (sorted names -> 0, 1, ...; files at the top get -1); the class
-names are recorded in the manifest.
+entries skipped) in sorted order. Keys are relative paths without extension (with it where two files share
+a stem: `a.jpg` and `a.png` give keys `a.jpg` and `a.png`). Symbolic links below --source are not followed:
+linked files and folders are skipped and listed in the manifest with reason "symlink" (--source itself may
+be a link). With --labels-from-subfolders, each first-level subfolder (not a link) is a class (sorted
+names -> 0, 1, ...; files at the top get -1); the class names are recorded in the manifest.
 """
 
 from __future__ import annotations
@@ -14,8 +16,16 @@ from __future__ import annotations
 import argparse
 import os
 
-from data_pipeline.prepare import add_common_args, image_config, run_prepare
-from data_pipeline.sources import folder_items, list_images
+from data_pipeline.prepare import (
+    UsageError,
+    add_common_args,
+    check_out,
+    cli,
+    image_config,
+    run_prepare,
+    validate_common,
+)
+from data_pipeline.sources import folder_items, max_bytes, subfolders, walk_images
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -26,26 +36,30 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--min-size", type=int, default=0, help="skip images whose shorter side is smaller")
     add_common_args(p)
     args = p.parse_args(argv)
+    validate_common(args)
+    cfg = image_config(args, min_size=args.min_size)
     if not os.path.isdir(args.source):
-        raise SystemExit(f"error: --source {args.source!r} is not a folder")
+        raise UsageError(f"--source {args.source!r} is not a folder")
     classes = None
     labels = None
     if args.labels_from_subfolders:
-        classes = sorted(d for d in os.listdir(args.source)
-                         if os.path.isdir(os.path.join(args.source, d)) and not d.startswith("."))
+        classes = subfolders(args.source)
         if not classes:
-            raise SystemExit(f"error: {args.source} has no subfolders to take labels from")
+            raise UsageError(f"--source {args.source!r} has no subfolders to take labels from")
         labels = {c: i for i, c in enumerate(classes)}
-    n = len(list_images(args.source))
-    if n == 0:
-        raise SystemExit(f"error: no image files under {args.source}")
+    images, passed = walk_images(args.source)
+    if not images:
+        raise UsageError(f"no image files under --source {args.source!r}" +
+                         (f" ({len(passed)} symlink(s) or unreadable folder(s) passed over)" if passed else ""))
+    check_out(args.out)
     source = {"kind": "folder", "path": os.path.abspath(args.source),
               "labels_from_subfolders": args.labels_from_subfolders}
-    return run_prepare(folder_items(args.source, labels), args.out, fmt=args.format,
-                       cfg=image_config(args, min_size=args.min_size), shard_size=args.shard_size,
-                       workers=args.workers, source=source, limit=args.limit, progress=not args.no_progress,
-                       total=n, manifest_extra={"classes": classes} if classes else None)
+    return run_prepare(folder_items(args.source, labels), args.out, fmt=args.format, cfg=cfg,
+                       shard_size=args.shard_size, workers=args.workers, source=source, limit=args.limit,
+                       progress=not args.no_progress, total=len(images) + len(passed),
+                       manifest_extra={"classes": classes} if classes else None,
+                       max_file_bytes=max_bytes(args.max_file_mb))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli(main, "python -m data_pipeline.prepare_folder"))

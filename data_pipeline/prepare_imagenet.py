@@ -9,7 +9,9 @@
 --source is the official tar (train: a tar of per-class tars, streamed; val: a flat tar) or an extracted
 folder (`train/<wnid>/*.JPEG`; `val/` flat with --devkit, or `val/<wnid>/`). A folder holding a `train`
 or `val` subfolder is accepted as well. Labels are class indices in the standard order: the 1000 WordNet
-ids sorted. Keys are the file stems (`n01440764_10026`, `ILSVRC2012_val_00000001`).
+ids sorted. Keys are the file stems (`n01440764_10026`, `ILSVRC2012_val_00000001`); a stem seen twice
+(`a.JPEG` and `a.png`) gets `~2` on its second use. In a folder, symbolic links below --source are not
+followed (skipped and listed; `data_pipeline.sources`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,29 @@ import re
 import tarfile
 from collections.abc import Iterator
 
-from data_pipeline.prepare import add_common_args, image_config, run_prepare
-from data_pipeline.sources import UNSAFE, Item, folder_items, iter_tar, stem, unsafe_reason
+import numpy as np
+
+from data_pipeline.prepare import (
+    UsageError,
+    add_common_args,
+    check_out,
+    check_tar,
+    cli,
+    image_config,
+    run_prepare,
+    validate_common,
+)
+from data_pipeline.sources import (
+    UNSAFE,
+    Item,
+    folder_items,
+    iter_tar,
+    max_bytes,
+    stem,
+    subfolders,
+    tar_skip,
+    unsafe_reason,
+)
 
 WNID = re.compile(r"^n\d{8}$")
 VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})")
@@ -51,10 +74,16 @@ def read_devkit(devkit: str) -> tuple[list[str], list[str]]:
     for w in wanted:
         if w not in files:
             raise FileNotFoundError(f"devkit {devkit!r} lacks {w} (expected ILSVRC2012_devkit_t12)")
-    meta = scipy.io.loadmat(io.BytesIO(files[wanted[0]]), squeeze_me=True)["synsets"]
+    # squeeze_me turns a one-synset table into a 0-d record: make it a sequence again
+    meta = np.atleast_1d(scipy.io.loadmat(io.BytesIO(files[wanted[0]]), squeeze_me=True)["synsets"])
     leaves = sorted((int(s["ILSVRC2012_ID"]), str(s["WNID"])) for s in meta if int(s["num_children"]) == 0)
     id_to_wnid = dict(leaves)
-    gt = [id_to_wnid[int(x)] for x in files[wanted[1]].decode().split()]
+    gt = []
+    for x in files[wanted[1]].decode("ascii", "replace").split():
+        if not x.isdigit() or int(x) not in id_to_wnid:
+            raise ValueError(f"devkit {devkit!r}: the val ground truth names class {x!r}, which is not a leaf "
+                             f"synset of its meta.mat ({len(leaves)} leaves)")
+        gt.append(id_to_wnid[int(x)])
     return [w for _, w in leaves], gt
 
 
@@ -64,7 +93,7 @@ def _split_dir(source: str, split: str) -> str:
 
 
 def _subdirs(path: str) -> list[str]:
-    return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and WNID.match(d))
+    return [d for d in subfolders(path) if WNID.match(d)]
 
 
 def train_tar_wnids(path: str) -> list[str]:
@@ -72,8 +101,9 @@ def train_tar_wnids(path: str) -> list[str]:
         return sorted(stem(n) for n in tf.getnames() if WNID.match(stem(n)) and n.endswith(".tar"))
 
 
-def train_tar_items(path: str, class_index: dict[str, int]) -> Iterator[Item]:
-    """Stream the outer tar; each per-class tar is streamed from it, in memory."""
+def train_tar_items(path: str, class_index: dict[str, int], max_member_bytes: int | None = None) -> Iterator[Item]:
+    """Stream the outer tar; each per-class tar is streamed from it, in memory (members over
+    `max_member_bytes` are skipped unread)."""
     with tarfile.open(path, "r|") as outer:
         for m in outer:
             if m.isdir():
@@ -86,17 +116,17 @@ def train_tar_items(path: str, class_index: dict[str, int]) -> Iterator[Item]:
             if not m.name.endswith(".tar") or wnid not in class_index:
                 yield Item(key=m.name, skip="unexpected member", detail="not a <wnid>.tar of a known class")
                 continue
-            for im, data, ibad in iter_tar(fileobj=outer.extractfile(m)):
+            for im, data, ibad in iter_tar(fileobj=outer.extractfile(m), max_member_bytes=max_member_bytes):
                 if ibad is not None:
-                    yield Item(key=f"{m.name}/{im.name}", skip=UNSAFE, detail=ibad)
+                    yield tar_skip(f"{m.name}/{im.name}", ibad)
                 else:
                     yield Item(key=stem(im.name), data=data, label=class_index[wnid])
 
 
-def val_tar_items(path: str, gt_labels: list[int] | None) -> Iterator[Item]:
-    for m, data, bad in iter_tar(path=path):
+def val_tar_items(path: str, gt_labels: list[int] | None, max_member_bytes: int | None = None) -> Iterator[Item]:
+    for m, data, bad in iter_tar(path=path, max_member_bytes=max_member_bytes):
         if bad is not None:
-            yield Item(key=m.name, skip=UNSAFE, detail=bad)
+            yield tar_skip(m.name, bad)
             continue
         yield Item(key=stem(m.name), data=data, label=_val_label(m.name, gt_labels))
 
@@ -109,32 +139,45 @@ def _val_label(name: str, gt_labels: list[int] | None) -> int:
 
 
 def build_items(args: argparse.Namespace) -> tuple[Iterator[Item], dict, list[str]]:
+    """(items, source description, class wnids) for the parsed arguments; bad arguments raise UsageError."""
     src = args.source
-    devkit_wnids, gt = read_devkit(args.devkit) if args.devkit else (None, None)
+    cap = max_bytes(args.max_file_mb)
+    if os.path.isfile(src):
+        check_tar(src, "--source")
+    elif not os.path.isdir(src):
+        raise UsageError(f"--source {src!r} is neither a tar file nor a folder")
+    devkit_wnids, gt = None, None
+    if args.devkit:
+        if os.path.isfile(args.devkit):
+            check_tar(args.devkit, "--devkit")
+        elif not os.path.isdir(args.devkit):
+            raise UsageError(f"--devkit {args.devkit!r} does not exist (ILSVRC2012_devkit_t12.tar.gz or its folder)")
+        try:
+            devkit_wnids, gt = read_devkit(args.devkit)
+        except (OSError, ValueError, KeyError, tarfile.TarError) as e:
+            raise UsageError(f"--devkit {args.devkit!r} cannot be used: {e}") from None
     source = {"kind": "imagenet", "split": args.split, "path": os.path.abspath(src),
               "devkit": os.path.abspath(args.devkit) if args.devkit else None}
     if os.path.isfile(src):
         if args.split == "train":
             wnids = sorted(devkit_wnids) if devkit_wnids else train_tar_wnids(src)
             if not wnids:
-                raise SystemExit(f"error: {src} holds no <wnid>.tar members; is it ILSVRC2012_img_train.tar?")
-            return train_tar_items(src, {w: i for i, w in enumerate(wnids)}), source, wnids
+                raise UsageError(f"--source {src!r} holds no <wnid>.tar members; is it ILSVRC2012_img_train.tar?")
+            return train_tar_items(src, {w: i for i, w in enumerate(wnids)}, cap), source, wnids
         if gt is None:
-            raise SystemExit("error: the val tar has no labels inside; pass --devkit ILSVRC2012_devkit_t12.tar.gz")
+            raise UsageError("the val tar has no labels inside; pass --devkit ILSVRC2012_devkit_t12.tar.gz")
         wnids = sorted(devkit_wnids)
         index = {w: i for i, w in enumerate(wnids)}
-        return val_tar_items(src, [index[w] for w in gt]), source, wnids
-    if not os.path.isdir(src):
-        raise SystemExit(f"error: --source {src!r} is neither a tar file nor a folder")
+        return val_tar_items(src, [index[w] for w in gt], cap), source, wnids
     root = _split_dir(src, args.split)
     classes = _subdirs(root)
     if classes:
         wnids = sorted(devkit_wnids) if devkit_wnids else classes
         return _stem_keys(folder_items(root, {w: i for i, w in enumerate(wnids)})), source, wnids
     if args.split == "train":
-        raise SystemExit(f"error: {root} has no <wnid>/ subfolders (expected train/n01440764/*.JPEG ...)")
+        raise UsageError(f"{root} has no <wnid>/ subfolders (expected train/n01440764/*.JPEG ...)")
     if gt is None:
-        raise SystemExit(f"error: {root} is a flat val folder; pass --devkit for its labels")
+        raise UsageError(f"{root} is a flat val folder; pass --devkit for its labels")
     wnids = sorted(devkit_wnids)
     index = {w: i for i, w in enumerate(wnids)}
     labels = [index[w] for w in gt]
@@ -147,9 +190,11 @@ def build_items(args: argparse.Namespace) -> tuple[Iterator[Item], dict, list[st
 
 
 def _stem_keys(items: Iterator[Item]) -> Iterator[Item]:
-    """Folder keys as the official tar gives them (file stem), so both inputs give the same keys."""
+    """Folder keys as the official tar gives them (file stem), so both inputs give the same keys (entries
+    passed over keep their relative path, which says where they are)."""
     for it in items:
-        it.key = stem(it.key)
+        if it.skip is None:
+            it.key = stem(it.key)
         yield it
 
 
@@ -161,13 +206,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--devkit", default=None, help="ILSVRC2012_devkit_t12.tar.gz (or folder); needed for val")
     add_common_args(p)
     args = p.parse_args(argv)
+    validate_common(args)
+    cfg = image_config(args)
     items, source, wnids = build_items(args)
+    check_out(args.out)
     if len(wnids) != 1000:
         print(f"note: {len(wnids)} classes found (ImageNet-1k has 1000)")
-    return run_prepare(items, args.out, fmt=args.format, cfg=image_config(args), shard_size=args.shard_size,
+    return run_prepare(items, args.out, fmt=args.format, cfg=cfg, shard_size=args.shard_size,
                        workers=args.workers, source=source, limit=args.limit, progress=not args.no_progress,
-                       manifest_extra={"classes": wnids})
+                       manifest_extra={"classes": wnids}, max_file_bytes=max_bytes(args.max_file_mb))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli(main, "python -m data_pipeline.prepare_imagenet"))

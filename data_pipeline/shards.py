@@ -212,7 +212,37 @@ def load_manifest(path: str) -> dict:
         m = json.load(f)
     if not m.get("complete"):
         raise ValueError(f"{mpath} is not marked complete; rerun the prepare command")
+    for s in m.get("shards", []):
+        check_shard_name(s.get("basename"), mpath)
+    for name, enc in (m.get("columns") or {}).items():
+        if not is_mds_encoding_safe(enc):
+            raise ShardFolderError(f"{mpath}: column {name!r} has encoding {enc!r}, which unpickles or is unknown; "
+                             "refusing to read it (only data encodings such as bytes, str, int, json are read)")
     return m
+
+
+def is_mds_encoding_safe(enc: str) -> bool:
+    """A known MDS encoding whose decoding runs no code (not 'pkl')."""
+    if enc in _FAST:
+        return True
+    from streaming.base.format.mds.encodings import is_mds_encoding
+    from streaming.base.format.mds.encodings import is_mds_encoding_safe as safe_fn
+    return is_mds_encoding(enc) and safe_fn(enc)
+
+
+class ShardFolderError(ValueError):
+    """A shard folder whose manifest or index cannot be trusted: a file name outside the folder, an encoding
+    that would run code, a compressed shard larger than declared."""
+
+
+def check_shard_name(name: Any, where: str) -> str:
+    """A shard file name read from a manifest or index: a plain file name (no folder part, not `.`/`..`), so
+    that the file opened is inside the shard folder whatever the data file says; raises ShardFolderError."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+            or "\x00" in name or (len(name) > 1 and name[1] == ":"):
+        raise ShardFolderError(f"{where}: shard name {name!r} is not a plain file name in the shard folder; refusing "
+                         "to read it (the file was not written by this package, or was tampered with)")
+    return name
 
 
 class ShardWriter:

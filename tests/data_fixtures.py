@@ -113,12 +113,13 @@ def _tar_bytes(members: list[tuple[str, bytes]], evil: bool = False) -> bytes:
     return buf.getvalue()
 
 
-def _meta_mat() -> bytes:
+def _meta_mat(wnids_by_id: list[str] = WNIDS_BY_ID, non_leaf: bool = True) -> bytes:
     import scipy.io
 
     fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "wordnet_height", "num_train_images"]
-    rows = [(i + 1, w, f"class {w}", "", 0, 0, 10) for i, w in enumerate(WNIDS_BY_ID)]
-    rows.append((1001, "n00001740", "entity", "", 3, 10, 0))  # a non-leaf synset must be ignored
+    rows = [(i + 1, w, f"class {w}", "", 0, 0, 10) for i, w in enumerate(wnids_by_id)]
+    if non_leaf:
+        rows.append((1001, "n00001740", "entity", "", 3, 10, 0))  # a non-leaf synset must be ignored
     arr = np.zeros((len(rows), 1), dtype=[(f, "O") for f in fields])
     for i, r in enumerate(rows):
         for f, v in zip(fields, r):
@@ -180,15 +181,22 @@ def make_imagenet(root: str, per_class: int = 4, n_val: int = 6, with_bad: bool 
         expected_val[name[:-5]] = SORTED_WNIDS.index(WNIDS_BY_ID[dev_id - 1])
     with open(os.path.join(root, "ILSVRC2012_img_val.tar"), "wb") as f:
         f.write(_tar_bytes(val_members))
-    gt = ("\n".join(map(str, gt_ids)) + "\n").encode()
-    with tarfile.open(os.path.join(root, "ILSVRC2012_devkit_t12.tar.gz"), "w:gz") as tf:
-        _add(tf, "ILSVRC2012_devkit_t12/data/meta.mat", _meta_mat())
-        _add(tf, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", gt)
+    make_devkit(os.path.join(root, "ILSVRC2012_devkit_t12.tar.gz"), WNIDS_BY_ID, gt_ids)
     return {"train_tar": os.path.join(root, "ILSVRC2012_img_train.tar"),
             "val_tar": os.path.join(root, "ILSVRC2012_img_val.tar"),
             "devkit": os.path.join(root, "ILSVRC2012_devkit_t12.tar.gz"),
             "train_dir": os.path.join(root, "train"), "val_dir": os.path.join(root, "val"),
             "train": expected_train, "skips": expected_skips, "val": expected_val}
+
+
+def make_devkit(path: str, wnids_by_id: list[str], gt_ids: list[int], non_leaf: bool = True) -> str:
+    """ILSVRC2012_devkit_t12.tar.gz: meta.mat (leaf synsets with ILSVRC2012_ID 1.. in the given order, plus a
+    non-leaf one) and the val ground truth (one ILSVRC2012_ID per val image)."""
+    gt = ("\n".join(map(str, gt_ids)) + "\n").encode()
+    with tarfile.open(path, "w:gz") as tf:
+        _add(tf, "ILSVRC2012_devkit_t12/data/meta.mat", _meta_mat(wnids_by_id, non_leaf))
+        _add(tf, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", gt)
+    return path
 
 
 def make_cc(root: str, n: int = 8) -> dict:

@@ -10,6 +10,7 @@ import pytest
 from data_fixtures import SORTED_WNIDS, make_cc, make_coco, make_imagenet
 
 from data_pipeline import prepare_cc, prepare_coco, prepare_folder, prepare_imagenet
+from data_pipeline.prepare import UsageError
 from data_pipeline.reader import ShardReader
 from data_pipeline.shards import STANDARD_COLUMNS, copy_with_extra_column, sha256_file
 
@@ -50,7 +51,7 @@ def test_imagenet_train_tar(imnet, tmp_path):
     assert set(s0) >= set(STANDARD_COLUMNS) and "x" in s0["orig_size"] and s0["caption"] == ""
     # a complete output is left alone; other settings are refused
     assert prepare_imagenet.main(["--split", "train", "--source", imnet["train_tar"], "--out", out, *COMMON]) == m
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(UsageError, match="other settings"):
         prepare_imagenet.main(["--split", "train", "--source", imnet["train_tar"], "--out", out,
                                *COMMON, "--jpeg-quality", "90"])
 
@@ -66,7 +67,7 @@ def test_imagenet_folder_matches_tar_and_val_labels(imnet, tmp_path):
                                    *COMMON])
         assert {s["key"]: s["label"] for s in _samples(vout)} == imnet["val"]
         assert m["counts"]["skipped"] == 0
-    with pytest.raises(SystemExit, match="--devkit"):
+    with pytest.raises(UsageError, match="--devkit"):
         prepare_imagenet.main(["--split", "val", "--source", imnet["val_tar"], "--out", str(tmp_path / "x"),
                                *COMMON])
 
