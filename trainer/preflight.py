@@ -4,7 +4,8 @@
 
 Raises `ConfigError` (exit 2) for a missing or empty `data.path`, a folder that is not a prepared dataset,
 an unwritable `train.run_dir`, a missing `checkpoint.init_from` (when the run starts fresh), a missing
-`decoder.vq_weights` (decoder stage), `prior_task.tokenizer` or `prior_task.divae_weights` (when set);
+`decoder.vq_weights` (decoder stage), `prior_task.tokenizer` or `prior_task.divae_weights` (when set), a
+resume with another number of ranks than wrote the checkpoint (`WorldSizeError`, a ConfigError);
 `data_pipeline.verify.ShardError` (exit 1) for a shard whose size differs from its manifest (damage).
 Each check is a stat or a small read, identical on every rank of a shared file system, so every rank
 reaches the same verdict without a collective.
@@ -19,8 +20,9 @@ from data_pipeline.shards import MANIFEST, load_manifest
 from data_pipeline.verify import check_shards
 from divae.utils.cli import writable_dir
 from divae.utils.config import ConfigError
-from trainer.checkpoint import LATEST
+from trainer.checkpoint import LATEST, CheckpointError, check_compatible, read_latest, read_meta
 from trainer.config import TrainConfig
+from trainer.launch import detect_env
 
 PREPARE_HINT = "python -m data_pipeline.prepare_folder|prepare_imagenet|prepare_cc|prepare_coco"
 
@@ -60,6 +62,14 @@ def check_inputs(cfg: TrainConfig) -> None:
     check_data(cfg)
     run_dir = writable_dir(cfg.train.run_dir, "train.run_dir")
     resuming = cfg.checkpoint.resume and (run_dir / "checkpoints" / LATEST).is_file()
+    if resuming:
+        try:
+            latest = read_latest(run_dir / "checkpoints")
+            meta = read_meta(latest) if latest is not None else None
+        except (CheckpointError, OSError, ValueError):
+            meta = None  # dangling or damaged: trainer.checkpoint.select_checkpoint deals with it at resume
+        if meta is not None:  # the same refusal as at resume, before the ranks start anything
+            check_compatible(meta, int(detect_env()["WORLD_SIZE"]), latest)
     if cfg.checkpoint.init_from and not resuming:
         _must_exist("checkpoint.init_from", cfg.checkpoint.init_from)
     if cfg.train.stage == "decoder":

@@ -175,7 +175,12 @@ class PeerWatchdog:
             try:
                 self._beat()
                 if self.store.check([self._key("abort")]):
-                    self._end(self.store.get(self._key("abort")).decode(errors="replace"))
+                    # A peer failed. This rank may be failing too (the same bad config on every rank): one tick
+                    # for its main thread to report its own error (`fail` sets _stop) before ending it here.
+                    reason = self.store.get(self._key("abort")).decode(errors="replace")
+                    if self._stop.wait(self.interval):
+                        return
+                    self._end(reason)
                 hb = self._key(f"hb/{peer}")
                 value = self.store.get(hb) if self.store.check([hb]) else None
                 store_down_since = None
