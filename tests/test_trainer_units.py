@@ -89,7 +89,7 @@ def test_config_rejects_unknown_keys_and_uneven_batches():
 
 def test_ema_tracks_weights_and_copies_buffers():
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
-    ema = EMA(model, EMAConfig(decay=0.5))
+    ema = EMA(model, EMAConfig(decay=0.5, warmup=False))
     w0 = model[0].weight.detach().clone()
     with torch.no_grad():
         model[0].weight.add_(1.0)

@@ -71,6 +71,7 @@ class CheckpointConfig:
     resume: bool = True  # resume from <run_dir>/checkpoints/latest when present
     export: bool = True  # write divae.safetensors (weights only) with every checkpoint
     export_ema: bool = True  # export the EMA weights (else the raw trained weights)
+    export_raw: bool = False  # with an EMA export, also write the raw weights beside it (<name>.raw.safetensors)
     init_from: str = ""  # DiVAE file to initialise the trained model from when starting fresh (no checkpoint)
     verify: bool = True  # on resume, check every file's size and sha256 against the checkpoint's manifest
 
@@ -142,14 +143,14 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def _save(root: Path, step: int, *, rank: int, engines: dict, rank_state: dict[str, Any], meta: dict[str, Any],
-         config_yaml: str, ema: dict[str, dict[str, torch.Tensor]], export_fn=None, keep_last: int = 3,
-         export_name: str = EXPORT_NAME) -> Path:
+         config_yaml: str, ema: dict[str, dict[str, torch.Tensor]], export_fn=None, keep_last: int = 3) -> Path:
     """Collective save of checkpoint `step` under `root` (= <run_dir>/checkpoints). Returns its path.
 
     engines: {name: DeepSpeed engine}; rank_state: this rank's picklable-with-tensors state;
     meta: JSON-able shared state (rank 0 writes it); ema: {engine name: EMA state dict} (rank 0 writes it);
-    export_fn(path): writes the weights-only export (called on rank 0) to `export_name` in the checkpoint,
-    copied to the run folder.
+    export_fn(folder): writes the weights-only export file(s) into the checkpoint folder (called on rank 0) and
+    returns their names (e.g. divae.safetensors and the raw weights beside the EMA); each is copied to the run
+    folder.
     """
     t0 = time.perf_counter()
     root = Path(root)
@@ -171,8 +172,7 @@ def _save(root: Path, step: int, *, rank: int, engines: dict, rank_state: dict[s
         for ename, state in ema.items():
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / f"ema_{ename}.safetensors"))
         (tmp / "config.yaml").write_text(config_yaml)
-        if export_fn is not None:
-            export_fn(tmp / export_name)
+        exported = export_fn(tmp) if export_fn is not None else []
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
     if os.environ.get(FAULT_ENV) == str(step):
         log.error("fault injection (%s=%d): exiting in the middle of a checkpoint save", FAULT_ENV, step)
@@ -184,9 +184,9 @@ def _save(root: Path, step: int, *, rank: int, engines: dict, rank_state: dict[s
         os.rename(tmp, final)
         _fsync_dir(root)
         _write_text_atomic(root / LATEST, name + "\n")
-        if export_fn is not None:
-            shutil.copyfile(final / export_name, root.parent / f".{export_name}.tmp")
-            os.replace(root.parent / f".{export_name}.tmp", root.parent / export_name)
+        for name in exported:
+            shutil.copyfile(final / name, root.parent / f".{name}.tmp")
+            os.replace(root.parent / f".{name}.tmp", root.parent / name)
         prune(root, keep_last)
     barrier()
     log.info("saved checkpoint %s in %.2f s", final, time.perf_counter() - t0)

@@ -146,9 +146,18 @@ def barrier() -> None:
 
 def all_reduce_max(value: float) -> float:
     """max over ranks of a Python number (a cheap agreement primitive)."""
+    return _all_reduce_number(value, torch.distributed.ReduceOp.MAX)
+
+
+def all_reduce_sum(value: float) -> float:
+    """Sum over ranks of a Python number."""
+    return _all_reduce_number(value, torch.distributed.ReduceOp.SUM)
+
+
+def _all_reduce_number(value: float, op) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=_DEVICE)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(t, op=op)
     return float(t.item())
 
 

@@ -11,27 +11,36 @@ from `latest`. Exit codes: 0 done, REQUEUE_EXIT_CODE (75) preempted and saved, 1
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from divae.utils.config import ConfigError, dump_config, to_dict
+from data_pipeline.verify import ShardError
+from divae.utils.cli import one_line, rank_emit, report
+from divae.utils.config import ConfigError, dump_config
 from divae.utils.logging import get_logger
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, load_train_config
 from trainer.ema import EMA
 from trainer.engine import build_engine, engine_lr, grad_norm
-from trainer.launch import DistInfo, all_reduce_max, barrier, cleanup, init_distributed
+from trainer.launch import DistInfo, all_reduce_max, all_reduce_sum, barrier, cleanup, init_distributed
 from trainer.metrics import RunLogger, WindowMeter, new_wandb_id, peak_memory_mb
 from trainer.preemption import REQUEUE_EXIT_CODE, Preemption
+from trainer.preflight import check_batch, check_inputs
 from trainer.tasks import TASKS
+from trainer.watchdog import PeerFailure, PeerWatchdog, peer_failure
 
 log = get_logger("trainer")
+
+
+FAULT_NAN_ENV = "DIVAE_FAULT_NAN_LOSS"
 
 
 class BadStepsError(RuntimeError):
@@ -44,14 +53,11 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_loader(cfg: TrainConfig, dist: DistInfo, micro_batch: int):
-    """This rank's loader; its per-rank batch size is set from train.batch_size (data.batch_size is ignored)."""
+def build_loader(cfg: TrainConfig, dist: DistInfo):
+    """This rank's loader (cfg.data.batch_size is the per-rank micro-batch by now)."""
     from data_pipeline.loaders import build_loader as _build
 
-    if cfg.data.batch_size != micro_batch:
-        log.info("data.batch_size set to %d (train.batch_size %d / (%d ranks x %d accumulation))", micro_batch,
-                 cfg.train.batch_size, dist.world_size, cfg.train.grad_accum)
-    return _build(replace(cfg.data, batch_size=micro_batch), dist.rank, dist.world_size)
+    return _build(cfg.data, dist.rank, dist.world_size)
 
 
 class Batches:
@@ -89,10 +95,14 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
     if cfg.deepspeed.zero_stage > task_cls.max_zero_stage:
         raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} is not supported by the "
                           f"{cfg.train.stage} stage (max {task_cls.max_zero_stage})")
-    micro = cfg.train.micro_batch(dist.world_size)
+    micro = cfg.per_rank_batch(dist.world_size)
+    cfg = replace(cfg, data=replace(cfg.data, batch_size=micro))  # the saved config states the real value
+    config_yaml = dump_config(cfg.sections(task_cls.config_sections))
     ga, total = cfg.train.grad_accum, cfg.train.steps
 
-    latest = ckpt.read_latest(ckpt_root) if cfg.checkpoint.resume else None
+    check_batch(cfg, dist.world_size, micro)
+    # the newest intact checkpoint (verified against its manifest; a damaged one is passed over with a warning)
+    latest = ckpt.select_checkpoint(ckpt_root, cfg.checkpoint.verify) if cfg.checkpoint.resume else None
     if latest is not None:  # fail before building anything when the world size changed
         ckpt.check_compatible(ckpt.read_meta(latest), dist.world_size, latest)
 
@@ -107,7 +117,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
     task.attach(engines)
     emas = {n: EMA(engines[n].module.inner, cfg.ema, cfg.deepspeed.zero_stage)
             for n in task.ema_phases if cfg.ema.enabled}
-    loader = build_loader(cfg, dist, micro)
+    loader = build_loader(cfg, dist)
     seed_all(cfg.train.seed + 1000 * dist.rank + 1)  # per-rank randomness (noise, timesteps)
 
     step, samples_seen, wandb_id = 0, 0, new_wandb_id()
@@ -121,29 +131,44 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
             ema.load_state_dict(ema_states[n], meta["ema_updates"][n])
         ckpt.set_rng_state(rank_state["rng"])
     elif dist.is_main:
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        (run_dir / "config.yaml").write_text(config_yaml)
     if dist.is_main:
         Preemption.clear_marker(run_dir)
     preempt = Preemption()
-    logger = RunLogger(cfg.logging, run_dir, dist.is_main, wandb_id, total, step, to_dict(cfg))
+    logger = RunLogger(cfg.logging, run_dir, dist.is_main, wandb_id, total, step,
+                       cfg.sections(task_cls.config_sections))
     batches = Batches(loader)
     meter = WindowMeter()
-    bad_in_a_row, sample_batch = 0, None
+    bad_in_a_row, sample_batch, nan_fault = 0, None, _nan_fault()
     global_batch = micro * ga * dist.world_size
 
     def save(at_step: int) -> None:
-        weights = {n: e.state_dict() for n, e in emas.items()} if cfg.checkpoint.export_ema and emas else \
-            {n: _gathered_state(engines[n], cfg.deepspeed.zero_stage) for n in task.ema_phases}
+        export_ema = cfg.checkpoint.export_ema and bool(emas)
+        exports = []  # (file name, {phase: state dict}, weights info) of each export
+        if export_ema:
+            exports.append((task.export_name, {n: e.state_dict() for n, e in emas.items()},
+                            {"kind": "ema", "step": at_step, "decay": cfg.ema.decay, "warmup": cfg.ema.warmup,
+                             "updates": next(iter(emas.values())).num_updates}))
+        if cfg.checkpoint.export and (not export_ema or cfg.checkpoint.export_raw):  # a collective under ZeRO-3
+            raw = {n: _gathered_state(engines[n], cfg.deepspeed.zero_stage) for n in task.ema_phases}
+            name = task.export_name if not export_ema else task.export_name.replace(".safetensors", ".raw.safetensors")
+            exports.append((name, raw, {"kind": "raw", "step": at_step}))
+
+        def export_fn(folder: Path) -> list[str]:
+            for name, weights, info in exports:
+                task.export(str(folder / name), weights, info)
+            return [name for name, _, _ in exports]
+
         meta = {"step": at_step, "samples_seen": samples_seen, "world_size": dist.world_size,
                 "zero_stage": cfg.deepspeed.zero_stage, "stage": cfg.train.stage, "wandb_id": wandb_id,
-                "engines": list(engines), "ema": list(emas), "ema_updates": {n: e.num_updates for n, e in emas.items()},
+                "engines": list(engines), "optimizer_steps": {n: int(e.global_steps) for n, e in engines.items()},
+                "ema": list(emas), "ema_updates": {n: e.num_updates for n, e in emas.items()},
                 "time": time.time()}
         rng = ckpt.rng_state()
         rank_state = {"rng": rng, "loader": loader.state_dict(), "task": task.state_dict()}
         ckpt.save(ckpt_root, at_step, rank=dist.rank, engines=engines, rank_state=rank_state, meta=meta,
-                  config_yaml=dump_config(cfg), ema={n: e.state_dict() for n, e in emas.items()},
-                  export_fn=(lambda p: task.export(str(p), weights)) if cfg.checkpoint.export else None,
-                  keep_last=cfg.checkpoint.keep_last, export_name=task.export_name)
+                  config_yaml=config_yaml, ema={n: e.state_dict() for n, e in emas.items()},
+                  export_fn=export_fn if cfg.checkpoint.export else None, keep_last=cfg.checkpoint.keep_last)
         # Saving must not move the RNG streams (the export builds modules, whose init draws random
         # numbers): the run continues from exactly the state a resume restores.
         ckpt.set_rng_state(rng)
@@ -152,9 +177,9 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
     while step < total:
         t_step = time.perf_counter()
         data_wait = 0.0
-        step_metrics: dict[str, float] = {}
+        micro_metrics: dict[str, list[float]] = {}
         bad_keys: list[str] = []
-        for _ in range(ga):
+        for micro_idx in range(ga):
             t_data = time.perf_counter()
             batch = batches.next()
             data_wait += time.perf_counter() - t_data
@@ -165,21 +190,28 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
                 if out is None:
                     continue
                 loss, metrics = out
+                if nan_fault == (step, micro_idx, dist.rank) and phase == task.phases[0]:
+                    loss = loss * float("nan")
                 if all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0:
                     bad_keys = list(batch.get("key", []))[:16]
-                    step_metrics[f"{phase}_bad"] = 1.0
-                    continue  # skip backward and optimizer step of this micro-batch on every rank
+                    micro_metrics.setdefault(f"{phase}_bad", []).append(1.0)
+                    if ga == 1:
+                        continue  # nothing accumulated: skip backward and optimizer step on every rank
+                    # DeepSpeed counts backward/step calls to find the accumulation boundary: skipping one would
+                    # shift it for the rest of the run. The bad micro-batch contributes a zero gradient instead.
+                    loss, metrics = _zero_loss(task.inner(phase)), {}
                 engines[phase].backward(loss)
                 engines[phase].step()
                 for k, v in metrics.items():
                     key = k if phase == task.phases[0] else f"{phase}/{k}" if "/" not in k else k
-                    step_metrics[key] = step_metrics.get(key, 0.0) + v / ga
+                    micro_metrics.setdefault(key, []).append(v)
+        step_metrics = {k: sum(v) / len(v) for k, v in micro_metrics.items()}
         step += 1
         samples_seen += global_batch
         if bad_keys:
             bad_in_a_row += 1
-            log.warning("step %d: non-finite loss on some rank, step skipped (%d in a row); batch keys on this "
-                        "rank: %s", step, bad_in_a_row, bad_keys)
+            log.warning("step %d: non-finite loss on some rank, %s (%d in a row); batch keys on this rank: %s", step,
+                        "step skipped" if ga == 1 else "its micro-batch gave a zero gradient", bad_in_a_row, bad_keys)
             if bad_in_a_row >= cfg.train.max_bad_steps:
                 raise BadStepsError(f"{bad_in_a_row} steps in a row had a non-finite loss (last batch keys "
                                     f"{bad_keys}); lower optim.lr, check the data, or resume from an earlier "
@@ -195,8 +227,9 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
         meter.add(step_metrics)
         logger.progress(step, step_metrics.get("loss", float("nan")), global_batch / dt)
         if step % cfg.logging.every == 0 or step == total:
-            means = meter.means()
-            means["peak_mem_mb"] = peak_memory_mb(dist.device)
+            means = meter.means_over_ranks(dist.device)  # averaged over every rank, not rank 0's alone
+            means["peak_mem_mb"] = all_reduce_max(peak_memory_mb(dist.device))
+            means["skipped_samples"] = all_reduce_sum(getattr(loader, "skipped", 0))  # data.bad_samples=skip
             means["samples_seen"] = samples_seen
             logger.log(step, means)
         if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == total):
@@ -215,6 +248,19 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
     return exit_code
 
 
+def _zero_loss(model: torch.nn.Module) -> torch.Tensor:
+    """A loss whose gradient is exactly zero for every trainable parameter of `model` (finite even where a
+    parameter is not)."""
+    return sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
+
+
+def _nan_fault() -> tuple[int, int, int] | None:
+    """Fault injection for the NaN-guard drill: FAULT_NAN_ENV="STEP:MICRO:RANK" makes the loss of that
+    micro-batch (0-based completed step, micro-batch index, rank) non-finite."""
+    v = os.environ.get(FAULT_NAN_ENV)
+    return tuple(int(x) for x in v.split(":")) if v else None
+
+
 def _gathered_state(engine, zero_stage: int) -> dict[str, torch.Tensor]:
     """Full state dict of an engine's model (a collective gather under ZeRO-3)."""
     model = engine.module.inner
@@ -227,27 +273,36 @@ def _gathered_state(engine, zero_stage: int) -> dict[str, torch.Tensor]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML preset (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=64 optim.lr=2e-4")
+    p.add_argument("--debug", action="store_true", help="print the traceback of expected errors too")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI boundary: expected errors print one line (exit 2 usage/config, 1 runtime), bugs a traceback.
+    With several ranks, a failing rank tells the others (trainer.watchdog) and every rank ends at once."""
     args = parse_args(argv)
+    fail = partial(report, prog="trainer.train", debug=args.debug, emit=rank_emit,
+                   runtime=(ckpt.CheckpointError, ShardError, BadStepsError, PeerFailure))
     try:
         cfg = load_train_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        check_inputs(cfg)  # paths, before any work
+    except Exception as e:  # noqa: BLE001 - the CLI boundary
+        return fail(e)
     dist = init_distributed()
+    watchdog = PeerWatchdog.start()
     try:
         code = train(cfg, dist)
-    except ConfigError as e:
-        log.error("config error: %s", e)
-        code = 2
-    finally:
-        pass
+    except Exception as e:  # noqa: BLE001 - the CLI boundary
+        e = peer_failure(e)  # a collective broken by another rank's death or failure
+        watchdog.fail(f"rank {dist.rank} failed: {one_line(e)}")  # the other ranks end now
+        code = fail(e, traceback_file=Path(cfg.train.run_dir) / f"error_rank{dist.rank}.log")
+        watchdog.exit(code)
+        return code
+    watchdog.stop()
     if code == 0:
         cleanup()
     return code
