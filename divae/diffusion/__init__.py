@@ -116,9 +116,9 @@ def sample(
         stride from 0), `steps` evenly spaced ones including 0 and T-1 for ddpm; `timestep_respacing`
         (e.g. "ddim25", "quad20", "10,15,20", see respace.space_timesteps) overrides this.
     model_kwargs: extra model inputs, e.g. {"cond": z_q (B, d, h, w)}.
-    generators / seeds: per-image randomness (give at most one): image i's noise comes only from
-        generators[i] (or a CPU generator seeded with seeds[i]), so it is identical whatever the batch
-        size or number of ranks. Neither: the global torch RNG.
+    generators / seeds: per-image randomness (give at most one): image i's noise comes only from seeds[i]
+        (counter-based noise drawn on `device`, identical whatever the batch size, number of ranks or
+        device type; see samplers.counter_normal) or from generators[i]. Neither: the global torch RNG.
     clip_denoised: clamp x_0 predictions to [-1, 1]; None takes diffusion_cfg.clip_denoised.
     device: where to sample; None takes the model's device (CPU for a plain function).
     Returns x_0 (B, C, H, W) float32, in [-1, 1] up to the model's accuracy (not clamped).
@@ -127,8 +127,6 @@ def sample(
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if generators is not None and seeds is not None:
         raise ValueError("pass generators or seeds, not both")
-    if seeds is not None:
-        generators = generators_from_seeds(list(seeds))
     if timestep_respacing is None:
         n = steps if steps is not None else DEFAULT_STEPS[sampler]
         if n is None or n == diffusion_cfg.steps:
@@ -143,7 +141,7 @@ def sample(
     if device is None:
         params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
         device = params.device if params is not None else torch.device("cpu")
-    noise = NoiseSource(tuple(shape), torch.device(device), generators)
+    noise = NoiseSource(tuple(shape), torch.device(device), generators, None if seeds is None else list(seeds))
     clip = diffusion_cfg.clip_denoised if clip_denoised is None else clip_denoised
     common = dict(clip_denoised=clip, model_kwargs=model_kwargs, progress=progress)
 
