@@ -72,3 +72,27 @@ def test_codebook_usage_and_perplexity():
     assert c.summary()["perplexity"] == pytest.approx(math.exp(-(p * np.log(p)).sum()))
     with pytest.raises(ValueError, match="out of range"):
         c.update(torch.tensor([8]))
+
+
+def test_device_ssim_equals_scikit_image_on_photos():
+    """`ssim` (torch, float64, on the images' device) against scikit-image itself: real photos, a square and
+    a non-square size, noise, blur and a shift; also inside a bf16 autocast region (the sampling precision)."""
+    from evaluation.metrics import ssim_skimage
+
+    photos = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket()]
+    g = torch.Generator().manual_seed(1)
+    for h, w in [(64, 64), (45, 71)]:
+        a = torch.stack([torch.from_numpy(np.ascontiguousarray(p[:h * 2:2, :w * 2:2, :3])).permute(2, 0, 1)
+                         for p in photos])
+        noisy = (a.int() + torch.randint(-30, 31, a.shape, generator=g)).clamp(0, 255).byte()
+        blurred = torch.nn.functional.avg_pool2d(a.float(), 3, 1, 1).round().byte()
+        for b in (noisy, blurred, a.roll(2, -1)):
+            ref = ssim_skimage(a, b)
+            got = ssim(a, b)
+            assert got.dtype == torch.float64 and got.shape == (4,)
+            torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+            assert (got - ref).abs().max() < 1e-9  # in fact equal to float64 rounding
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert torch.equal(ssim(a, b), got)
+    with pytest.raises(ValueError, match="at least 11"):
+        ssim(a[..., :10, :10], a[..., :10, :10])
