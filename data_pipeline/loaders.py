@@ -69,15 +69,19 @@ class DataConfig:
     drop_last: bool = True
     decode_images: bool = True  # False: no "image" key (e.g. training the prior on stored tokens)
     prefetch_factor: int = 2
-    pin_memory: bool = False
+    pin_memory: bool | None = None  # None: on when CUDA is available (page-locked batches, async copies)
+    # "float": batch["image"] is (B, 3, H, W) float32 in [-1, 1]; "uint8": (B, H, W, 3) uint8 (flipped already),
+    # 4x fewer bytes to pin and copy; `image_to_float` on the device gives bitwise the same float batch
+    images_as: str = "float"
     # MDS only
     num_canonical_nodes: int | None = None  # None: streaming's default; fix it to resume on another world size
     shuffle_algo: str = "py1e"
     shuffle_block_size: int | None = None
     # Call streaming's clean_stale_shared_memory() once per process (single process, or after
-    # torch.distributed is initialized). It removes ALL streaming shared memory on this machine: turn it
-    # off when two independent jobs share a machine.
-    clean_stale_shm: bool = True
+    # torch.distributed is initialized). It removes ALL streaming shared memory on this machine, a running
+    # job's too (a second job on the same node would lose its loaders), so it is off: turn it on only where
+    # one job owns the machine and a crashed run left segments behind.
+    clean_stale_shm: bool = False
     # webdataset only
     shuffle_buffer: int = 1000
     # Damaged shards (see the module docstring): sizes are always checked when the loader opens.
@@ -85,8 +89,14 @@ class DataConfig:
     bad_samples: str = "error"  # a sample that cannot be read/decoded: "error" (stop, naming it) | "skip"
 
     def __post_init__(self) -> None:
+        if self.images_as not in ("float", "uint8"):
+            raise ValueError(f"images_as must be 'float' or 'uint8', got {self.images_as!r}")
         if self.bad_samples not in BAD_SAMPLES:
             raise ValueError(f"bad_samples must be one of {BAD_SAMPLES}, got {self.bad_samples!r}")
+
+    def pin(self) -> bool:
+        """Whether the loaders pin their batches (`pin_memory`, or CUDA available when it is None)."""
+        return torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
 
     def paths(self) -> list[str]:
         out = ([self.path] if self.path else []) + list(self.extra_paths)
@@ -148,6 +158,11 @@ def _collate(samples: list[dict | None]) -> dict:
     return out
 
 
+def image_to_float(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1], contiguous, on x's device."""
+    return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+
+
 def flip_mask(seed: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
     """Bool (B,): a splitmix64 hash of (seed, epoch, sample index); about half are True."""
     x = index.numpy().astype(np.uint64)
@@ -172,11 +187,11 @@ class _Loader:
         read = batch.pop("_read", ())
         self.skipped += len(read) - sum(read)
         if "image" in batch:
-            x = batch["image"].permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+            x = batch["image"]  # (B, H, W, 3) uint8
             if self.cfg.random_flip:
                 m = flip_mask(self.cfg.seed, epoch, batch["index"])
-                x[m] = x[m].flip(-1)
-            batch["image"] = x.contiguous()
+                x[m] = x[m].flip(2)
+            batch["image"] = x if self.cfg.images_as == "uint8" else image_to_float(x)
         return batch
 
 
@@ -304,7 +319,7 @@ def _build_mds(cfg: DataConfig, n: int) -> MDSLoader:
         batch_size=cfg.batch_size, data_cfg=cfg)
     kw = {"prefetch_factor": cfg.prefetch_factor} if cfg.num_workers > 0 else {}
     dl = StreamingDataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=_collate,
-                             drop_last=cfg.drop_last, pin_memory=cfg.pin_memory, **kw)
+                             drop_last=cfg.drop_last, pin_memory=cfg.pin(), **kw)
     return MDSLoader(cfg, ds, dl, n)
 
 
@@ -396,7 +411,7 @@ class WdsLoader(_Loader):
         self._resume_batches = 0
         kw = {"prefetch_factor": self.cfg.prefetch_factor} if self.cfg.num_workers > 0 else {}
         dl = DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.num_workers,
-                        pin_memory=self.cfg.pin_memory, **kw)
+                        pin_memory=self.cfg.pin(), **kw)
         with _worker_errors():
             for batch in dl:
                 self._batches_done += 1

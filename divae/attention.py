@@ -1,8 +1,10 @@
 """One attention call for every model in `divae`.
 
-PyTorch's `scaled_dot_product_attention` (SDPA) is the default: on CUDA it picks the flash or
-memory-efficient kernel by itself, on CPU it runs the math kernel. xformers is an optional backend,
-used only when it is installed *and* the tensors are on CUDA (its kernels are CUDA-only).
+PyTorch's `scaled_dot_product_attention` (SDPA) is the default, and the only backend "auto" picks: on CUDA
+it chooses the flash or memory-efficient kernel by itself, on CPU it runs the math kernel. xformers is used
+only when a config asks for it by name (`attn_backend: xformers`, CUDA only): an installed xformers never
+changes which kernel runs. It is not a pip extra of this project either: xformers wheels pin one exact torch,
+and `pip install divae[xformers]` would replace the user's CUDA torch (README, "Install").
 
 Shapes: q (B, heads, Lq, head_dim), k and v (B, heads, Lk, head_dim) -> (B, heads, Lq, head_dim).
 """
@@ -23,6 +25,13 @@ def xformers_available() -> bool:
     return _HAS_XFORMERS
 
 
+def resolve_backend(backend: str) -> str:
+    """The backend that runs for a configured one: "auto" is SDPA whatever is installed."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
+    return "xformers" if backend == "xformers" else "sdpa"
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -36,16 +45,11 @@ def attention(
 
     attn_mask: bool (True = attend) or additive float mask broadcastable to (B, heads, Lq, Lk).
     is_causal: query i attends to keys <= i (top-left aligned, as in SDPA); not combinable with attn_mask.
-    backend: "auto" (xformers on CUDA when installed and no mask is given, else SDPA), "sdpa" or "xformers".
+    backend: "auto" or "sdpa" (SDPA), or "xformers" (only when asked for by name).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
     if is_causal and attn_mask is not None:
         raise ValueError("pass either is_causal=True or attn_mask, not both (fold causality into the mask)")
-    use_xformers = backend == "xformers" or (
-        backend == "auto" and _HAS_XFORMERS and q.is_cuda and attn_mask is None
-    )
-    if use_xformers:
+    if resolve_backend(backend) == "xformers":
         return _xformers_attention(q, k, v, is_causal=is_causal, attn_mask=attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
@@ -55,7 +59,7 @@ def _xformers_attention(
 ) -> torch.Tensor:
     if not _HAS_XFORMERS:
         raise RuntimeError("attention backend 'xformers' requested but xformers is not installed: "
-                           "pip install 'divae[xformers]' (CUDA only) or use backend='sdpa'")
+                           "install an xformers build made for your torch (see README, Install) or use backend='sdpa'")
     if not q.is_cuda:
         raise RuntimeError("xformers kernels are CUDA-only; use backend='sdpa' on CPU")
     import xformers.ops as xops

@@ -113,6 +113,11 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | Non
     return cent
 
 
+def _forget_init_seen(module: nn.Module, incompatible_keys) -> None:  # noqa: ARG001
+    """load_state_dict post-hook: the loaded `initialized` buffer is read again at the next training forward."""
+    module._init_seen = False
+
+
 class VectorQuantizer(nn.Module):
     """Codebook of `n_embed` codes for inputs with `embed_dim` channels.
 
@@ -150,6 +155,10 @@ class VectorQuantizer(nn.Module):
         else:
             self.codebook = nn.Parameter(init)
         self.register_buffer("initialized", torch.tensor(not cfg.kmeans_init))
+        # Python mirror of `initialized`, so that a training forward reads the buffer (a host sync on CUDA) only
+        # until it is seen True: once per load, never per step. A state-dict load re-arms the one read.
+        self._init_seen = not cfg.kmeans_init
+        self.register_load_state_dict_post_hook(_forget_init_seen)
         self.register_buffer("usage_counts", torch.zeros(n_embed, dtype=torch.long))
         self.register_buffer("steps_unused", torch.zeros(n_embed, dtype=torch.long))
 
@@ -211,8 +220,10 @@ class VectorQuantizer(nn.Module):
         self._check(z)
         b, _, h, w = z.shape
         ze = self._to_lookup(self._flatten(z))  # (N, c)
-        if self.training and not bool(self.initialized):
-            self._kmeans_init(ze.detach())
+        if self.training and not self._init_seen:
+            self._init_seen = bool(self.initialized)
+            if not self._init_seen:
+                self._kmeans_init(ze.detach())
         cb = self._lookup_codebook()
         idx = nearest_code(ze, cb, self.cfg.search_budget)  # float32 whatever the training precision
         zq = F.embedding(idx, cb).to(ze.dtype)  # (N, c), carries the codebook gradient
@@ -257,6 +268,7 @@ class VectorQuantizer(nn.Module):
             self.ema_embed_sum.copy_(cent)
             self.ema_cluster_size.fill_(1.0)
         self.initialized.fill_(True)
+        self._init_seen = True
 
     @torch.no_grad()
     def _update(self, ze: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> None:

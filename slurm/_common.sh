@@ -2,6 +2,10 @@
 # `torchrun` with c10d rendezvous on the job's first node; the batch shell forwards preemption
 # signals to the step and requeues the job when the trainer stopped for preemption.
 #
+# Signals (submitit's convention, trainer/preemption.py): USR1 (`--signal=B:USR1@N` before the time limit,
+# or `scancel --signal=USR1 --full`) = checkpoint, then requeue and resume. A plain `scancel JOBID`
+# (SIGTERM) = checkpoint at the next step, then the job ends for good: never requeued.
+#
 # Environment knobs (all optional):
 #   DIVAE_VENV            virtualenv to activate (default: <repo>/.venv when it exists)
 #   NPROC_PER_NODE        ranks per node (default: GPUs allocated on the node, else 1 = CPU)
@@ -90,6 +94,7 @@ divae_train() {
     # fatal, and a second one (a --full scancel reaches the step twice) makes it SIGKILL the ranks
     # while they are still writing their checkpoint.
     DIVAE_PREEMPTED=0
+    DIVAE_CANCELLED=0
     DIVAE_STEP_PID=
     trap '_divae_forward USR1' USR1
     trap '_divae_forward TERM' TERM
@@ -112,6 +117,11 @@ divae_train() {
     run_dir=$(cat "$run_dir_file")
     rm -f "$run_dir_file"
     (( rc == 0 )) && return 0
+    if [[ $DIVAE_CANCELLED == 1 && $DIVAE_PREEMPTED == 0 ]]; then
+        divae_log "the job was cancelled (SIGTERM without a preemption USR1): not requeueing"
+        [[ -n $run_dir ]] && rm -f "$run_dir/$DIVAE_REQUEUE_MARKER"
+        return "$rc"
+    fi
 
     local why=
     if [[ $rc == "$DIVAE_REQUEUE_EXIT_CODE" ]]; then
@@ -135,6 +145,7 @@ divae_train() {
 _divae_forward() {
     divae_log "batch shell got SIG$1; forwarding it to the training step"
     [[ $1 == USR1 ]] && DIVAE_PREEMPTED=1
+    [[ $1 == TERM ]] && DIVAE_CANCELLED=1
     [[ -n $DIVAE_STEP_PID ]] && kill -s "$1" "$DIVAE_STEP_PID" 2>/dev/null
     return 0
 }

@@ -62,7 +62,8 @@ def test_bf16_autocast_with_flash_and_memory_efficient_kernels(backend):
 
 def test_xformers_backend_matches_sdpa():
     if not xformers_available():
-        pytest.fail("xformers is not installed on this GPU machine: pip install 'divae[xformers]' to test it")
+        pytest.fail("xformers is not installed on this GPU machine: install an xformers build made for this "
+                    "torch (README, Install) to test it")
     x, t, cond = _inputs("cuda")
     outs = []
     for backend in ("sdpa", "xformers"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 
 import pytest
 from slurm_cluster import (  # noqa: F401  (slurm_cluster is a fixture)
@@ -110,3 +111,91 @@ def test_sbatch_two_nodes_preempt_requeue_resume(slurm_cluster, decoder_inputs, 
     first_run, second_run = text.split("restart 1:")
     assert f"checkpoint at step {saved} saved, exiting with {REQUEUE_EXIT_CODE}" in first_run
     assert re.search(rf"resumed from \S+step_{saved:08d} \(step {saved}\)", second_run), second_run
+
+
+def _sbatch(overrides: list[str], out, *flags: str, env: dict[str, str] | None = None) -> str:
+    """Submit the decoder script on 2 nodes x 1 CPU rank; returns the job id."""
+    env = dict(os.environ, NPROC_PER_NODE="1", OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=0", *flags,
+         f"--output={out}", "slurm/train_decoder.sh", "configs/decoder_tiny.yaml", *overrides],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+
+
+def _overrides(decoder_inputs: dict[str, str], run_dir, *extra: str) -> list[str]:
+    return [f"{k}={v}" for k, v in decoder_inputs.items()] + [
+        f"train.run_dir={run_dir}", "train.steps=100000", "train.batch_size=2", "logging.every=1",
+        "logging.sample_every=0", "logging.wandb_mode=disabled", *extra]
+
+
+_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm_cluster, decoder_inputs, tmp_path):  # noqa: F811
+    """A real time limit and no scancel: `--time=1 --signal=B:USR1@40`. Slurm's time limits count in minutes, so
+    one minute is the shortest job; it sends USR1 ~20 s into each run (seen: +18 s), long before the limit. The
+    first run checkpoints at the next step and requeues itself; the requeued run resumes from that step and, at
+    its own USR1, checkpoints again; DIVAE_MAX_REQUEUES=1 ends the job there. Takes about 1-2 minutes."""
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    job = _sbatch(_overrides(decoder_inputs, run_dir, "checkpoint.every=0"), out, "--time=1",
+                  "--signal=B:USR1@40", env={"DIVAE_MAX_REQUEUES": "1"})
+    log = lambda: out.read_text() if out.exists() else ""  # noqa: E731
+    try:
+        wait_until(lambda: int(job_fields(job).get("Restarts", 0)) >= 1, 150, "the job to requeue itself",
+                   on_timeout=log)
+        start_requeued_now(job)
+        wait_until(lambda: job_fields(job)["JobState"] in _ENDED, 150, "the requeued run to end", on_timeout=log)
+    finally:
+        subprocess.run(["scancel", job], check=False)
+    text = log()
+    fields = job_fields(job)
+    assert fields["Restarts"] == "1" and fields["JobState"] != "TIMEOUT", f"{fields}\n{text}"
+    first_run, second_run = text.split("restart 1:")
+    assert "batch shell got SIGUSR1" in first_run and "batch shell got SIGTERM" not in first_run, first_run
+    m = re.search(rf"requeueing job {job}: the trainer left \S+/{REQUEUE_MARKER} \(step (\d+)\)", first_run)
+    assert m, first_run
+    saved = int(m.group(1))
+    assert f"checkpoint at step {saved} saved, exiting with {REQUEUE_EXIT_CODE}" in first_run
+    assert re.search(rf"resumed from \S+step_{saved:08d} \(step {saved}\)", second_run), second_run
+    m2 = re.search(rf"checkpoint at step (\d+) saved, exiting with {REQUEUE_EXIT_CODE}", second_run)
+    assert m2 and int(m2.group(1)) > saved, second_run
+    assert "not requeueing: already restarted 1 times" in second_run, second_run
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert ckpts == [f"step_{saved:08d}", f"step_{int(m2.group(1)):08d}"], ckpts
+    assert logged_steps(run_dir) == list(range(1, int(m2.group(1)) + 1))  # resumed, not restarted from 0
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_plain_scancel_checkpoints_and_ends_the_job(slurm_cluster, decoder_inputs, tmp_path):  # noqa: F811
+    """A plain `scancel JOBID` (SIGTERM to the batch shell and every rank: the user's stop) ends the job for
+    good: the ranks save a checkpoint at the next step (within the cluster's KillWait of 10 s), exit without
+    the requeue marker, and the script does not requeue. About 1 minute."""
+    from trainer.checkpoint import select_checkpoint
+    from trainer.preemption import STOP_EXIT_CODE
+
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    job = _sbatch(_overrides(decoder_inputs, run_dir, "checkpoint.every=2"), out, "--time=10")
+    log = lambda: out.read_text() if out.exists() else ""  # noqa: E731
+    try:
+        wait_until(lambda: len(logged_steps(run_dir)) >= 3, 150, "3 logged training steps", on_timeout=log)
+        subprocess.run(["scancel", job], check=True)
+        wait_until(lambda: log().count(f"exiting with {STOP_EXIT_CODE}") == 2, 60, "both ranks to save and exit",
+                   on_timeout=log)
+        # the batch shell is SIGKILLed KillWait (10 s) after the cancel at the latest; a requeue would show by then
+        time.sleep(15)
+    finally:
+        subprocess.run(["scancel", job], check=False)
+    text = log()
+    fields = job_fields(job)
+    assert fields["JobState"] == "CANCELLED" and fields["Restarts"] == "0", f"{fields}\n{text}"
+    assert "batch shell got SIGTERM" in text and "batch shell got SIGUSR1" not in text, text
+    assert "requeueing job" not in text and "restart 1:" not in text, text
+    m = re.search(rf"checkpoint at step (\d+) saved, exiting with {STOP_EXIT_CODE}", text)
+    assert m, text
+    saved = int(m.group(1))
+    assert select_checkpoint(run_dir / "checkpoints", verify=True).name == f"step_{saved:08d}"
+    assert not (run_dir / REQUEUE_MARKER).exists()
+    assert max(logged_steps(run_dir)) == saved  # stopped at the step boundary after the signal

@@ -66,7 +66,7 @@ def test_ds_config_bf16_fp32_accumulation():
     assert c["train_batch_size"] == 64 and c["bf16"]["enabled"]
     assert c["data_types"]["grad_accum_dtype"] == "fp32" and c["zero_optimization"]["stage"] == 2
     assert "optimizer" not in c  # CPU: a client torch AdamW, no fused_adam JIT build
-    assert ds_config(DeepSpeedConfig(), 1, 1, 1, 1.0, OptimConfig(), use_cuda=True)["optimizer"]["type"] == "AdamW"
+    assert "optimizer" not in ds_config(DeepSpeedConfig(), 1, 1, 1, 1.0, OptimConfig(), use_cuda=True)  # same on CUDA
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)

@@ -9,10 +9,12 @@ Three ways a trainer process can be started, detected in this order:
    from the environment or derived from the job id;
 3. a plain `python -m trainer.train`: one process, rank 0 of 1, on a free local port.
 
-The backend is chosen from the device: nccl on CUDA, gloo on CPU. On CPU, DeepSpeed's shared-memory
-all-reduce extension (`deepspeed_shm_comm`, a ~30 s g++ build on a cold cache) is switched off: DeepSpeed
-only uses it for `inference_all_reduce`, never in training, where every collective goes through
-torch.distributed (gloo). `DIVAE_DS_SHM_COMM=1` keeps DeepSpeed's default.
+The backend is chosen from the device: nccl on CUDA, gloo on CPU. The CUDA device is `cuda:LOCAL_RANK`, or
+`cuda:0` when the process sees a single GPU (sites that bind one GPU per srun task through
+CUDA_VISIBLE_DEVICES, e.g. `--gpus-per-task=1` or `--gpu-bind=single:1`): see `cuda_device_index`.
+On CPU, DeepSpeed's shared-memory all-reduce extension (`deepspeed_shm_comm`, a ~30 s g++ build on a cold
+cache) is switched off: DeepSpeed only uses it for `inference_all_reduce`, never in training, where every
+collective goes through torch.distributed (gloo). `DIVAE_DS_SHM_COMM=1` keeps DeepSpeed's default.
 """
 
 from __future__ import annotations
@@ -109,6 +111,18 @@ def _skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of the rank with `local_rank` when it sees `visible` devices: 0 when it sees one (the
+    launcher bound one GPU to each task), else its local rank."""
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    raise RuntimeError(f"local rank {local_rank} but this process sees {visible} CUDA devices "
+                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): launch one "
+                       "rank per visible GPU, or bind one GPU per task")
+
+
 def init_distributed(timeout_s: int = 1800) -> DistInfo:
     """Detect the launcher, export the rendezvous variables, pick device and backend, and initialise
     torch.distributed through DeepSpeed (always, also for one process: DeepSpeed engines need it)."""
@@ -121,7 +135,7 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     rank, world = int(found["RANK"]), int(found["WORLD_SIZE"])
     local_rank, local_world = int(found["LOCAL_RANK"]), int(found["LOCAL_WORLD_SIZE"])
     if torch.cuda.is_available():
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        device, backend = torch.device("cuda", cuda_device_index(local_rank, torch.cuda.device_count())), "nccl"
         torch.cuda.set_device(device)
     else:
         device, backend = torch.device("cpu"), "gloo"

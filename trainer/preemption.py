@@ -1,14 +1,26 @@
-"""Preemption: SIGTERM / SIGUSR1 -> checkpoint at the next step boundary -> exit with REQUEUE_EXIT_CODE.
+"""Stop signals: SIGUSR1 = preempted or near the time limit (checkpoint, exit 75, requeue); SIGTERM = cancelled
+(checkpoint, exit 143, end for good).
+
+submitit's convention: the time-limit / preemption signal (`#SBATCH --signal=B:USR1@120`, forwarded by the
+batch script to the ranks; `scancel --signal=USR1 --full` by hand) checkpoints and requeues; a plain
+`scancel JOBID` (SIGTERM to every process of the job, SIGKILL `KillWait` seconds later) is the user's way to
+stop a job: the ranks still save a checkpoint at the next step boundary (cheap: one step away, the same save as
+a periodic one; a SIGKILL during it leaves the previous checkpoint intact, checkpoints are renamed into place),
+then end without the requeue marker and with `STOP_EXIT_CODE`, and the script does not requeue.
 
 A signal only sets a flag (handlers must not do collective work). At every step boundary the ranks agree
-with an all-reduce (MAX) of their flags, so a signal that reached any rank stops all of them at the same
-step; they save a checkpoint together and exit with `REQUEUE_EXIT_CODE`.
+with an all-reduce (MAX) of their requests, so a signal that reached any rank stops all of them at the same
+step; USR1 outranks TERM (at a time limit Slurm sends USR1 first, then TERM at the limit itself).
 
 `REQUEUE_EXIT_CODE = 75` (EX_TEMPFAIL in sysexits.h: "temporary failure, retry"). The Slurm scripts requeue
 the job when a rank exits with it. Under torchrun the launcher itself exits 1 when a worker fails, so the
 trainer also writes `<run_dir>/REQUEUE` (the step, one line) before exiting: a script that runs torchrun
-checks for that file (and deletes it) instead of the exit code. Slurm must deliver the signal early enough
-for one checkpoint (`#SBATCH --signal=B:USR1@120`, forwarded by the batch script to the ranks).
+checks for that file (and deletes it) instead of the exit code. `STOP_EXIT_CODE = 143` (128 + SIGTERM, what a
+shell reports for a process ended by SIGTERM).
+
+`install()` sets the handlers; `trainer.train.main` calls it first thing, so a signal that arrives while the
+models are built (the batch shell may forward USR1 at any time; torchrun's children inherit it ignored) is
+kept and acted on at the first step boundary.
 """
 
 from __future__ import annotations
@@ -19,24 +31,52 @@ from pathlib import Path
 from trainer.launch import all_reduce_max
 
 REQUEUE_EXIT_CODE = 75
+STOP_EXIT_CODE = 128 + signal.SIGTERM
 REQUEUE_MARKER = "REQUEUE"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# what each signal asks for, ordered: the all-reduce keeps the largest request of any rank
+NONE, STOP, REQUEUE = 0, 1, 2
+_REQUEST = {signal.SIGTERM: STOP, signal.SIGUSR1: REQUEUE}
+_received: list[int] = []  # signals seen by this process since install(), in order
+
+
+def _handler(signum: int, frame) -> None:  # noqa: ARG001
+    _received.append(signum)
+
+
+def install() -> None:
+    """Install the SIGTERM / SIGUSR1 handlers (idempotent; keeps what was already received)."""
+    for sig in SIGNALS:
+        if signal.getsignal(sig) is not _handler:
+            signal.signal(sig, _handler)
+
+
+def local_request() -> int:
+    """NONE, STOP or REQUEUE: the largest request among the signals this process received."""
+    return max((_REQUEST[s] for s in _received), default=NONE)
 
 
 class Preemption:
     """Installs the handlers; `should_stop()` is the collective check at a step boundary."""
 
     def __init__(self) -> None:
-        self.received: int | None = None
-        for sig in SIGNALS:
-            signal.signal(sig, self._handler)
+        install()
+        self.request = NONE  # the agreed request, set by should_stop()
 
-    def _handler(self, signum: int, frame) -> None:  # noqa: ARG002
-        self.received = signum
+    @property
+    def received(self) -> int | None:
+        """The last signal this process received, or None."""
+        return _received[-1] if _received else None
 
     def should_stop(self) -> bool:
-        """True on every rank when any rank received a signal (a collective: call it on all ranks)."""
-        return all_reduce_max(1.0 if self.received is not None else 0.0) > 0
+        """True on every rank when any rank received a signal (a collective: call it on all ranks); then
+        `self.request` says whether to requeue (REQUEUE) or end (STOP)."""
+        self.request = int(all_reduce_max(float(local_request())))
+        return self.request != NONE
+
+    @property
+    def requeue(self) -> bool:
+        return self.request == REQUEUE
 
     @staticmethod
     def write_marker(run_dir: str | Path, step: int) -> None:

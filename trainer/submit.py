@@ -12,7 +12,9 @@ Preemption and time limits: Slurm sends submitit's signal (USR2, `--signal-delay
 `job._interrupt()` / `scancel --signal=USR2 JOBID`) to every task. `TrainJob` turns it into the trainer's own
 preemption signal (USR1), so all ranks checkpoint together at the next step and leave with
 `REQUEUE_EXIT_CODE`; only then does it hand over to submitit, which calls `TrainJob.checkpoint()` on rank 0
-and requeues the job. The requeued job runs the same command and resumes from `<run_dir>/latest`.
+and requeues the job. The requeued job runs the same command and resumes from `<run_dir>/latest`. A plain
+`scancel JOBID` (SIGTERM) reaches the trainer's own handler (it replaces submitit's bypass): the ranks save a
+checkpoint at the next step and the job ends with `STOP_EXIT_CODE`, not requeued (submitit's convention).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ for the PNG grid. `build_models()` returns the trainable module of each phase (D
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -68,7 +69,14 @@ class Task:
         pass
 
     def images(self, batch: dict) -> torch.Tensor:
+        """The batch's images on the device as (B, 3, H, W) float32 in [-1, 1]. A uint8 batch (the trainer's
+        loaders, `data.images_as=uint8`) is copied as uint8 (4x fewer bytes; asynchronously from pinned
+        memory) and converted on the device."""
         x = batch["image"]
+        if x.dtype == torch.uint8:
+            from data_pipeline.loaders import image_to_float
+
+            return image_to_float(x.to(self.device, non_blocking=True))
         return x.to(self.device, non_blocking=True).float()
 
 
@@ -77,3 +85,36 @@ def fp32_state(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, to
     p = f"{prefix}." if prefix else ""
     return {p + k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
             for k, v in state.items()}
+
+
+def detached(metrics: dict[str, Any]) -> dict[str, torch.Tensor | float]:
+    """Per-micro-batch metrics as the loop keeps them: tensors detached on their device (no host sync),
+    anything else as a Python float."""
+    return {k: v.detach() if isinstance(v, torch.Tensor) else float(v) for k, v in metrics.items()}
+
+
+def device_quartile_losses(t: torch.Tensor, losses: torch.Tensor, num_timesteps: int,
+                           name: str) -> dict[str, torch.Tensor]:
+    """Mean of `losses` (B,) per timestep quartile (quartile q holds t in [q T/4, (q+1) T/4)), as 0-d tensors on
+    the device, keys "{name}_q0".."{name}_q3"; NaN for a quartile with no sample in the batch (`host_means`
+    leaves it out), so that no host sync is needed to find which quartiles are present."""
+    quart = (t.detach() * 4 // num_timesteps).clamp(0, 3)
+    onehot = quart[None, :] == torch.arange(4, device=t.device)[:, None]  # (4, B)
+    value = losses.detach().float()
+    means = torch.where(onehot, value[None, :], 0.0).sum(1) / onehot.sum(1)
+    return {f"{name}_q{q}": means[q] for q in range(4)}
+
+
+def host_means(micro: dict[str, list[torch.Tensor | float]]) -> dict[str, float]:
+    """Per-key mean over the micro-batches of a step, read to the host with one sync (one `tolist`) for all
+    keys. Non-finite tensor values (a quartile absent from a micro-batch) are left out; a key with none left
+    is dropped. Each value is read as float64, as `.item()` would, so the means equal the per-item ones."""
+    tensors = [v.reshape(()).double() for vs in micro.values() for v in vs if isinstance(v, torch.Tensor)]
+    read = iter(torch.stack(tensors).tolist()) if tensors else iter(())
+    out: dict[str, float] = {}
+    for k, vs in micro.items():
+        vals = [next(read) if isinstance(v, torch.Tensor) else float(v) for v in vs]
+        kept = [x for x in vals if math.isfinite(x)] if any(isinstance(v, torch.Tensor) for v in vs) else vals
+        if kept:
+            out[k] = sum(kept) / len(kept)
+    return out

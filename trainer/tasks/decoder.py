@@ -20,13 +20,13 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from divae.diffusion import create_diffusion, create_schedule_sampler, quartile_losses, sample
+from divae.diffusion import create_diffusion, create_schedule_sampler, sample
 from divae.model import DiVAE, read_pretrained
 from divae.unet import UNetModel
 from divae.utils.config import from_dict
 from divae.vq import VQConfig, VQModel
 from trainer.pre_encode import tokens_from_bytes
-from trainer.tasks.base import COMMON_SECTIONS, Task
+from trainer.tasks.base import COMMON_SECTIONS, Task, device_quartile_losses
 
 
 @dataclass
@@ -126,7 +126,7 @@ class DecoderTask(Task):
             tokens = batch["tokens"]
             if not isinstance(tokens, torch.Tensor):
                 tokens = tokens_from_bytes(tokens, self.cfg.data.image_size // self.vq_cfg.downsample_factor)
-            return self.frozen_vq.embed(tokens.to(self.device))
+            return self.frozen_vq.embed(tokens.to(self.device, non_blocking=True))
         with torch.no_grad():  # encode + embed: no codebook statistics (and no collective) for a frozen VQ
             return self.frozen_vq.embed(self.frozen_vq.encode(x0))
 
@@ -141,13 +141,14 @@ class DecoderTask(Task):
         loss = (losses["loss"] * weights).mean()
         if hasattr(self.schedule_sampler, "update_with_local_losses"):
             self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
-        metrics = {"mse": losses["mse"].mean().item(), "vb": losses["vb"].mean().item()}
+        # metrics stay on the device (0-d tensors): the loop reads them once per step, not per micro-batch
+        metrics = {"mse": losses["mse"].mean().detach(), "vb": losses["vb"].mean().detach()}
         if self.cfg.decoder.finetune_encoder:
             qloss = self.inner("model").qloss.float()
             loss = loss + self.cfg.decoder.commit_weight * qloss
-            metrics["qloss"] = qloss.item()
-        metrics["loss"] = loss.item()
-        metrics.update(quartile_losses(t, {"loss": losses["loss"]}, self.diffusion.num_timesteps))
+            metrics["qloss"] = qloss.detach()
+        metrics["loss"] = loss.detach()
+        metrics.update(device_quartile_losses(t, losses["loss"], self.diffusion.num_timesteps, "loss"))
         return loss, metrics
 
     @torch.no_grad()

@@ -32,7 +32,7 @@ from divae.text_tokenizer import TextTokenizer
 from divae.utils.config import ConfigError, from_dict
 from divae.utils.logging import get_logger
 from trainer.pre_encode import tokens_dtype
-from trainer.tasks.base import COMMON_SECTIONS, Task
+from trainer.tasks.base import COMMON_SECTIONS, Task, detached
 
 log = get_logger(__name__)
 
@@ -208,13 +208,14 @@ class PriorTask(Task):
         if "tokens" not in batch:
             raise KeyError("the batch has no 'tokens': point data at shards written by `python -m trainer.pre_encode`")
         c = self.prior_cfg
-        return tokens_from_column(batch["tokens"], c.image_h, c.image_w, self.tok_dtype).to(self.device)
+        tokens = tokens_from_column(batch["tokens"], c.image_h, c.image_w, self.tok_dtype)
+        return tokens.to(self.device, non_blocking=True)
 
     def loss(self, batch: dict, phase: str, step: int):
         self._step = step
         ids, mask = self.tokenizer.encode(batch["caption"], device=self.device)
         loss, metrics = self.engines["model"](ids, mask, self.tokens(batch))
-        return loss, {k: float(v) for k, v in metrics.items()}
+        return loss, detached(metrics)  # on the device: the loop reads them once per step
 
     # -- sample grids -------------------------------------------------------------------------------------
     def _full_state(self) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from divae.model import DiVAE, read_pretrained
 from divae.utils.config import ConfigError
 from divae.vq import VQModel
 from divae.vq_loss import LastLayerTap, VQLoss
-from trainer.tasks.base import COMMON_SECTIONS, Task
+from trainer.tasks.base import COMMON_SECTIONS, Task, detached
 
 
 class VQTask(Task):
@@ -68,16 +68,16 @@ class VQTask(Task):
                 self._disc_requires_grad(True)
                 self.tap.clear()
             self._x_hat = x_hat.detach()
-            metrics = {k: float(v) for k, v in logs.items()}
-            metrics.update(usage=float(stats["usage"]), perplexity=float(stats["perplexity"]),
-                           gan_on=float(gan_on))
+            metrics = detached(logs)  # on the device: the loop reads them once per step
+            metrics.update(detached({"usage": stats["usage"], "perplexity": stats["perplexity"],
+                                     "gan_on": float(gan_on)}))
             metrics.setdefault("g_loss", 0.0)
             return loss, metrics
         if not gan_on:
             return None
         d_loss, logs = self.loss_fn.discriminator_loss(x, self._x_hat, step)
         self._x_hat = None
-        return d_loss, {f"d/{k}": float(v) for k, v in logs.items()}
+        return d_loss, {f"d/{k}": v for k, v in detached(logs).items()}
 
     @torch.no_grad()
     def sample(self, batch: dict) -> dict[str, torch.Tensor]:
