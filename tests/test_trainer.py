@@ -378,3 +378,25 @@ def test_crash_during_checkpoint_save_keeps_previous_zero3(shards, vq_run, tmp_p
     assert (ck / "latest").read_text().strip() == "step_00000003"
     assert not (ck / ".tmp_step_00000004").exists()
     assert 3 in metrics(run_dir)
+
+
+def test_log_lines_carry_flops_and_per_gpu_throughput(decoder_ref, vq_run):
+    """Issue 15: every log line has the FLOPs per image (counted once, on fake tensors), images/s per GPU and
+    the achieved FLOP/s, consistent with each other; on CPU there is no peak, so no MFU."""
+    from divae.model import read_pretrained
+    from divae.utils.config import from_dict
+    from divae.vq import VQConfig
+    from trainer.config import load_train_config
+    from trainer.flops import stage_flops
+
+    m = metrics(decoder_ref)
+    cfg = load_train_config(decoder_ref / "config.yaml")
+    vq_cfg = from_dict(VQConfig, read_pretrained(vq_run / "divae.safetensors")[0]["vq"])
+    expected = stage_flops(cfg, vq_cfg, forward=False)["train"]
+    for row in m.values():
+        assert row["flops_per_sample"] == expected > 1e9
+        assert row["images_per_s_per_gpu"] == pytest.approx(row["images_per_s"] / 2, rel=1e-12)
+        assert row["tflops_per_gpu"] * 1e12 == pytest.approx(row["flops_per_sample"] * row["images_per_s_per_gpu"],
+                                                              rel=1e-12)
+        assert 0 < row["tflops_per_gpu"] < 10 and "mfu" not in row
+    assert "mfu" not in metrics(vq_run)[4] and metrics(vq_run)[4]["flops_per_sample"] > 1e9

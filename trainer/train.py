@@ -31,6 +31,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, load_train_config
 from trainer.ema import EMA
 from trainer.engine import build_engine, engine_lr, grad_norm
+from trainer.flops import Throughput
 from trainer.launch import DistInfo, all_reduce_max, all_reduce_sum, barrier, cleanup, init_distributed
 from trainer.metrics import RunLogger, WindowMeter, new_wandb_id, peak_memory_mb
 from trainer.preemption import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, Preemption
@@ -121,6 +122,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
     task.attach(engines)
     emas = {n: EMA(engines[n].module.inner, cfg.ema, cfg.deepspeed.zero_stage)
             for n in task.ema_phases if cfg.ema.enabled}
+    throughput = Throughput.for_run(cfg, task, dist.device)  # FLOPs per sample, once (fake tensors, no memory)
     loader = build_loader(cfg, dist)
     seed_all(cfg.train.seed + 1000 * dist.rank + 1)  # per-rank randomness (noise, timesteps)
 
@@ -237,6 +239,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
             means["peak_mem_mb"] = all_reduce_max(peak_memory_mb(dist.device))
             means["skipped_samples"] = all_reduce_sum(getattr(loader, "skipped", 0))  # data.bad_samples=skip
             means["samples_seen"] = samples_seen
+            means.update(throughput.figures(means.get("images_per_s", 0.0), dist.world_size))  # MFU, FLOP/s
             logger.log(step, means)
         if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == total):
             logger.grid(step, task.sample(sample_batch))
