@@ -109,19 +109,22 @@ def test_vb_is_zero_for_a_model_that_outputs_the_true_posterior():
     assert torch.isfinite(nll["vb"]).all() and (nll["vb"] > 0).all()
 
 
-def test_learned_variance_lies_between_posterior_variance_and_beta():
+def test_learned_variance_interpolates_log_variance_between_posterior_variance_and_beta():
+    """v in [-1, 1] gives a variance between beta~_t and beta_t (log-linear in v); v outside is not clamped:
+    log Sigma extrapolates on the same line (improved-diffusion's rule)."""
     diff = create_diffusion(DiffusionConfig())
     t = torch.arange(1000)
     xt = torch.randn(1000, 3, 2, 2)
-    out = torch.cat([torch.randn(1000, 3, 2, 2), torch.randn(1000, 3, 2, 2) * 3], dim=1)  # v beyond [-1, 1] too
-    var = diff.p_from_output(out, xt, t)["variance"].double()
     lo = torch.from_numpy(np.exp(diff.posterior_log_variance_clipped)).reshape(-1, 1, 1, 1)
     hi = torch.from_numpy(diff.betas).reshape(-1, 1, 1, 1)
+    v = torch.rand(1000, 3, 2, 2) * 2 - 1
+    var = diff.p_from_output(torch.cat([torch.randn(1000, 3, 2, 2), v], dim=1), xt, t)["variance"].double()
     assert (var >= lo * (1 - 1e-5)).all() and (var <= hi * (1 + 1e-5)).all()
-    # v = 1 gives beta_t, v = -1 gives beta~_t
+    # v = 1 gives beta_t, v = -1 gives beta~_t, v = 3 gives beta_t^2 / beta~_t (one more step on the log line)
     ones = torch.ones(1000, 3, 2, 2)
-    v_hi = diff.p_from_output(torch.cat([ones, ones], 1), xt, t)["variance"].double()
-    torch.testing.assert_close(v_hi, hi.expand_as(v_hi), rtol=1e-5, atol=0)
+    for v_val, expected in ((1.0, hi), (-1.0, lo), (3.0, hi**2 / lo)):
+        got = diff.p_from_output(torch.cat([ones, v_val * ones], 1), xt, t)["variance"].double()
+        torch.testing.assert_close(got, expected.expand_as(got), rtol=1e-5, atol=0)
 
 
 def test_hybrid_vb_trains_only_the_variance():

@@ -23,11 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 def single_process_group():
     from trainer.launch import cleanup, init_distributed
 
-    saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID") if k in os.environ}
-    info = init_distributed()
-    yield info
-    cleanup()
-    os.environ.update(saved)
+    # init_distributed exports RANK, MASTER_PORT, ... into os.environ, and this process keeps listening on that
+    # port: restore the environment exactly, or every later subprocess would inherit a port that is taken.
+    saved = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
+        os.environ.pop(k, None)
+    try:
+        yield init_distributed()
+    finally:
+        cleanup()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _photo_batch(n: int = 4, size: int = 64, seed: int = 0) -> dict:
