@@ -19,25 +19,18 @@ that ends the run ("error", the default) or the sample is skipped with a warning
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import re
 import sys
 from collections.abc import Iterable
 
+from data_pipeline.shards import sha256_file
 from divae.utils.cli import EXIT_ERROR, EXIT_OK, UsageError, one_line, run_cli
 
 
 class ShardError(RuntimeError):
     """A shard that does not match its manifest, or a sample in it that cannot be read (a runtime error)."""
 
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shard_problems(path: str, manifest: dict, *, sha256: bool = False,
@@ -64,7 +57,7 @@ def shard_problems(path: str, manifest: dict, *, sha256: bool = False,
             continue
         if sha256 and s.get("sha256") and (hashed is None or i in hashed):
             try:
-                digest = _sha256(f)
+                digest = sha256_file(f)
             except OSError as e:
                 out.append(f"{f}: unreadable ({e.strerror or e})")
                 continue

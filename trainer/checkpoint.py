@@ -34,7 +34,6 @@ optimizer shards and the per-rank loader positions belong to that world size), w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -48,6 +47,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from data_pipeline.shards import sha256_file
 from divae.utils.cli import one_line
 from divae.utils.config import ConfigError
 from divae.utils.logging import get_logger
@@ -237,13 +237,6 @@ def write_error(root: Path, step: int, e: BaseException) -> CheckpointError:
                            f"({type(e).__name__}: {one_line(e)}; {where}): {fix}{kept}")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def write_manifest(folder: Path, rank: int) -> None:
     """Collective: the ranks hash the folder's files (rank r every world-th of the sorted list) and rank 0
@@ -251,7 +244,7 @@ def write_manifest(folder: Path, rank: int) -> None:
     folder = Path(folder)
     _, world = rank_and_world()
     names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    mine = {n: {"bytes": (folder / n).stat().st_size, "sha256": _sha256(folder / n)}
+    mine = {n: {"bytes": (folder / n).stat().st_size, "sha256": sha256_file(folder / n)}
             for i, n in enumerate(names) if i % world == rank}
     files: dict[str, dict] = {}
     for part in all_gather_object(mine):
@@ -283,7 +276,7 @@ def damaged_file(path: Path) -> str | None:
             continue
         if size != want["bytes"]:
             problems.append(f"{f} has {size} bytes, the manifest says {want['bytes']}")
-        elif i % world == rank and _sha256(f) != want["sha256"]:
+        elif i % world == rank and sha256_file(f) != want["sha256"]:
             problems.append(f"{f} differs from the manifest (sha256)")
     found = sorted({p for part in all_gather_object(problems) for p in part})
     if files is None and not found:
