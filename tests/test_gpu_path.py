@@ -23,6 +23,7 @@ import pytest
 import tomllib
 import torch
 import torch.nn as nn
+from test_numerics_engine import single_process_group  # noqa: F401  (a fixture: restores the environment)
 
 from trainer.engine import (
     DeepSpeedConfig,
@@ -59,17 +60,6 @@ def count_host_reads():
             setattr(torch.Tensor, name, fn)
 
 
-@pytest.fixture(scope="module")
-def single_process_group():
-    from trainer.launch import cleanup, init_distributed
-
-    saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID") if k in os.environ}
-    info = init_distributed()
-    yield info
-    cleanup()
-    os.environ.update(saved)
-
-
 def _convnet() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.SiLU(), nn.Conv2d(8, 3, 1))
@@ -89,7 +79,7 @@ def test_ds_config_never_asks_deepspeed_for_an_optimizer(stage):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_trained_engine_steps_the_client_adamw_under_bf16(single_process_group, stage):
+def test_trained_engine_steps_the_client_adamw_under_bf16(single_process_group, stage):  # noqa: F811
     engine = _engine(DeepSpeedConfig(zero_stage=stage, precision="bf16"))
     x = torch.randn(2, 3, 8, 8)
     loss = engine(x).float().pow(2).mean()
@@ -136,7 +126,7 @@ def test_cuda_math_switches():
             setattr(m, n, v)
 
 
-def test_channels_last_and_compile_switches(single_process_group):
+def test_channels_last_and_compile_switches(single_process_group):  # noqa: F811
     cl = _engine(DeepSpeedConfig(zero_stage=1, channels_last=True))
     plain = _engine(DeepSpeedConfig(zero_stage=1))
     seen = {}
@@ -222,7 +212,7 @@ def test_quantizer_kmeans_init_reads_the_flag_until_initialised_and_after_a_load
     assert bool(vq.initialized)
 
 
-def test_decoder_micro_batch_loss_reads_nothing_and_a_step_reads_once(single_process_group, tmp_path):
+def test_decoder_micro_batch_loss_reads_nothing_and_a_step_reads_once(single_process_group, tmp_path):  # noqa: F811
     """A bf16 decoder micro-batch that fine-tunes the encoder (VQ forward, quantizer, UNet, losses, quartiles)."""
     from divae.model import DiVAE
     from divae.vq import VQ_PRESETS
@@ -364,3 +354,16 @@ def test_streaming_shared_memory_is_not_wiped_by_default(tmp_path, monkeypatch):
     monkeypatch.setattr(sutil, "clean_stale_shared_memory", wipe)
     loader = build_loader(DataConfig(path=str(tmp_path / "mds"), batch_size=4, num_workers=0, image_size=16))
     assert next(iter(loader))["image"].shape == (4, 3, 16, 16)
+
+
+def test_engines_build_after_the_process_group_is_restarted(single_process_group):  # noqa: F811
+    """trainer.launch.cleanup forgets DeepSpeed's cached groups, so a second init in the same process (two runs,
+    or two test modules) builds working engines."""
+    from trainer.launch import cleanup, init_distributed
+
+    _engine(DeepSpeedConfig(zero_stage=2))
+    cleanup()
+    init_distributed()
+    engine = _engine(DeepSpeedConfig(zero_stage=2))
+    engine.backward(engine(torch.randn(2, 3, 8, 8)).float().mean())
+    engine.step()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -192,5 +193,20 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def cleanup() -> None:
+    """Destroy the process group, and DeepSpeed's groups cached from it (a later init_distributed in the same
+    process, e.g. two runs in one process or one test module after another, would otherwise build its engines
+    on groups of the destroyed one: "Group ... is not registered")."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    _forget_deepspeed_groups()
+
+
+def _forget_deepspeed_groups() -> None:
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP"):
+        setattr(groups, name, None)
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_DATA_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS"):
+        getattr(groups, name, {}).clear()
