@@ -21,7 +21,11 @@ import torch
 PRECISIONS = ("fp32", "bf16", "tf32")
 
 # bench/eval_precision.py on the `make demo` model (CPU, same seeds, same images); see bench/RESULTS.md.
-MEASURED_BF16_EFFECT: dict = {}
+MEASURED_BF16_EFFECT: dict = {
+    "measured": "2026-11-29, CPU, `make demo` DiVAE (64 px, f8), 160 held-out crops, dpmpp2m 10 steps, seed 0",
+    "fid_fp32": 342.2698, "fid_bf16": 342.6003, "fid_bf16_minus_fp32": 0.3306,
+    "psnr_bf16_minus_fp32_db": 0.0007, "ssim_bf16_minus_fp32": 0.00006,
+}
 
 
 @contextlib.contextmanager

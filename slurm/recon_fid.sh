@@ -7,9 +7,12 @@
 #   # CPU nodes (gloo), 2 ranks per node:
 #   NPROC_PER_NODE=2 sbatch --gpus-per-node=0 --cpus-per-task=4 slurm/recon_fid.sh --checkpoint ... --data ...
 #
-# Arguments go to `python -m evaluation.recon_fid` unchanged. Every rank saves its partial sums every
-# --save-every images into <out>/partial; when the job is preempted or nears its time limit (USR1 120 s
-# before it) it requeues itself and the rerun continues from there, ending with the same figure.
+# Arguments go to `python -m evaluation.recon_fid` unchanged. Every rank saves its partial sums into
+# <out>/partial every --save-every images and every --save-every-min minutes (default 10). When the job is
+# preempted or nears its time limit (USR1 120 s before it; or `scancel --signal=USR1 --full`), the batch shell
+# forwards the signal to the step (torchrun itself ignores USR1, the ranks handle it): every rank saves at the
+# next batch boundary, rank 0 leaves <out>/REQUEUE and the ranks exit with code 75; then this script requeues
+# the job and the rerun continues from the partial sums, ending with the same figure.
 # Knobs: DIVAE_VENV, NPROC_PER_NODE, MASTER_PORT, OMP_NUM_THREADS (see slurm/_common.sh).
 #SBATCH --job-name=divae-recon-fid
 #SBATCH --nodes=1
@@ -47,24 +50,32 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR
 export MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
 
+out=runs/recon_fid  # --out as recon_fid parses it (the last one wins); the REQUEUE marker is written there
+args=("$@")
+for (( i = 0; i < ${#args[@]}; i++ )); do
+    [[ ${args[i]} == --out ]] && out=${args[i+1]:-$out}
+    [[ ${args[i]} == --out=* ]] && out=${args[i]#--out=}
+done
+rm -f "$out/$DIVAE_REQUEUE_MARKER"
+
 step=(srun --kill-on-bad-exit=1 --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --cpus-per-task="$cpus"
+      bash -c 'trap "" USR1; exec "$@"' torchrun-ignoring-usr1
       torchrun --nnodes="$nnodes" --nproc_per_node="$nproc" --rdzv_backend=c10d
       --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID"
       -m evaluation.recon_fid "$@")
 divae_log "restart ${SLURM_RESTART_COUNT:-0}: $nnodes node(s) x $nproc rank(s), master $MASTER_ADDR:$MASTER_PORT"
 divae_log "${step[*]}"
 
-# Preemption warning: the partial sums on disk are at most --save-every images old, so requeue at once.
-_requeue() {
-    if (( ${SLURM_RESTART_COUNT:-0} >= ${DIVAE_MAX_REQUEUES:-50} )); then
-        divae_log "got SIG$1; not requeueing: already restarted ${SLURM_RESTART_COUNT} times"
-        return
-    fi
-    divae_log "got SIG$1: requeueing job $SLURM_JOB_ID (the rerun resumes from the partial sums)"
-    scontrol requeue "$SLURM_JOB_ID"
+# USR1/TERM: forward to the step (slurm/_common.sh's _divae_forward); the ranks save and exit 75.
+_forward() {
+    divae_log "batch shell got SIG$1; forwarding it to the evaluation step (the ranks save, then exit)"
+    [[ $1 == USR1 ]] && preempted=1
+    kill -s "$1" "$step_pid" 2>/dev/null
+    return 0
 }
-trap '_requeue USR1' USR1
-trap '_requeue TERM' TERM
+preempted=0
+trap '_forward USR1' USR1
+trap '_forward TERM' TERM
 "${step[@]}" &
 step_pid=$!
 while :; do
@@ -72,5 +83,18 @@ while :; do
     rc=$?
     kill -0 "$step_pid" 2>/dev/null || break  # else `wait` was interrupted by a trapped signal
 done
+trap - USR1 TERM
 divae_log "evaluation step exited with code $rc"
+(( rc == 0 )) && exit 0
+if [[ $rc == "$DIVAE_REQUEUE_EXIT_CODE" || -f $out/$DIVAE_REQUEUE_MARKER ]]; then
+    rm -f "$out/$DIVAE_REQUEUE_MARKER"
+    if (( ${SLURM_RESTART_COUNT:-0} >= ${DIVAE_MAX_REQUEUES:-50} )); then
+        divae_log "not requeueing: already restarted ${SLURM_RESTART_COUNT} times (DIVAE_MAX_REQUEUES)"
+        exit "$rc"
+    fi
+    divae_log "ranks saved their partial sums and asked for a requeue: requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+(( preempted )) && divae_log "the step stopped (code $rc) after a preemption signal without saving; not requeueing"
 exit "$rc"

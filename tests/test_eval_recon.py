@@ -78,14 +78,16 @@ def extractor():
     return load_inception()
 
 
-def run_eval(out_dir, batch_size: int, save_every: int, ref_stats_path=None, reconstruct=None, num_images=None):
+def run_eval(out_dir, batch_size: int, save_every: int, ref_stats_path=None, reconstruct=None, num_images=None,
+             save_every_min: float = 0.0, stop=None):
     from evaluation.recon_fid import ReconEvalConfig, evaluate_reconstructions
 
     rec = reconstruct or BlurNoiseReconstruct()
-    cfg = ReconEvalConfig(num_images=num_images, batch_size=batch_size, save_every=save_every, num_show=4)
+    cfg = ReconEvalConfig(num_images=num_images, batch_size=batch_size, save_every=save_every, num_show=4,
+                          save_every_min=save_every_min)
     return evaluate_reconstructions(make_dataset(), rec, extractor=extractor(), cfg=cfg, out_dir=out_dir,
                                     protocol={"decoder": "blur-noise"}, codebook_size=rec.codebook_size,
-                                    ref_stats_path=ref_stats_path, label="blur-noise")
+                                    ref_stats_path=ref_stats_path, label="blur-noise", stop=stop)
 
 
 # ----------------------------------------------------------------------------------------------------------
