@@ -14,7 +14,8 @@ saves, resume, stop on a signal, outputs. The CLI is `evaluation.recon_fid`.
 - reference statistics of the originals are cached (`ref_stats_path`) and reused by later runs;
 - partial sums are saved (atomically, all ranks at the same batch) every `save_every` images per rank, every
   `save_every_min` minutes (rank clocks reduced by MAX at each batch boundary), and at the first batch boundary
-  after any rank received SIGUSR1 or SIGTERM (`StopFlag`); then `Preempted` is raised on every rank. A rerun
+  after any rank received SIGUSR1 or SIGTERM (`StopFlag`); then `Preempted` is raised on every rank (the CLI
+  requeues after SIGUSR1 and stops for good after SIGTERM, the trainer's rule). A rerun
   with the same protocol and world size continues from there and ends with the same figure as an
   uninterrupted run;
 - an item whose loading raises `data_pipeline.images.SkipImage` (a folder's truncated or non-image file) is
@@ -74,7 +75,8 @@ class Preempted(Exception):
 
 class StopFlag:
     """SIGUSR1 / SIGTERM handlers that only record the signal; the evaluation acts on it at the next batch
-    boundary (collectively). `install()` returns self; `restore()` puts the previous handlers back."""
+    boundary (collectively: SIGUSR1 on any rank outranks SIGTERM). `install()` returns self; `restore()` puts the
+    previous handlers back."""
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -368,11 +370,13 @@ def evaluate_reconstructions(
             if partial is None:
                 continue
             # The batch boundary: the ranks agree on a stop signal and on a time-based save (MAX of each).
-            flags[0] = float(stop.received or 0) if stop is not None else 0.0
+            # USR1 (requeue) outranks TERM (stop for good), as in the trainer: encoded 2 and 1 for the MAX
+            flags[0] = {signal.SIGUSR1: 2.0, signal.SIGTERM: 1.0}.get(stop.received, 0.0) if stop is not None else 0.0
             flags[1] = float(cfg.save_every_min > 0 and time.monotonic() - t_saved >= 60 * cfg.save_every_min)
             if distributed:
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            signum, time_due = int(flags[0].item()), bool(flags[1].item())
+            signum = {2: signal.SIGUSR1, 1: signal.SIGTERM}.get(int(flags[0].item()), 0)
+            time_due = bool(flags[1].item())
             count_due = save_every and acc.pos % save_every == 0
             if acc.batches < n_batches and (signum or time_due or count_due):
                 _save_partial(acc, partial, fingerprint)

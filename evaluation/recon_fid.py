@@ -6,10 +6,12 @@
 The protocol core is `evaluation.protocol` (re-exported here: `evaluate_reconstructions`, `ReconEvalConfig`,
 ...). This module is the command line: the DiVAE reconstruct callable, the sampling precision
 (`evaluation.precision`), partial saves every --save-every images and --save-every-min minutes, and the stop on
-SIGUSR1/SIGTERM: every rank saves its partial sums at the next batch boundary, leaves `<out>/REQUEUE` and exits
-with `trainer.preemption.REQUEUE_EXIT_CODE` (75); `slurm/recon_fid.sh` then requeues the job and the rerun
-resumes. The process group uses a long timeout (--pg-timeout-min, default 120) so a rank that waits for a slow
-peer at a collective is not killed by the default 10 minutes.
+SIGUSR1/SIGTERM: every rank saves its partial sums at the next batch boundary. After SIGUSR1 (time limit,
+preemption) rank 0 leaves `<out>/REQUEUE`, the ranks exit with `trainer.preemption.REQUEUE_EXIT_CODE` (75),
+`slurm/recon_fid.sh` requeues the job and the rerun resumes; after SIGTERM (a plain `scancel`) they exit with
+STOP_EXIT_CODE (143) and nothing requeues (a later rerun still resumes). The process group uses a long timeout
+(--pg-timeout-min, default 120) so a rank that waits for a slow peer at a collective is not killed by the default
+10 minutes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -46,7 +49,7 @@ from evaluation.protocol import (  # noqa: F401 - re-exported: the library entry
     shard_indices,
 )
 from evaluation.report import save_grid, write_results_md
-from trainer.preemption import REQUEUE_EXIT_CODE, REQUEUE_MARKER
+from trainer.preemption import REQUEUE_EXIT_CODE, REQUEUE_MARKER, STOP_EXIT_CODE
 
 log = get_logger(__name__)
 
@@ -75,6 +78,14 @@ def _load_lpips(device: torch.device):
         log.warning("LPIPS skipped: %s", e)
         return None
     return lambda x, y: model(x, y).reshape(x.shape[0])
+
+
+def stop_exit(signum: int) -> tuple[int, bool]:
+    """(exit code, requeue?) after a stop signal: SIGUSR1 (time limit, preemption) requeues with exit 75;
+    SIGTERM (a plain `scancel`) ends for good with 143, the trainer's rule (trainer.preemption)."""
+    if signum == signal.SIGUSR1:
+        return REQUEUE_EXIT_CODE, True
+    return STOP_EXIT_CODE, False
 
 
 def _process_group_timeout_s() -> float | None:
@@ -245,12 +256,13 @@ def _run(args: argparse.Namespace, dataset, stop: StopFlag) -> list[dict] | int:
                                            extra={"process_group_timeout_s": _process_group_timeout_s(),
                                                   "precision_effect_measured": measured_precision_effect()})
         except Preempted as e:
-            if _dist_info()[0] == 0:
+            code, requeue = stop_exit(e.signum)
+            if requeue and _dist_info()[0] == 0:
                 (out / REQUEUE_MARKER).write_text(f"{e.pos}\n")
-            log.warning("%s: %s; exiting with code %d (requeue)", label, e, REQUEUE_EXIT_CODE)
+            log.warning("%s: %s; exiting with code %d (%s)", label, e, code, "requeue" if requeue else "stopped")
             if dist.is_initialized():
                 dist.destroy_process_group()
-            return REQUEUE_EXIT_CODE
+            return code
         log.info("%s: FID %.3f  PSNR %.2f  SSIM %s  LPIPS %s  (%d images, %.2f images/s)", label, res["fid"],
                  res["psnr"], res["ssim"], res["lpips"], res["num_images"], res["images_per_s"] or 0)
         all_results.append(res)

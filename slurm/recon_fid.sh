@@ -66,7 +66,8 @@ step=(srun --kill-on-bad-exit=1 --nodes="$nnodes" --ntasks="$nnodes" --ntasks-pe
 divae_log "restart ${SLURM_RESTART_COUNT:-0}: $nnodes node(s) x $nproc rank(s), master $MASTER_ADDR:$MASTER_PORT"
 divae_log "${step[*]}"
 
-# USR1/TERM: forward to the step (slurm/_common.sh's _divae_forward); the ranks save and exit 75.
+# USR1/TERM: forward to the step; the ranks save, then exit 75 after USR1 (requeue) or 143 after TERM (scancel:
+# the job ends for good, as for training).
 _forward() {
     divae_log "batch shell got SIG$1; forwarding it to the evaluation step (the ranks save, then exit)"
     [[ $1 == USR1 ]] && preempted=1

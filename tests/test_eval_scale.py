@@ -104,10 +104,27 @@ def test_time_based_and_signal_saves_in_process(tmp_path):
     assert not (tmp_path / "n" / "partial" / "rank00000-of-00001.json").exists()
 
     class SignalAt(BlurNoiseReconstruct):
+        sig = signal.SIGUSR1
+
         def __call__(self, images, idx):
             if self.calls == 1:  # during the 2nd batch
-                os.kill(os.getpid(), signal.SIGUSR1)
+                os.kill(os.getpid(), self.sig)
             return super().__call__(images, idx)
+
+    class TermAt(SignalAt):
+        sig = signal.SIGTERM
+
+    stop = StopFlag().install()  # SIGTERM (a plain scancel) also saves and stops, but the CLI does not requeue
+    try:
+        with pytest.raises(Preempted, match="SIGTERM") as term:
+            run_eval(tmp_path / "term", batch_size=2, save_every=0, reconstruct=TermAt(), stop=stop)
+    finally:
+        stop.restore()
+    from evaluation.recon_fid import stop_exit
+    from trainer.preemption import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
+
+    assert term.value.pos == 4 and stop_exit(term.value.signum) == (STOP_EXIT_CODE, False)
+    assert stop_exit(signal.SIGUSR1) == (REQUEUE_EXIT_CODE, True)
 
     stop = StopFlag().install()
     try:
