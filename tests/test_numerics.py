@@ -204,7 +204,7 @@ def test_variance_v_settles_where_the_vlb_optimum_lies_outside_the_range():
         opt.zero_grad()
         vb.backward()
         opt.step()
-        trace.append((float(v), float(v.grad)))
+        trace.append((v.item(), v.grad.item()))
     v_end, grad_end = trace[-1]
     assert v_end > 1.0  # the optimum is outside the nominal range ...
     assert abs(grad_end) < 1e-6 and abs(v_end - trace[-50][0]) < 1e-3  # ... and v settles there
