@@ -226,8 +226,8 @@ class UNetModel(nn.Module):
             raise ValueError("this UNet is unconditional (cond_position='none'); do not pass cond")
 
     def set_fp32_edges(self, flag: bool) -> None:
-        """Switch the edge layers between float32 and the body's dtype (no weights change)."""
-        self.cfg.fp32_edges = flag
+        """Switch the edge layers between float32 and the body's dtype (no weights change). The layers' flag is
+        the state; `cfg` (possibly a shared preset) is only read at construction."""
         for m in self.modules():
             if isinstance(m, Fp32Edge):
                 m.fp32 = flag
@@ -240,7 +240,8 @@ class UNetModel(nn.Module):
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels)).to(body_dtype)
         if cond is not None:
             cond = cond.to(body_dtype)
-        h = self.input_blocks[0][0](x if self.cfg.fp32_edges else x.to(body_dtype)).to(body_dtype)
+        conv_in = self.input_blocks[0][0]
+        h = conv_in(x if conv_in.fp32 else x.to(body_dtype)).to(body_dtype)
         hs = [h]
         for stage in self.input_blocks[1:]:
             h = self._run(stage, h, emb, cond)
