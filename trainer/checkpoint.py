@@ -28,8 +28,13 @@ newest intact older checkpoint is used. Checkpoints written before manifests exi
 Per-rank files are loaded with `torch.load(weights_only=True)`. DeepSpeed loads its own files with full
 unpickling: resume only from run folders you wrote (share the safetensors export, not the checkpoint).
 
-A checkpoint records the world size. Resuming with another number of ranks is refused at start (the ZeRO
-optimizer shards and the per-rank loader positions belong to that world size), with what to do instead.
+A checkpoint records the world size. Resuming with another number of ranks (elastic resume) loads the
+world-size-free `elastic_<engine>.safetensors` that every ZeRO-1/2 checkpoint also holds (trainer/elastic.py:
+design, what carries over); it is refused at start, with what to do instead, for ZeRO-3, webdataset shards,
+a checkpoint without the elastic files, or a global batch the new rank count cannot split.
+
+    python -m trainer.checkpoint inspect RUN_DIR|CHECKPOINT [--config X.yaml [key=value ...]]
+    python -m trainer.checkpoint convert CHECKPOINT   # under torchrun with the ranks that wrote it
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from data_pipeline.shards import sha256_file
 from divae.utils.cli import one_line
 from divae.utils.config import ConfigError
 from divae.utils.logging import get_logger
+from trainer import elastic
 from trainer.launch import all_gather_object, barrier, rank_and_world
 
 log = get_logger(__name__)
@@ -168,6 +174,7 @@ def _save(root: Path, step: int, *, rank: int, engines: dict, rank_state: dict[s
     for ename, engine in engines.items():
         engine.save_checkpoint(str(tmp), tag=ename, save_latest=False)
     torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
+    write_elastic(tmp, engines, rank)
     if rank == 0:
         for ename, state in ema.items():
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / f"ema_{ename}.safetensors"))
@@ -236,6 +243,19 @@ def write_error(root: Path, step: int, e: BaseException) -> CheckpointError:
     return CheckpointError(f"could not write checkpoint {root / ('.tmp_' + step_name(step))} "
                            f"({type(e).__name__}: {one_line(e)}; {where}): {fix}{kept}")
 
+
+
+def write_elastic(folder: Path, engines: dict, rank: int) -> list[str]:
+    """Collective: the world-size-free optimizer state of every ZeRO-1/2 engine (trainer/elastic.py), written
+    by rank 0 into `folder`. Returns the engine names written."""
+    names = []
+    for ename, engine in engines.items():
+        if elastic.supported(engine):
+            tensors, info = elastic.gather(engine, keep=rank == 0)
+            if rank == 0:
+                elastic.write(elastic.elastic_file(folder, ename), tensors, info)
+            names.append(ename)
+    return names
 
 
 def write_manifest(folder: Path, rank: int) -> None:
@@ -344,34 +364,66 @@ def read_meta(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / STATE_FILE).read_text())
 
 
-def check_compatible(meta: dict[str, Any], world_size: int, path: Path) -> None:
-    if meta["world_size"] != world_size:
-        raise WorldSizeError(
-            f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {world_size}. "
-            f"Its ZeRO optimizer shards and per-rank data-loader positions belong to {meta['world_size']} ranks, "
-            f"so it cannot resume here. Either relaunch with {meta['world_size']} ranks "
-            f"(torchrun --nproc_per_node / --nnodes, or the Slurm node and GPU counts), or start a new run "
-            f"(a new train.run_dir) from its weights with checkpoint.init_from={path / EXPORT_NAME} "
-            f"(fresh optimizer state and data order).")
+def _refusal(meta: dict[str, Any], world_size: int, path: Path, why: str) -> WorldSizeError:
+    n = meta["world_size"]
+    return WorldSizeError(
+        f"checkpoint {path} was written by {n} ranks, this run has {world_size}, and {why}. Either relaunch with "
+        f"{n} ranks (torchrun --nproc_per_node / --nnodes, or the Slurm node and GPU counts), or start a new run "
+        f"(a new train.run_dir) from its weights with checkpoint.init_from={path / EXPORT_NAME} "
+        f"(fresh optimizer state and data order).")
+
+
+def check_compatible(meta: dict[str, Any], world_size: int, path: Path, global_batch: int | None = None) -> bool:
+    """Whether resuming checkpoint `path` (its trainer_state `meta`) on `world_size` ranks is elastic (another
+    world size: True) or plain (False); a WorldSizeError naming the reason and the ways out when it cannot
+    resume here. `global_batch`: this run's train.batch_size (default: the checkpoint's)."""
+    if meta["world_size"] == world_size:
+        return False
+    stage = meta.get("zero_stage")
+    if stage is None or "micro_batch" not in meta:
+        raise _refusal(meta, world_size, path, "it predates elastic resume (no world-size-free state)")
+    if stage == 3:
+        raise _refusal(meta, world_size, path, "ZeRO-3 partitions the weights themselves (elastic resume covers "
+                                               "ZeRO 0-2)")
+    if meta.get("data_format") == "wds":
+        raise _refusal(meta, world_size, path, "its data position is in webdataset shards, which each rank reads "
+                                               "as its own shard list and shuffle buffer (no position on another "
+                                               "rank count; MDS shards resume elastically: prepare with --format mds)")
+    if stage in (1, 2) and set(meta["engines"]) - set(meta.get("elastic", [])):
+        raise _refusal(meta, world_size, path, f"it holds no world-size-free optimizer state; write it with "
+                                               f"`torchrun --nproc_per_node {meta['world_size']} -m trainer.checkpoint "
+                                               f"convert {path}`")
+    try:
+        elastic.batch_split(global_batch or meta["global_batch"], meta["micro_batch"], world_size)
+    except ConfigError as e:
+        raise _refusal(meta, world_size, path, str(e).split(";")[0]) from None
+    return True
 
 
 def load(path: Path, *, rank: int, world_size: int, engines: dict) -> tuple[dict[str, Any], dict[str, Any],
                                                                           dict[str, dict[str, torch.Tensor]]]:
-    """Load checkpoint `path` into `engines` (collective). Returns (meta, this rank's state, EMA states)."""
+    """Load checkpoint `path` into `engines` (collective). Returns (meta, this rank's state, EMA states).
+    On another world size than wrote it (elastic, see `check_compatible`), the engines load the world-size-free
+    state and "this rank's state" is rank 0's (its loader state is the same on every rank for MDS)."""
     t0 = time.perf_counter()
     path = Path(path)
     meta = read_meta(path)
-    check_compatible(meta, world_size, path)
+    is_elastic = check_compatible(meta, world_size, path)
     missing = set(engines) - set(meta["engines"])
     if missing:
         raise CheckpointError(f"checkpoint {path} has no state for {sorted(missing)} (it holds {meta['engines']}); "
                               "was it written by another stage?")
     for ename, engine in engines.items():
+        if is_elastic and elastic.supported(engine):
+            elastic.restore(engine, path, ename)
+            continue
         load_path, _ = engine.load_checkpoint(str(path), tag=ename, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {path / ename}")
-    rank_state = torch.load(path / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=True)
+    rank_state = torch.load(path / f"rank_{0 if is_elastic else rank:05d}.pt", map_location="cpu",
+                            weights_only=True)
     ema = {e: load_file(str(path / f"ema_{e}.safetensors")) for e in meta.get("ema", [])}
-    log.info("resumed from %s (step %d) in %.2f s", path, meta["step"], time.perf_counter() - t0)
+    how = f" on {world_size} ranks (written by {meta['world_size']}: elastic)" if is_elastic else ""
+    log.info("resumed from %s (step %d)%s in %.2f s", path, meta["step"], how, time.perf_counter() - t0)
     return meta, rank_state, ema

@@ -12,6 +12,7 @@ cancelled (SIGTERM) and saved, 1 error, 2 bad config.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -28,6 +29,7 @@ from divae.utils.cli import one_line, rank_emit, report
 from divae.utils.config import ConfigError, dump_config
 from divae.utils.logging import get_logger
 from trainer import checkpoint as ckpt
+from trainer import elastic
 from trainer.config import TrainConfig, load_train_config
 from trainer.ema import EMA
 from trainer.engine import build_engine, engine_lr, grad_norm
@@ -45,6 +47,11 @@ log = get_logger("trainer")
 
 
 FAULT_NAN_ENV = "DIVAE_FAULT_NAN_LOSS"
+# Test probes: TRACE_ENV=<dir>: each rank appends {"step", "rank", "index"} per micro-batch to
+# <dir>/samples_rank<r>.jsonl (which samples each optimizer step used); DUMP_ENV=<dir>: after an elastic resume,
+# rank 0 writes each engine's state gathered back from the new partitions to <dir>/<engine>.safetensors.
+TRACE_ENV = "DIVAE_TRACE_SAMPLES"
+DUMP_ENV = "DIVAE_ELASTIC_DUMP"
 
 
 class BadStepsError(RuntimeError):
@@ -100,16 +107,18 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
     if cfg.deepspeed.zero_stage > task_cls.max_zero_stage:
         raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} is not supported by the "
                           f"{cfg.train.stage} stage (max {task_cls.max_zero_stage})")
-    micro = cfg.per_rank_batch(dist.world_size)
-    cfg = replace(cfg, data=replace(cfg.data, batch_size=micro))  # the saved config states the real value
+    # the newest intact checkpoint (verified against its manifest; a damaged one is passed over with a warning)
+    latest = ckpt.select_checkpoint(ckpt_root, cfg.checkpoint.verify) if cfg.checkpoint.resume else None
+    prev = ckpt.read_meta(latest) if latest is not None else None
+    # fail before building anything when the checkpoint cannot resume on this world size
+    is_elastic = prev is not None and ckpt.check_compatible(prev, dist.world_size, latest, cfg.train.batch_size)
+    asked_ga = cfg.train.grad_accum
+    cfg, micro = _resume_batch(cfg, prev, is_elastic, dist.world_size)
+    cfg = _fix_canonical_nodes(cfg, prev, dist)
     config_yaml = dump_config(cfg.sections(task_cls.config_sections))
     ga, total = cfg.train.grad_accum, cfg.train.steps
 
     check_batch(cfg, dist.world_size, micro)
-    # the newest intact checkpoint (verified against its manifest; a damaged one is passed over with a warning)
-    latest = ckpt.select_checkpoint(ckpt_root, cfg.checkpoint.verify) if cfg.checkpoint.resume else None
-    if latest is not None:  # fail before building anything when the world size changed
-        ckpt.check_compatible(ckpt.read_meta(latest), dist.world_size, latest)
 
     seed_all(cfg.train.seed)  # identical initial weights on every rank
     task = task_cls(cfg, dist.device)
@@ -135,7 +144,11 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
         task.load_state_dict(rank_state["task"])
         for n, ema in emas.items():
             ema.load_state_dict(ema_states[n], meta["ema_updates"][n])
-        ckpt.set_rng_state(rank_state["rng"])
+        if is_elastic:  # this rank's stream did not exist in the N-rank run: derive it (reproducible)
+            seed_all(elastic.rank_seed(cfg.train.seed, step, dist.rank, dist.world_size))
+            _dump_elastic(engines, dist.rank)
+        else:
+            ckpt.set_rng_state(rank_state["rng"])
     elif dist.is_main:
         (run_dir / "config.yaml").write_text(config_yaml)
     if dist.is_main:
@@ -146,6 +159,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
     batches = Batches(loader)
     meter = WindowMeter()
     bad_in_a_row, sample_batch, nan_fault = 0, None, _nan_fault()
+    trace = _tracer(dist.rank)
     global_batch = micro * ga * dist.world_size
 
     def save(at_step: int) -> None:
@@ -169,7 +183,9 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
                 "zero_stage": cfg.deepspeed.zero_stage, "stage": cfg.train.stage, "wandb_id": wandb_id,
                 "engines": list(engines), "optimizer_steps": {n: int(e.global_steps) for n, e in engines.items()},
                 "ema": list(emas), "ema_updates": {n: e.num_updates for n, e in emas.items()},
-                "time": time.time()}
+                "micro_batch": micro, "grad_accum": ga, "grad_accum_config": asked_ga, "global_batch": global_batch,
+                "data_format": cfg.data.format, "num_canonical_nodes": cfg.data.num_canonical_nodes,
+                "elastic": [n for n, e in engines.items() if elastic.supported(e)], "time": time.time()}
         rng = ckpt.rng_state()
         rank_state = {"rng": rng, "loader": loader.state_dict(), "task": task.state_dict()}
         ckpt.save(ckpt_root, at_step, rank=dist.rank, engines=engines, rank_state=rank_state, meta=meta,
@@ -189,6 +205,8 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
             t_data = time.perf_counter()
             batch = batches.next()
             data_wait += time.perf_counter() - t_data
+            if trace is not None:
+                trace(step + 1, batch)
             if sample_batch is None:
                 sample_batch = batch
             for phase in task.phases:
@@ -260,6 +278,70 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
             break
     logger.close()
     return exit_code
+
+
+def _resume_batch(cfg: TrainConfig, prev: dict | None, is_elastic: bool, world_size: int) -> tuple[TrainConfig, int]:
+    """(config with the run's grad_accum and per-rank data.batch_size, micro-batch). A resume keeps the
+    checkpoint's micro-batch (what fit in memory) and recomputes the accumulation that keeps the global
+    batch on this world size; a fresh start (or a changed train.grad_accum / train.batch_size on the same
+    world size) splits train.batch_size with train.grad_accum."""
+    same_request = (prev is not None and "micro_batch" in prev and prev.get("global_batch") == cfg.train.batch_size
+                    and prev.get("grad_accum_config") == cfg.train.grad_accum)
+    if is_elastic or same_request:
+        micro, ga = elastic.batch_split(cfg.train.batch_size, prev["micro_batch"], world_size)
+        if (micro, ga) != (prev["micro_batch"], prev["grad_accum"]) or ga != cfg.train.grad_accum:
+            log.warning("resume on %d rank(s) (checkpoint: %d): micro-batch %d x grad_accum %d keeps the global batch "
+                        "of %d (train.grad_accum=%d)", world_size, prev["world_size"], micro, ga, cfg.train.batch_size,
+                        cfg.train.grad_accum)
+        cfg = replace(cfg, train=replace(cfg.train, grad_accum=ga))
+    else:
+        micro = cfg.per_rank_batch(world_size)
+    return replace(cfg, data=replace(cfg.data, batch_size=micro)), micro  # the saved config states the real value
+
+
+def _fix_canonical_nodes(cfg: TrainConfig, prev: dict | None, dist: DistInfo) -> TrainConfig:
+    """MDS: the data order is a function of data.num_canonical_nodes; fix it at the start of a run (streaming's
+    default for the shuffle algorithm on this many nodes, or the configured value), record it, keep it on every
+    resume, and check that this many nodes can split it."""
+    if cfg.data.format != "mds":
+        return cfg
+    nodes = max(dist.world_size // max(dist.local_world_size, 1), 1)
+    fixed = prev.get("num_canonical_nodes") if prev is not None else None
+    if prev is not None and "num_canonical_nodes" not in prev:
+        return cfg  # a checkpoint from before elastic resume: unchanged behaviour
+    if fixed is None:
+        fixed = cfg.data.num_canonical_nodes or elastic.canonical_nodes(cfg.data.shuffle_algo, nodes)
+    elif cfg.data.num_canonical_nodes not in (None, fixed):
+        raise ConfigError(f"data.num_canonical_nodes={cfg.data.num_canonical_nodes}, but this run's data order was "
+                          f"fixed to {fixed} at its start (see its checkpoints); remove the setting to resume")
+    elastic.check_canonical(fixed, nodes)
+    return replace(cfg, data=replace(cfg.data, num_canonical_nodes=fixed))
+
+
+def _tracer(rank: int):
+    d = os.environ.get(TRACE_ENV)
+    if not d:
+        return None
+    Path(d).mkdir(parents=True, exist_ok=True)
+    path = Path(d) / f"samples_rank{rank}.jsonl"
+
+    def trace(step: int, batch: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": step, "rank": rank, "index": batch["index"].tolist()}) + "\n")
+
+    return trace
+
+
+def _dump_elastic(engines: dict, rank: int) -> None:
+    d = os.environ.get(DUMP_ENV)
+    if not d:
+        return
+    Path(d).mkdir(parents=True, exist_ok=True)
+    for name, engine in engines.items():
+        if elastic.supported(engine):
+            tensors, info = elastic.gather(engine, keep=rank == 0)
+            if rank == 0:
+                elastic.write(Path(d) / f"{name}.safetensors", tensors, info)
 
 
 def _zero_loss(model: torch.nn.Module) -> torch.Tensor:

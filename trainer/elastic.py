@@ -1,0 +1,190 @@
+"""Elastic resume: a checkpoint written by N ranks continues on M ranks (M < N, M > N, M = 1).
+
+Design (chosen over DeepSpeed's universal checkpoints): every checkpoint of a ZeRO-1/2 engine also holds a
+world-size-free copy of its optimizer, `elastic_<engine>.safetensors`, written by rank 0 at save time:
+
+    fp32.<param name>        full fp32 master weight            (the parameter's shape)
+    exp_avg.<param name>     full AdamW first moment            (the parameter's shape)
+    exp_avg_sq.<param name>  full AdamW second moment           (the parameter's shape)
+    metadata "elastic"       JSON: AdamW step, the param groups' lr, the LambdaLR state, the engine's
+                             global_steps / global_samples / skipped_steps, the ZeRO stage and DP world size
+
+The full tensors are gathered with DeepSpeed's public tensor-fragment API (`safe_get_full_fp32_param`,
+`safe_get_full_optimizer_state`: one all-reduce per parameter and state) and restored on the new world with
+the matching setters after the engine was built for M ranks, so DeepSpeed itself re-partitions them. Why not
+`ds_to_universal`: it is an offline conversion of every old rank's shard files (a step the relaunch would need
+before it can start), written for Megatron layouts, and only tested with fp16/bf16 wrappers on GPU; the
+gather-at-save form is plain tensors by name, exact (copies of fp32, no arithmetic), checked bitwise on CPU
+with gloo, and readable without unpickling. Its cost: +12 bytes per trainable parameter per checkpoint on
+rank 0's disk, and 3 all-reduces of each parameter's size per save. `python -m trainer.checkpoint convert`
+writes the same file for a checkpoint saved without it (it needs the N ranks that wrote it, once).
+
+Covered: ZeRO-1 (DeepSpeed's BF16_Optimizer under bf16) and ZeRO-2 (its ZeRO optimizer) through this file;
+ZeRO-0 needs nothing (DeepSpeed keeps its unpartitioned optimizer state in one world-size-free file).
+ZeRO-3 is refused: its parameters themselves are partitioned, and DeepSpeed 0.19's ZeRO-3 universal path
+was not cleanly usable with a client optimizer; relaunch with the same N.
+
+What else carries over on a change of world size (see train.py and README "Elastic resume"): model,
+EMA (rank 0's full copy), step, samples seen, the lr schedule, the MDS data position (mosaicml-streaming's
+elastic resume with the run's fixed `num_canonical_nodes`), the global batch (the micro-batch is kept,
+accumulation recomputed). Not carried: the per-rank RNG streams (re-derived from seed, step and rank:
+reproducible, not equal to the N-rank run), a webdataset position (refused).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from divae.utils.config import ConfigError
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+KEYS = ("fp32", *MOMENTS)
+
+
+def elastic_file(folder: Path, engine_name: str) -> Path:
+    return Path(folder) / f"elastic_{engine_name}.safetensors"
+
+
+def supported(engine) -> bool:
+    """Whether `engine` keeps fp32 master weights in ZeRO partitions that this module gathers (ZeRO-1/2)."""
+    return any(hasattr(p, "_hp_mapping") for p in engine.module.parameters()) and not any(
+        hasattr(p, "ds_id") for p in engine.module.parameters())
+
+
+def _named(engine) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+
+
+def _base(engine):
+    from trainer.engine import client_optimizer
+
+    return client_optimizer(engine)
+
+
+def _opt_step(base) -> float:
+    steps = [float(s["step"]) for s in base.state.values() if "step" in s]
+    return steps[0] if steps else 0.0
+
+
+def gather(engine, keep: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Collective (every rank of the engine's data-parallel group): the engine's full fp32 master weights and
+    AdamW moments by parameter name (fp32 CPU tensors; empty where `keep` is false: only the writer holds the
+    whole model) and the scalar state."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    base = _base(engine)
+    linked = bool(base.state)  # no optimizer step yet: AdamW has no moments (they start at zero)
+    tensors = {}
+    for name, p in _named(engine):
+        full = {"fp32": safe_get_full_fp32_param(p)}
+        for key in MOMENTS:
+            full[key] = safe_get_full_optimizer_state(p, key) if linked else torch.zeros(p.shape)
+        if keep:
+            tensors.update({f"{k}.{name}": v.detach().float().cpu().clone() for k, v in full.items()})
+    sched = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None  # JSON-able (LambdaLR)
+    info = {"optimizer_step": _opt_step(base), "lr": [g["lr"] for g in base.param_groups],
+            "lr_scheduler": sched, "global_steps": int(engine.global_steps),
+            "global_samples": int(engine.global_samples), "skipped_steps": int(engine.skipped_steps),
+            "zero_stage": int(engine.zero_optimization_stage()), "dp_world_size": int(engine.dp_world_size)}
+    return tensors, info
+
+
+def write(path: Path, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"elastic": json.dumps(info)})
+
+
+def read_info(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["elastic"])
+
+
+def restore(engine, folder: Path, engine_name: str) -> dict[str, Any]:
+    """Collective: load checkpoint `folder`'s state of `engine_name` into `engine`, built for any world size.
+    Module weights and buffers come from DeepSpeed's (world-size-free) module file, the fp32 master weights,
+    moments and scalars from the elastic file. Returns the elastic info."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from safetensors import safe_open
+
+    from trainer.checkpoint import CheckpointError
+
+    path = elastic_file(folder, engine_name)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: this checkpoint cannot resume on another number of ranks "
+                              f"(run `python -m trainer.checkpoint convert {folder}` with the ranks that wrote it)")
+    load_path, _ = engine.load_checkpoint(str(folder), tag=engine_name, load_module_only=True,
+                                          load_optimizer_states=False, load_lr_scheduler_states=False)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load the module of {folder / engine_name}")
+    info = read_info(path)
+    base = _base(engine)
+    for group, lr in zip(base.param_groups, info["lr"]):
+        group["lr"] = lr
+        for flat in group["params"]:  # AdamW's state of this rank's flat partition, as its first step makes it
+            on_device = group.get("fused") or group.get("capturable")
+            base.state[flat] = {
+                "step": torch.tensor(info["optimizer_step"], dtype=torch.float32,
+                                     device=flat.device if on_device else "cpu"),
+                **{k: torch.zeros_like(flat, memory_format=torch.preserve_format) for k in MOMENTS}}
+    engine.optimizer._hp_optimizer_states_linked = False  # link the fragments to the new state (DeepSpeed's
+    engine.optimizer._lazy_init_hp_params_optimizer_state()  # own step does this lazily)
+    with safe_open(str(path), "pt") as f:
+        names = set(f.keys())
+        for name, p in _named(engine):
+            missing = [f"{k}.{name}" for k in KEYS if f"{k}.{name}" not in names]
+            if missing:
+                raise CheckpointError(f"{path} has no {missing[0]}: was it written by another model?")
+            safe_set_full_fp32_param(p, f.get_tensor(f"fp32.{name}").to(p.device))
+            for key in MOMENTS:
+                safe_set_full_optimizer_state(p, f.get_tensor(f"{key}.{name}").to(p.device), key)
+    if engine.lr_scheduler is not None and info["lr_scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(info["lr_scheduler"])
+    engine.global_steps, engine.global_samples = info["global_steps"], info["global_samples"]
+    engine.skipped_steps = info["skipped_steps"]
+    return info
+
+
+# -- batch, RNG, data ---------------------------------------------------------------------------------------
+def batch_split(global_batch: int, micro: int, world_size: int) -> tuple[int, int]:
+    """(micro-batch, accumulation) that keep `global_batch` on `world_size` ranks: the largest micro-batch
+    <= `micro` (what fit in memory) with global_batch = micro x accumulation x world_size. A ConfigError that
+    lists the rank counts that work when there is none."""
+    if global_batch % world_size == 0:
+        for m in range(min(micro, global_batch // world_size), 0, -1):
+            if global_batch % (m * world_size) == 0:
+                return m, global_batch // (m * world_size)
+    ok = [n for n in range(1, global_batch + 1) if global_batch % n == 0]
+    raise ConfigError(f"train.batch_size={global_batch} (the run's global batch) cannot be split over {world_size} "
+                      f"rank(s); relaunch with a rank count that divides it ({', '.join(map(str, ok[:12]))}"
+                      f"{', ...' if len(ok) > 12 else ''}), or start a new run with checkpoint.init_from")
+
+
+def rank_seed(seed: int, step: int, rank: int, world_size: int) -> int:
+    """The seed of rank `rank`'s randomness (noise, timesteps) after an elastic resume at `step`: a function of
+    (seed, step, rank, world size) only, so that a resumed run on M ranks is reproducible."""
+    return int(np.random.SeedSequence([seed, step, rank, world_size, 0xE1A5]).generate_state(1, np.uint64)[0])
+
+
+CANONICAL_DEFAULT = {"py1s": 64, "py2s": 64}  # streaming's default: this many per physical node, else 1
+
+
+def canonical_nodes(algo: str, physical_nodes: int) -> int:
+    """mosaicml-streaming's default `num_canonical_nodes` for `algo` on `physical_nodes` nodes."""
+    return CANONICAL_DEFAULT.get(algo, 1) * physical_nodes
+
+
+def check_canonical(num_canonical: int, physical_nodes: int) -> None:
+    """streaming partitions canonical nodes over physical ones: one count must divide the other."""
+    if num_canonical % physical_nodes and physical_nodes % num_canonical:
+        ok = sorted({d for d in range(1, num_canonical + 1) if num_canonical % d == 0})
+        raise ConfigError(f"this run's data order is fixed to data.num_canonical_nodes={num_canonical}, which "
+                          f"{physical_nodes} node(s) cannot split (mosaicml-streaming needs one to divide the other): "
+                          f"relaunch on {', '.join(map(str, ok))} node(s) or a multiple of {num_canonical}")
