@@ -62,6 +62,9 @@ class ReconEvalConfig:
     save_every_min: float = 0.0  # minutes between partial saves (at the next batch boundary); 0: never
     num_show: int = 8  # images (global indices 0..num_show-1) in samples.png
     ssim: bool = True  # SSIM (float64, on the device; scikit-image's figure)
+    # False: the outputs are not reconstructions of the dataset's images (text-to-image: the dataset is only the
+    # FID reference set), so PSNR/SSIM/LPIPS are not computed and reported as None
+    paired: bool = True
 
 
 class Preempted(Exception):
@@ -165,8 +168,8 @@ class _Accumulator:
         self.fake = FeatureStats(FEATURE_DIM, device)
         self.real = FeatureStats(FEATURE_DIM, device) if need_real else None
         self.codebook = CodebookCounter(codebook_size, device) if codebook_size else None
-        # float64 sums: count, psnr, ssim, lpips, number of inf PSNRs (exact reconstructions)
-        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
+        # float64 sums: count, psnr, ssim, lpips, number of inf PSNRs (exact reconstructions), `score`
+        self.sums = torch.zeros(6, dtype=torch.float64, device=device)
         self.samples: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.tokens_hw: list[int] | None = None
         self.skipped: list[dict] = []  # {"index", "reason", "detail"} of items that are not usable images
@@ -193,7 +196,7 @@ class _Accumulator:
             self.real.load_state_dict(state["real"])
         if self.codebook is not None:
             self.codebook.counts.copy_(state["codebook"])
-        self.sums.copy_(state["sums"])
+        self.sums[:len(state["sums"])].copy_(state["sums"])  # a file from before `score` holds 5 sums
         self.tokens_hw = state["tokens_hw"].tolist() or None
         self.skipped = list(state.get("skipped", []))
         for k, i in enumerate(state["sample_idx"].tolist()):
@@ -241,6 +244,9 @@ def evaluate_reconstructions(
     label: str = "reconstruction",
     stop: StopFlag | None = None,
     extra: dict | None = None,
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    score_name: str = "score",
+    report: Callable[[dict, dict, Path], None] | None = None,
 ) -> dict:
     """Reconstruct the first N images of `dataset` (this rank's share), and return the all-reduced figures
     (same dict on every rank). `extractor` maps uint8 (B,3,H,W) -> (B, 2048) (the FID Inception);
@@ -248,7 +254,11 @@ def evaluate_reconstructions(
     results.json and, with the world size and batch size, must match for a resume. With `out_dir`
     None nothing is written and nothing resumes (quick in-training use). `stop`: a `StopFlag` (installed
     handlers); when any rank's flag is set at a batch boundary, all ranks save and raise `Preempted`.
-    `extra`: more fields for results.json (e.g. the process group's timeout)."""
+    `extra`: more fields for results.json (e.g. the process group's timeout). `score(outputs uint8 (B,3,H,W),
+    global indices (B,)) -> (B,)`: a per-output figure whose mean is reported as results[score_name] (e.g. the CLIP
+    score of text-to-image). `report(results, samples, out_dir)` replaces the default results.md and samples.png
+    (rank 0; samples maps global index -> (original, output) uint8). With `cfg.paired` False the outputs are not
+    reconstructions (text-to-image): PSNR/SSIM/LPIPS are None and only the FID compares the two sets."""
     cfg = cfg or ReconEvalConfig()
     rank, world = _dist_info()
     device = next(extractor.parameters()).device
@@ -260,7 +270,9 @@ def evaluate_reconstructions(
     mine = shard_indices(n_total, rank, world)
 
     protocol = dict(protocol or {})
-    protocol.update(num_images=n_total, world_size=world, batch_size=cfg.batch_size, ssim=cfg.ssim,
+    if not cfg.paired:
+        lpips = None
+    protocol.update(num_images=n_total, world_size=world, batch_size=cfg.batch_size, ssim=cfg.ssim and cfg.paired,
                     lpips=lpips is not None, codebook_size=codebook_size, feature_dim=FEATURE_DIM,
                     inception_input=f"uint8, TF1 bilinear resize to {INPUT_SIZE}x{INPUT_SIZE}, (x-128)/128",
                     inception_weights_sha256=getattr(extractor, "weights_sha256", None),
@@ -339,13 +351,16 @@ def evaluate_reconstructions(
         acc.fake.update(extractor(recon_d))
         if acc.real is not None:
             acc.real.update(extractor(images_d))
-        p = psnr(images_d, recon_d)  # float64 (B,) on the device; no host sync
-        finite = torch.isfinite(p)
         acc.sums[0] += len(idx)
-        acc.sums[1] += torch.where(finite, p, 0).sum()
-        acc.sums[4] += (~finite).sum()
-        if cfg.ssim:
+        if cfg.paired:
+            p = psnr(images_d, recon_d)  # float64 (B,) on the device; no host sync
+            finite = torch.isfinite(p)
+            acc.sums[1] += torch.where(finite, p, 0).sum()
+            acc.sums[4] += (~finite).sum()
+        if cfg.ssim and cfg.paired:
             acc.sums[2] += ssim(images_d, recon_d).sum()
+        if score is not None:
+            acc.sums[5] += score(recon_d, idx).double().sum()
         if lpips is not None:
             acc.sums[3] += lpips(to_unit_range(images_d), to_unit_range(recon_d)).double().sum()
         if tokens is not None:
@@ -434,9 +449,9 @@ def evaluate_reconstructions(
     results = {
         "label": label,
         "fid": fid,
-        "psnr": float("inf") if n_inf else acc.sums[1].item() / count,
+        "psnr": (float("inf") if n_inf else acc.sums[1].item() / count) if cfg.paired else None,
         "psnr_exact_images": n_inf,
-        "ssim": acc.sums[2].item() / count if cfg.ssim else None,
+        "ssim": acc.sums[2].item() / count if cfg.ssim and cfg.paired else None,
         "lpips": acc.sums[3].item() / count if lpips is not None else None,
         "codebook": acc.codebook.summary() if acc.codebook is not None else None,
         "num_images": count,
@@ -448,6 +463,8 @@ def evaluate_reconstructions(
         "reference_stats": ref_source,
         "protocol": protocol,
     }
+    if score is not None:
+        results[score_name] = acc.sums[5].item() / count
     results.update(extra or {})
     results["tokens_hw"] = next((t for _, t, _ in gathered if t), None)
     samples = {i: s for part, _, _ in gathered for i, s in part.items()}
@@ -458,12 +475,15 @@ def evaluate_reconstructions(
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-            write_results_md([results], out / "results.md")
             order = sorted(samples)
             orig = torch.stack([samples[i][0] for i in order]) if order else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
             rec = torch.stack([samples[i][1] for i in order]) if order else orig
-            if order:
-                save_grid([orig, rec], out / "samples.png")
+            if report is not None:
+                report(results, samples, out)
+            else:
+                write_results_md([results], out / "results.md")
+                if order:
+                    save_grid([orig, rec], out / "samples.png")
             np.savez(out / "samples.npz", index=np.array(order, dtype=np.int64), original=orig.numpy(),
                      reconstruction=rec.numpy())
         if dist.is_available() and dist.is_initialized():

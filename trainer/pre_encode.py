@@ -2,21 +2,45 @@
 
     python -m trainer.pre_encode --vq runs/vq_f16/divae.safetensors \
         --src data/imagenet256/train --dst data/imagenet256_f16tok/train [--batch-size 64] [--device cuda]
+    torchrun --nproc_per_node 8 -m trainer.pre_encode --vq ... --src data/cc3m256 --dst data/cc3m256_f8tok
 
 The decoder stage then reads z_q from the stored indices instead of running the encoder every epoch:
 `decoder.tokens=precomputed data.path=<dst> data.random_flip=false` (the indices belong to the unflipped
-images). `tokens` holds the (h, w) indices row-major as int16 bytes when K <= 32768, else int32
-(`tokens_from_bytes` decodes them). Samples keep their order; every other column is copied.
+images); the prior stage reads them with the captions. `tokens` holds the (h, w) indices row-major as int16 bytes
+when K <= 32768, else int32 (`tokens_from_bytes` decodes them). Samples keep their order; every other column is
+copied.
+
+Scale (Conceptual Captions: 3.3M images): output shard k holds exactly source shard k's samples, so ranks
+(torchrun / srun: RANK, WORLD_SIZE) take disjoint shards (k % WORLD_SIZE == RANK) and a shard's bytes do not
+depend on the number of ranks. A DataLoader (--workers processes) decodes the JPEGs; batches never cross a shard.
+--precision bf16 (the default on CUDA) runs the encoder under bf16 autocast while the codebook search stays
+fp32 (`divae.quantizer.nearest_code`); fp32 (the default on CPU) runs everything in fp32.
+
+Resume: each shard is written to a temporary name and renamed, then a receipt `.pre_encode/<shard>.json` (its
+size, sha256, MDS index entry) is written the same way. After a kill (even -9) a rerun of the same command skips
+the shards with a receipt and redoes the rest; the result is byte-identical to an uninterrupted run. The settings
+(VQ file hash, source manifest hash, batch size, precision) are recorded in `.pre_encode/settings.json`; a rerun
+with other settings is refused. Rank 0 writes index.json and manifest.json (last) once every shard has a receipt.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from divae.model import DiVAE
+from divae.utils.cli import UsageError, run_cli
+
+STATE_DIR = ".pre_encode"
 
 
 def tokens_dtype(n_embed: int) -> np.dtype:
@@ -35,37 +59,163 @@ def tokens_from_bytes(values: list[bytes], grid: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(out).astype(np.int64))
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _Samples(torch.utils.data.Dataset):
+    """Global sample index -> the stored columns plus the decoded "image" (ShardReader; opened lazily per worker)."""
+
+    def __init__(self, src: str):
+        from data_pipeline.reader import ShardReader
+
+        self.reader = ShardReader(src)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.reader[i]
+
+
+def _batches(starts: list[int], counts: list[int], shards: list[int], batch_size: int) -> list[list[int]]:
+    """Batches of global indices for `shards`, in order, each inside one shard."""
+    out = []
+    for k in shards:
+        idx = list(range(starts[k], starts[k] + counts[k]))
+        out += [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    return out
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m trainer.pre_encode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vq", required=True, help="DiVAE weights file from the VQ stage (<run_dir>/divae.safetensors)")
     p.add_argument("--src", required=True, help="shard folder (data_pipeline.prepare_* output)")
-    p.add_argument("--dst", required=True, help="new shard folder to write (must not exist yet)")
+    p.add_argument("--dst", required=True, help="new shard folder (a rerun of the same command resumes it)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    from data_pipeline.shards import copy_with_extra_column
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes decoding JPEGs per rank")
+    p.add_argument("--device", default=None, help="default: cuda:<LOCAL_RANK> when CUDA is available, else cpu")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="encoder precision (auto: bf16 on CUDA, fp32 on CPU); the codebook search is always fp32")
+    p.add_argument("--wait-min", type=float, default=24 * 60.0,
+                   help="minutes rank 0 waits for the other ranks' shards before giving up")
+    p.add_argument("--debug", action="store_true", help="print the traceback of expected errors too")
+    return p.parse_args(argv)
 
-    device = torch.device(args.device)
-    model = DiVAE.from_pretrained(args.vq, device=device)
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    from data_pipeline.shards import MANIFEST, finalize, load_manifest, write_shard
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if not 0 <= rank < world:
+        raise UsageError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
+    if args.batch_size < 1 or args.workers < 0:
+        raise UsageError("--batch-size must be >= 1 and --workers >= 0")
+    if not Path(args.vq).is_file():
+        raise UsageError(f"--vq {args.vq}: no such file (the VQ stage's divae.safetensors)")
+    try:
+        m = load_manifest(args.src)
+    except FileNotFoundError as e:
+        raise UsageError(f"--src: {e}") from None
+    dst = Path(args.dst)
+    if (dst / MANIFEST).is_file():
+        done = load_manifest(str(dst))
+        if rank == 0:
+            print(f"{dst} is complete ({done['num_samples']} samples); nothing to do")
+        return done
+    cuda = torch.cuda.is_available()
+    device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu"))
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    settings = {"vq_sha256": _sha256(args.vq), "src": os.path.abspath(args.src),
+                "src_manifest_sha256": _sha256(Path(args.src) / MANIFEST), "batch_size": args.batch_size,
+                "precision": precision, "format": m["format"]}
+    state = dst / STATE_DIR
+    state.mkdir(parents=True, exist_ok=True)
+    if not (state / "settings.json").is_file():
+        _write_json(state / "settings.json", settings)
+    old = json.loads((state / "settings.json").read_text())
+    if old != settings:
+        diff = sorted(k for k in settings if old.get(k) != settings[k])
+        raise UsageError(f"--dst {dst} holds a partial pre-encoding with other settings ({', '.join(diff)}); rerun "
+                         f"with the same ones, or delete {dst} to start over")
+
+    model = DiVAE.from_pretrained(args.vq, device=device).eval().requires_grad_(False)
     dtype = tokens_dtype(model.vq.cfg.n_embed)
     f = model.downsample_factor
+    columns = {**m["columns"], "tokens": "bytes"}
+    counts = [s["samples"] for s in m["shards"]]
+    starts = np.cumsum([0] + counts[:-1]).tolist()
+    receipt = [state / f"{s['basename']}.json" for s in m["shards"]]
+    mine = [k for k in range(len(counts)) if k % world == rank and not receipt[k].is_file()]
 
-    def encode(samples: list[dict]) -> list[bytes]:
-        imgs = np.stack([s["image"] for s in samples])  # (B, H, W, 3) uint8
+    def encode(images: list[np.ndarray]) -> list[bytes]:
+        imgs = np.stack(images)  # (B, H, W, 3) uint8
         if imgs.shape[1] % f or imgs.shape[2] % f:
             raise ValueError(f"images of {imgs.shape[1]}x{imgs.shape[2]} are not divisible by the VQ's f={f}")
         x = torch.from_numpy(imgs).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             idx = model.encode(x).cpu().numpy().astype(dtype)
         return [row.tobytes() for row in idx]
 
-    manifest = copy_with_extra_column(args.src, args.dst, encode, "tokens", encoding="bytes",
-                                      batch_size=args.batch_size)
-    n = manifest["counts"]["written"]
-    print(f"wrote {n} samples with `tokens` ({dtype.name}, f={f}) to {args.dst}")
+    t0, n_done = time.perf_counter(), 0
+    if mine:
+        loader = torch.utils.data.DataLoader(_Samples(args.src), batch_sampler=_batches(starts, counts, mine,
+                                                                                        args.batch_size),
+                                             num_workers=args.workers, collate_fn=list)
+        it = iter(loader)
+        for k in mine:
+            samples = []
+            while len(samples) < counts[k]:
+                batch = next(it)
+                for s, tok in zip(batch, encode([s["image"] for s in batch])):
+                    samples.append({**{c: s[c] for c in m["columns"]}, "tokens": tok})
+            info = write_shard(str(dst), k, m["format"], samples, columns)
+            if os.environ.get("DIVAE_TEST_KILL_AFTER_SHARD") == str(k):  # tests: SIGKILL between shard and receipt,
+                # to this process and its DataLoader workers when it leads its own process group (as `kill -9` of
+                # a Slurm step kills every process of the step)
+                os.killpg(os.getpid(), signal.SIGKILL) if os.getpgid(0) == os.getpid() else \
+                    os.kill(os.getpid(), signal.SIGKILL)
+            if info["basename"] != m["shards"][k]["basename"]:
+                raise RuntimeError(f"shard {k} was written as {info['basename']}, the source calls it "
+                                   f"{m['shards'][k]['basename']}")
+            _write_json(receipt[k], info)
+            n_done += counts[k]
+            print(f"rank {rank}: shard {k + 1}/{len(counts)} done ({n_done} samples this run, "
+                  f"{n_done / (time.perf_counter() - t0):.1f} images/s)", flush=True)
+    if rank != 0:
+        return {}
+    deadline = time.monotonic() + 60 * args.wait_min
+    while not all(r.is_file() for r in receipt):
+        if time.monotonic() > deadline:
+            missing = [r.stem for r in receipt if not r.is_file()]
+            raise RuntimeError(f"waited {args.wait_min} min for {len(missing)} shards of the other ranks "
+                               f"({missing[:3]}...); rerun the command to finish them")
+        time.sleep(1.0)
+    shards = [json.loads(r.read_text()) for r in receipt]
+    keep = {k: m[k] for k in ("source", "preprocessing", "classes") if k in m}
+    manifest = finalize(str(dst), m["format"], columns, shards, counts={"written": sum(counts)},
+                        derived_from={"path": os.path.abspath(args.src), "added_column": "tokens",
+                                      "vq_sha256": settings["vq_sha256"], "precision": precision,
+                                      "batch_size": args.batch_size}, **keep)
+    print(f"wrote {manifest['num_samples']} samples with `tokens` ({dtype.name}, f={f}, {precision}) to {dst}")
     return manifest
 
 
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(main, argv, prog="python -m trainer.pre_encode")
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
