@@ -138,14 +138,17 @@ def test_truncated_shard_is_one_line_and_exit_1(shards, tmp_path, capsys):
 
 
 def test_other_world_size_is_refused_on_every_rank_with_exit_2(shards, vq_run, tmp_path):
+    """Another world size resumes elastically (tests/test_elastic.py) unless it cannot keep the global batch:
+    then every rank refuses with the rank counts that can."""
     run_dir = tmp_path / "run"
     shutil.copytree(vq_run, run_dir)
     log = tmp_path / "log.txt"
-    assert tt.run(vq_args(shards, run_dir, "train.steps=8"), 2, log, timeout=120) != 0
+    assert tt.run(vq_args(shards, run_dir, "train.steps=8", "train.batch_size=5"), 2, log, timeout=120) != 0
     text = log.read_text()
     refused = [ln for ln in text.splitlines() if "trainer.train: error: checkpoint" in ln]
     assert sorted(ln[:8] for ln in refused) == ["[rank 0]", "[rank 1]"], text[-3000:]
-    assert all("was written by 1 ranks, this run has 2" in ln and "checkpoint.init_from=" in ln for ln in refused)
+    assert all("was written by 1 ranks, this run has 2" in ln and "checkpoint.init_from=" in ln
+               and "rank counts that can: 1, 5" in ln for ln in refused), refused
     codes = re.findall(r"exitcode\s*:\s*(-?\d+) \(pid", text)  # torchrun SIGTERMs a rank still exiting
     assert "2" in codes and set(codes) <= {"2", "-15"} and not rank_tracebacks(text), text[-3000:]
 

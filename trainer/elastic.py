@@ -162,9 +162,10 @@ def batch_split(global_batch: int, micro: int, world_size: int) -> tuple[int, in
             if global_batch % (m * world_size) == 0:
                 return m, global_batch // (m * world_size)
     ok = [n for n in range(1, global_batch + 1) if global_batch % n == 0]
+    works = ", ".join(map(str, ok[:12])) + (", ..." if len(ok) > 12 else "")
     raise ConfigError(f"train.batch_size={global_batch} (the run's global batch) cannot be split over {world_size} "
-                      f"rank(s); relaunch with a rank count that divides it ({', '.join(map(str, ok[:12]))}"
-                      f"{', ...' if len(ok) > 12 else ''}), or start a new run with checkpoint.init_from")
+                      f"rank(s) (rank counts that can: {works}); relaunch with one of those, or start a new run with "
+                      f"checkpoint.init_from")
 
 
 def rank_seed(seed: int, step: int, rank: int, world_size: int) -> int:
