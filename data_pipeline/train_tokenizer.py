@@ -3,9 +3,11 @@
     python -m data_pipeline.train_tokenizer --shards DIR --vocab-size 16384 [--out PATH]
     python -m data_pipeline.train_tokenizer --captions captions.txt --out tokenizer.json
 
-Reads the `caption` column of the shard folders under DIR (every `manifest.json` below it, through
-`data_pipeline.reader.ShardReader`; folders without a manifest: plain MDS `index.json` shards or the `.caption`
-/ `.txt` members of webdataset tars), or one caption per line from --captions. Empty captions are
+Reads only the `caption` column of the shard folders under DIR (every `manifest.json` below it, with this
+package's shard layout; folders without a manifest: plain MDS `index.json` shards or the `.caption` / `.txt`
+members of webdataset tars), or one caption per line from --captions: per MDS sample only its size header and
+caption bytes are read, tar members that are not captions are skipped, so no image bytes are read (Conceptual
+Captions: ~100 GB of JPEGs for ~0.3 GB of text). Empty captions are
 skipped. Writes `DIR/tokenizer.json` (or --out): the JSON that `divae.text_tokenizer.TextTokenizer.load`
 reads and that `divae.prior.save_prior` embeds in every prior checkpoint.
 
@@ -134,26 +136,41 @@ def _caption_reader(shard: dict, where: Path):
     return reader, col
 
 
-def _caption_of(sample: bytes, reader, col: int) -> str:
-    idx, sizes = 0, []
-    for size in reader.column_sizes:
-        if size is None:
-            size = int(np.frombuffer(sample[idx:idx + 4], np.uint32)[0])
-            idx += 4
-        sizes.append(size)
-    start = idx + sum(sizes[:col])
-    return sample[start:start + sizes[col]].decode("utf-8")
-
-
-def _shard_samples(data: bytes | mmap.mmap, n: int, where: str) -> Iterator[bytes]:
-    """The n samples of an MDS shard held in memory (offset table checked against the bytes)."""
+def _shard_captions(data: bytes | mmap.mmap, n: int, where: str, column_sizes: list[int | None],
+                    col: int) -> Iterator[str]:
+    """The caption of each of the n samples of an MDS shard held in memory (or mapped): per sample only the
+    size header of the variable-size columns and the caption's bytes are read, never the image bytes (Conceptual
+    Captions: ~100 GB of JPEGs for ~0.3 GB of text). `column_sizes`: the MDS layout (None = variable size);
+    the offset table is checked against the bytes."""
     if len(data) < 4 + 4 * (n + 1) or int(np.frombuffer(data[:4], np.uint32)[0]) != n:
         raise ShardFolderError(f"{where}: not an MDS shard of {n} samples")
     offsets = np.frombuffer(data[4:4 + 4 * (n + 1)], np.uint32).astype(np.int64)
     if (np.diff(offsets) < 0).any() or offsets[-1] > len(data):
         raise ShardFolderError(f"{where}: corrupt MDS offset table")
+    nvar = sum(size is None for size in column_sizes)
     for i in range(n):
-        yield data[offsets[i]:offsets[i + 1]]
+        begin, end = int(offsets[i]), int(offsets[i + 1])
+        head = np.frombuffer(data[begin:begin + 4 * nvar], np.uint32) if nvar else None
+        if nvar and len(head) != nvar:
+            raise ShardFolderError(f"{where}: sample {i} is shorter than its size header")
+        sizes, v = [], 0
+        for size in column_sizes:
+            if size is None:
+                size, v = int(head[v]), v + 1
+            sizes.append(size)
+        start = begin + 4 * nvar + sum(sizes[:col])
+        if start + sizes[col] > end:
+            raise ShardFolderError(f"{where}: sample {i} is shorter than its column sizes")
+        yield bytes(data[start:start + sizes[col]]).decode("utf-8")
+
+
+def _mds_file_captions(path: Path, n: int, column_sizes: list[int | None], col: int) -> Iterator[str]:
+    """Captions of the uncompressed MDS shard file `path` of n samples, read in place (mapped, not copied)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise ShardFolderError(f"{path}: empty shard file")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            yield from _shard_captions(data, n, str(path), column_sizes, col)
 
 
 def _mds_captions(index_path: Path) -> Iterator[str]:
@@ -168,12 +185,7 @@ def _mds_captions(index_path: Path) -> Iterator[str]:
         if not isinstance(n, int) or n < 0:
             raise ShardFolderError(f"{index_path}: samples {n!r} is not a count")
         if raw_path.is_file():
-            with open(raw_path, "rb") as f:
-                if os.fstat(f.fileno()).st_size == 0:
-                    raise ShardFolderError(f"{raw_path}: empty shard file")
-                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:  # read in place, not copied
-                    for sample in _shard_samples(data, n, str(raw_path)):
-                        yield _caption_of(sample, reader, col)
+            yield from _mds_file_captions(raw_path, n, list(reader.column_sizes), col)
         else:  # only the compressed shard is there: decompress it in memory
             zip_path = _inside(root, zip_info.get("basename"), index_path) if zip_info else None
             if zip_path is None or not zip_path.is_file():
@@ -182,14 +194,13 @@ def _mds_captions(index_path: Path) -> Iterator[str]:
             if not isinstance(size, int) or not 0 < size <= MAX_SHARD_BYTES:
                 raise ShardFolderError(f"{index_path}: raw_data.bytes {size!r} is not a shard size")
             data = decompress_bounded(str(shard.get("compression")), zip_path.read_bytes(), size, where)
-            for sample in _shard_samples(data, n, where):
-                yield _caption_of(sample, reader, col)
+            yield from _shard_captions(data, n, where, list(reader.column_sizes), col)
 
 
 def _tar_captions(tar_path: Path) -> Iterator[str]:
     from data_pipeline.sources import unsafe_reason
 
-    with tarfile.open(tar_path, mode="r|*") as tf:
+    with tarfile.open(tar_path, mode="r:*") as tf:  # seekable: the members that are not captions are skipped
         for m in tf:
             if (m.name.endswith(".caption") or m.name.endswith(".txt")) and unsafe_reason(m) is None \
                     and m.size <= MAX_CAPTION_MEMBER_BYTES:
@@ -207,18 +218,25 @@ def iter_shard_captions(shards: str | Path) -> Iterator[str]:
     if links:
         print(f"note: {links} symlink(s) under {root} not followed")
     if manifests:
-        from data_pipeline.reader import ShardReader
-        from data_pipeline.shards import load_manifest
+        from data_pipeline.shards import get_mds_encoded_size, load_manifest
 
         for m in manifests:
-            for s in load_manifest(str(m.parent)).get("shards", []):
-                _inside(m.parent, s.get("basename"), m)
-            reader = ShardReader(str(m.parent), decode_image=False)
-            if "caption" not in reader.columns:
-                raise ShardFolderError(f"{m.parent}: shards have no 'caption' column "
-                                       f"(columns: {sorted(reader.columns)})")
-            for i in range(len(reader)):
-                yield reader[i]["caption"]
+            man = load_manifest(str(m.parent))
+            files = [(_inside(m.parent, s.get("basename"), m), s.get("samples")) for s in man.get("shards", [])]
+            columns = man.get("columns") or {}
+            if "caption" not in columns:
+                raise ShardFolderError(f"{m.parent}: shards have no 'caption' column (columns: {sorted(columns)})")
+            if columns["caption"] != "str":
+                raise ShardFolderError(f"{m}: the caption column is encoded as {columns['caption']!r}, not 'str'")
+            names = sorted(columns)  # this package's MDS layout (data_pipeline.shards)
+            for path, n in files:
+                if not isinstance(n, int) or n < 0:
+                    raise ShardFolderError(f"{m}: samples {n!r} is not a count")
+                if man.get("format") == "mds":
+                    yield from _mds_file_captions(path, n, [get_mds_encoded_size(columns[c]) for c in names],
+                                                  names.index("caption"))
+                else:
+                    yield from _tar_captions(path)
         return
     indexes = _walk_files(root, lambda f: f == "index.json")[0]
     tars = _walk_files(root, lambda f: f.endswith(".tar"))[0]

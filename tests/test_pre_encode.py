@@ -138,3 +138,44 @@ def test_img2dataset_to_prior(tmp_path):
                 "optim.warmup_steps=1"], 1, log, timeout=240)
     assert code == 0, log.read_text()[-4000:]
     assert sorted(metrics(run_dir)) == [1, 2, 3] and (run_dir / "prior.safetensors").is_file()
+
+
+def test_train_tokenizer_reads_only_the_caption_bytes(tmp_path, monkeypatch):
+    """Spy on the mapped shard: the bytes train_tokenizer reads are the size headers and captions, not the 40 KB
+    image of each sample."""
+    import mmap
+
+    import numpy as np
+
+    from data_pipeline import train_tokenizer
+    from data_pipeline.shards import STANDARD_COLUMNS, ShardWriter
+
+    rng = np.random.default_rng(0)
+    caps = [f"a small dog number {i} runs on the beach" for i in range(12)]
+    folder = tmp_path / "shards"
+    with ShardWriter(str(folder), columns=STANDARD_COLUMNS, shard_size=5) as w:
+        for i, c in enumerate(caps):
+            w.write({"jpg": rng.bytes(40_000), "label": -1, "caption": c, "key": f"{i:09d}", "orig_size": "1x1"})
+    read, real_mmap = [], mmap.mmap
+
+    class Spy:
+        def __init__(self, *a, **kw):
+            self.m = real_mmap(*a, **kw)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.m.close()
+
+        def __len__(self):
+            return len(self.m)
+
+        def __getitem__(self, key):
+            out = self.m[key]
+            read.append(len(out) if isinstance(out, bytes) else 1)
+            return out
+
+    monkeypatch.setattr(train_tokenizer.mmap, "mmap", Spy)
+    assert list(train_tokenizer.iter_shard_captions(tmp_path)) == caps
+    assert 0 < sum(read) < 12 * 200, sum(read)  # ~60 bytes of header + caption per sample; images are 40 KB
