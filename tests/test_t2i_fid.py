@@ -63,8 +63,10 @@ def test_ranks_batch_size_and_kill_give_the_same_fid(inputs, tmp_path):
     assert Image.open(tmp_path / "one" / "samples.png").size[1] == 3 * 66 + 2  # 3 captions, one row each
 
     # another batch size in-process: per-caption seeds, the cached reference statistics
-    other = main(args(inputs, tmp_path / "bs3", 3))
+    other = main(args(inputs, tmp_path / "bs3", 3, "--save-images", str(tmp_path / "images")))
     assert other["reference_stats"].startswith("cached")
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"{j:05d}.png" for j in range(6)]
+    assert Image.open(tmp_path / "images" / "00005.png").size == (64, 64)
     assert other["draw"] == saved["draw"]
     assert other["fid"] == pytest.approx(one["fid"], rel=1e-4)
 
