@@ -427,3 +427,11 @@ def load(path: Path, *, rank: int, world_size: int, engines: dict) -> tuple[dict
     how = f" on {world_size} ranks (written by {meta['world_size']}: elastic)" if is_elastic else ""
     log.info("resumed from %s (step %d)%s in %.2f s", path, meta["step"], how, time.perf_counter() - t0)
     return meta, rank_state, ema
+
+
+if __name__ == "__main__":  # python -m trainer.checkpoint inspect|convert (trainer/checkpoint_tool.py)
+    import sys
+
+    from trainer.checkpoint_tool import main
+
+    sys.exit(main())

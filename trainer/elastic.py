@@ -79,6 +79,8 @@ def gather(engine, keep: bool = True) -> tuple[dict[str, torch.Tensor], dict[str
 
     base = _base(engine)
     linked = bool(base.state)  # no optimizer step yet: AdamW has no moments (they start at zero)
+    if linked:  # DeepSpeed links the parameters to the moments at its first step; a loaded engine has not stepped
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
     tensors = {}
     for name, p in _named(engine):
         full = {"fp32": safe_get_full_fp32_param(p)}
