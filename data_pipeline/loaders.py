@@ -11,12 +11,14 @@
 
 MDS (default): mosaicml-streaming `StreamingDataset` + `StreamingDataLoader`. Each rank gets a disjoint
 share; the order is a function of (seed, epoch, num_canonical_nodes), so resume is exact, and it stays
-exact when the world size changes as long as the global batch stays divisible (streaming's elastic resume).
+exact when the world size changes as long as the global batch stays divisible (streaming's elastic resume):
+the trainer fixes num_canonical_nodes at the start of a run and keeps it (trainer/elastic.py), and any rank's
+state_dict() (the same on every rank) resumes every rank of the new world.
 
 webdataset: shards are shuffled per epoch with the seed and split over ranks, then DataLoader workers;
 samples are shuffled in a seeded buffer per worker. Resume replays the saved epoch and skips, before
 decoding, the batches each worker already delivered: exact for the same world size and num_workers
-(an error otherwise), and within an epoch's first pass over all workers' streams.
+(an error otherwise: no elastic resume for webdataset), and within an epoch's first pass over all workers' streams.
 
 Random flips happen in the main process from a hash of (seed, epoch, global sample index), so they are
 identical after a resume and independent of ranks and workers.

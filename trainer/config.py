@@ -15,6 +15,8 @@ Checked across sections at load time:
   train.steps (init weight above e^-5 = 0.7%) is refused, since the export (and so every evaluation) would
   be mostly the initialisation;
 - data.batch_size is derived by the trainer (train.batch_size / (ranks x grad_accum)); leave it unset (0).
+  A resume keeps the checkpoint's micro-batch and recomputes grad_accum for the number of ranks it runs on
+  (trainer.train._resume_batch; elastic resume, README), so train.batch_size stays the global batch.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class TrainLoopConfig:
     run_dir: str = "runs/default"  # checkpoints, samples, metrics.jsonl, config.yaml; resumes from here
     steps: int = 10_000  # optimizer steps (paper: 10k)
     batch_size: int = 256  # global images per optimizer step = micro batch x grad_accum x ranks (paper: 256)
-    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_accum: int = 1  # micro-batches per optimizer step (at the start; a resume on other ranks recomputes it)
     grad_clip: float = 1.0  # max global gradient norm (0: off)
     seed: int = 0
     max_bad_steps: int = 5  # NaN/inf guard: stop after this many non-finite losses in a row
