@@ -8,7 +8,9 @@
 #
 # Environment knobs (all optional):
 #   DIVAE_VENV            virtualenv to activate (default: <repo>/.venv when it exists)
-#   NPROC_PER_NODE        ranks per node (default: GPUs allocated on the node, else 1 = CPU)
+#   NPROC_PER_NODE        ranks per node (default: GPUs allocated on the node, else 1 = CPU); "cpus": one rank
+#                         per CPU the job holds on the node (CPU runs: a requeued job given fewer CPUs then
+#                         runs on fewer ranks, and resumes elastically, README "Elastic resume")
 #   MASTER_PORT           rendezvous port (default: 20000 + job id % 20000)
 #   DIVAE_LAUNCHER        torchrun (default) | srun (one srun task per rank, no torchrun)
 #   DIVAE_MAX_REQUEUES    stop requeueing after this many restarts (default 50)
@@ -58,6 +60,7 @@ divae_train() {
 
     local nnodes=${SLURM_NNODES:-1}
     local nproc=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
+    [[ $nproc == cpus ]] && nproc=${SLURM_CPUS_ON_NODE:-1}
     [[ $nproc =~ ^[0-9]+$ && $nproc -gt 0 ]] || nproc=1
     local cpus=${SLURM_CPUS_PER_TASK:-1}
     local cpus_per_rank=$(( cpus / nproc > 0 ? cpus / nproc : 1 ))

@@ -90,10 +90,11 @@ def start_requeued_now(job_id: str) -> None:
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
 
 
-def make_decoder_inputs(root: Path) -> dict[str, str]:
-    """Tiny real-photo webdataset shards (64 px; not MDS: mosaicml-streaming keys its shared memory by
-    node, and the two Slurm "nodes" here share one /dev/shm) and a VQ weights file (random weights,
-    vq_tiny architecture): what `configs/decoder_tiny.yaml` needs. Returns the config overrides that point at them."""
+def make_decoder_inputs(root: Path, fmt: str = "wds", variants: int = 2) -> dict[str, str]:
+    """Tiny real-photo shards (64 px, `variants` crops of each photo) and a VQ weights file (random weights,
+    vq_tiny architecture): what `configs/decoder_tiny.yaml` needs. Returns the config overrides that point at them.
+    webdataset by default: mosaicml-streaming keys its shared memory by node, and the two Slurm "nodes" here
+    share one /dev/shm, so MDS shards work only for jobs on one node."""
     import sys
 
     from PIL import Image
@@ -108,10 +109,10 @@ def make_decoder_inputs(root: Path) -> dict[str, str]:
     img = root / "img"
     img.mkdir(parents=True, exist_ok=True)
     for i, a in enumerate(photos()):
-        for j in range(2):
-            Image.fromarray(a[:, :: j + 1]).save(img / f"p{i}_{j}.png")
+        for j in range(variants):
+            Image.fromarray(a[j // 2 * 8:, :: j % 2 + 1]).save(img / f"p{i}_{j}.png")
     prepare_folder(["--source", str(img), "--out", str(root / "shards"), "--size", "64", "--workers", "1",
-                    "--format", "wds", "--shard-size", "2", "--no-progress"])
+                    "--format", fmt, "--shard-size", "2", "--no-progress"])
     DiVAE(load_train_config(ROOT / "configs/vq_tiny.yaml").vq).save_pretrained(root / "vq.safetensors")
-    return {"data.path": str(root / "shards"), "data.format": "wds",
+    return {"data.path": str(root / "shards"), "data.format": fmt,
             "decoder.vq_weights": str(root / "vq.safetensors")}

@@ -4,6 +4,7 @@ scripts that need no cluster."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -199,3 +200,58 @@ def test_plain_scancel_checkpoints_and_ends_the_job(slurm_cluster, decoder_input
     assert select_checkpoint(run_dir / "checkpoints", verify=True).name == f"step_{saved:08d}"
     assert not (run_dir / REQUEUE_MARKER).exists()
     assert max(logged_steps(run_dir)) == saved  # stopped at the step boundary after the signal
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_requeue_on_a_smaller_allocation_resumes_elastically(slurm_cluster, tmp_path):  # noqa: F811
+    """One node, one rank per CPU held (NPROC_PER_NODE=cpus), MDS shards: 2 CPUs -> 2 ranks; preempted (USR1),
+    the requeued job is given 1 CPU before it starts again -> 1 rank, which resumes the checkpoint of 2 ranks
+    elastically and finishes the epoch: every sample once. (One node, not 2 -> 1 nodes: the two "nodes" of
+    this cluster share /dev/shm, where mosaicml-streaming keeps per-node state.)"""
+    from trainer.train import TRACE_ENV
+
+    inputs = make_decoder_inputs(tmp_path / "in", fmt="mds", variants=4)  # 20 photos
+    run_dir, out, trace = tmp_path / "run", tmp_path / "job.out", tmp_path / "trace"
+    steps = 10  # one epoch of 20 samples in global batches of 2
+    overrides = [f"{k}={v}" for k, v in inputs.items()] + [
+        f"train.run_dir={run_dir}", f"train.steps={steps}", "train.batch_size=2", "checkpoint.every=0",
+        "logging.every=1", "logging.sample_every=0", "logging.wandb_mode=disabled"]
+    env = dict(os.environ, NPROC_PER_NODE="cpus", OMP_NUM_THREADS="1", **{TRACE_ENV: str(trace)})
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--mincpus=2", "--mem=0",
+         "--time=10", f"--output={out}",
+         "slurm/train_decoder.sh", "configs/decoder_tiny.yaml", *overrides],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    log = lambda: out.read_text() if out.exists() else ""  # noqa: E731
+    try:
+        wait_until(lambda: len(logged_steps(run_dir)) >= 3, 150, "3 logged training steps", on_timeout=log)
+        subprocess.run(["scancel", "--signal=USR1", "--full", job], check=True)
+        wait_until(lambda: int(job_fields(job).get("Restarts", 0)) >= 1, 120, "the job to requeue itself",
+                   on_timeout=log)
+        wait_until(lambda: job_fields(job).get("JobState") == "PENDING", 60, "the requeued job to pend",
+                   on_timeout=log)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "NumCPUs=1", "MinCPUsNode=1"], check=True)
+        start_requeued_now(job)
+        wait_until(lambda: job_fields(job)["JobState"] in _ENDED, 180, "the requeued job to finish", on_timeout=log)
+    finally:
+        subprocess.run(["scancel", job], check=False)
+    text = log()
+    fields = job_fields(job)
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0" and fields["Restarts"] == "1", \
+        f"{fields}\n{text}"
+    assert "restart 0: 1 node(s) x 2 rank(s)" in text and "restart 1: 1 node(s) x 1 rank(s)" in text, text
+    m = re.search(rf"requeueing job {job}: the trainer left \S+/{REQUEUE_MARKER} \(step (\d+)\)", text)
+    assert m, text
+    saved = int(m.group(1))
+    assert 3 <= saved < steps
+    second_run = text.split("restart 1:")[1]
+    assert re.search(rf"resumed from \S+step_{saved:08d} \(step {saved}\) on 1 ranks \(written by 2: elastic\)",
+                     second_run), second_run
+    assert logged_steps(run_dir) == list(range(1, steps + 1))  # continued from the saved step, each step once
+    seen = []
+    for f in trace.glob("samples_rank*.jsonl"):
+        seen += [i for line in f.read_text().splitlines() for i in json.loads(line)["index"]]
+    assert sorted(seen) == list(range(2 * steps)), sorted(seen)  # every sample of the epoch exactly once
+    meta = json.loads((run_dir / "checkpoints" / f"step_{steps:08d}" / "trainer_state.json").read_text())
+    assert meta["world_size"] == 1 and meta["samples_seen"] == 2 * steps and meta["grad_accum"] == 2
