@@ -108,3 +108,20 @@ def test_mismatched_models_fail_clearly(inputs, tmp_path):
         main(args((root, coco, prior, tmp_path / "missing.safetensors"), tmp_path / "x", 2))
     with pytest.raises(UsageError, match="open_clip"):
         main(args(inputs, tmp_path / "x", 2, "--clip-weights", str(prior)))
+
+
+def test_slurm_script_syntax_and_usage(tmp_path):
+    import re
+
+    path = ROOT / "slurm" / "t2i_fid.sh"
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    assert os.access(path, os.X_OK)
+    sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", path.read_text(), re.M))
+    assert "requeue" in sbatch and sbatch["signal"] == "B:USR1@120"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    r = subprocess.run(["bash", str(path), "--prior", "p"], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=60)
+    assert r.returncode == 2 and "not inside a Slurm job" in r.stderr
+    r = subprocess.run(["bash", str(path), "--prior", "p"], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                       env={**env, "SLURM_JOB_ID": "1", "DIVAE_ROOT": str(ROOT)})
+    assert r.returncode == 2 and "--prior PRIOR --divae DIVAE --data COCO_PAIRS" in r.stderr
