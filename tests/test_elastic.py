@@ -168,3 +168,34 @@ def test_two_ranks_one_rank_two_ranks(case, data, tmp_path):
         again = tt.metrics(copy)
         for s in (3, 4):
             assert again[s]["loss"] == m[s]["loss"] and again[s]["grad_norm"] == m[s]["grad_norm"], s
+        _assert_convert_rebuilds_the_elastic_file(run_dir / "checkpoints" / "step_00000002", tmp_path / "old")
+
+
+def _assert_convert_rebuilds_the_elastic_file(written: Path, tmp: Path) -> None:
+    """A checkpoint as written before elastic resume (no elastic file, no batch split in its state) is refused
+    on another world size; `convert` on the 2 ranks that wrote it adds the file, bitwise the one the run wrote,
+    and a manifest that verifies; then it resumes elastically."""
+    from trainer.checkpoint import STATE_FILE, WorldSizeError, check_compatible, damaged_file, read_meta
+
+    old = tmp / "checkpoints" / written.name
+    shutil.copytree(written, old)
+    (old.parent / "latest").write_text(old.name + "\n")
+    (old / "elastic_model.safetensors").unlink()
+    meta = read_meta(old)
+    for k in ("micro_batch", "grad_accum", "grad_accum_config", "global_batch", "data_format", "elastic"):
+        meta.pop(k)
+    (old / STATE_FILE).write_text(json.dumps(meta))
+    with pytest.raises(WorldSizeError, match="predates elastic resume"):
+        check_compatible(read_meta(old), 1, old)
+    log = tmp / "convert.txt"
+    cmd = [tt.TORCHRUN, "--nproc_per_node", "2", "--master_port", str(tt._free_port()), "-m", "trainer.checkpoint",
+           "convert", str(old)]
+    r = subprocess.run(cmd, cwd=tt.ROOT, env=tt._env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, timeout=240)
+    assert r.returncode == 0, log.read_text()[-4000:]
+    a, b = load_file(written / "elastic_model.safetensors"), load_file(old / "elastic_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert damaged_file(old) is None and check_compatible(read_meta(old), 1, old) is True
+    r = subprocess.run([tt.PY, "-m", "trainer.checkpoint", "inspect", str(tmp)], cwd=tt.ROOT, env=tt._env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "world size      2   ZeRO stage 2" in r.stdout, r.stderr[-2000:]
+    assert "elastically any rank count dividing the global batch 4: 1, 2, 4" in r.stdout, r.stdout

@@ -251,9 +251,12 @@ def write_elastic(folder: Path, engines: dict, rank: int) -> list[str]:
     names = []
     for ename, engine in engines.items():
         if elastic.supported(engine):
+            t0 = time.perf_counter()
             tensors, info = elastic.gather(engine, keep=rank == 0)
             if rank == 0:
                 elastic.write(elastic.elastic_file(folder, ename), tensors, info)
+                log.info("world-size-free optimizer state of %s: %d tensors in %.2f s", ename, len(tensors),
+                         time.perf_counter() - t0)
             names.append(ename)
     return names
 
