@@ -66,6 +66,21 @@ def _base(engine):
     return client_optimizer(engine)
 
 
+def _link_moments(engine) -> None:
+    """Point each parameter's fragment at this rank's AdamW moments (DeepSpeed does it lazily at its first
+    step; a freshly loaded engine has not stepped). Private DeepSpeed API, tested with 0.19."""
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is None:
+        import deepspeed
+
+        from trainer.checkpoint import CheckpointError
+
+        raise CheckpointError(f"DeepSpeed {deepspeed.__version__}'s {type(engine.optimizer).__name__} cannot link "
+                              "the optimizer state to the parameters (elastic resume is tested with DeepSpeed 0.19)")
+    engine.optimizer._hp_optimizer_states_linked = False
+    link()
+
+
 def _opt_step(base) -> float:
     steps = [float(s["step"]) for s in base.state.values() if "step" in s]
     return steps[0] if steps else 0.0
@@ -79,8 +94,8 @@ def gather(engine, keep: bool = True) -> tuple[dict[str, torch.Tensor], dict[str
 
     base = _base(engine)
     linked = bool(base.state)  # no optimizer step yet: AdamW has no moments (they start at zero)
-    if linked:  # DeepSpeed links the parameters to the moments at its first step; a loaded engine has not stepped
-        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    if linked:
+        _link_moments(engine)
     tensors = {}
     for name, p in _named(engine):
         full = {"fp32": safe_get_full_fp32_param(p)}
@@ -136,8 +151,7 @@ def restore(engine, folder: Path, engine_name: str) -> dict[str, Any]:
                 "step": torch.tensor(info["optimizer_step"], dtype=torch.float32,
                                      device=flat.device if on_device else "cpu"),
                 **{k: torch.zeros_like(flat, memory_format=torch.preserve_format) for k in MOMENTS}}
-    engine.optimizer._hp_optimizer_states_linked = False  # link the fragments to the new state (DeepSpeed's
-    engine.optimizer._lazy_init_hp_params_optimizer_state()  # own step does this lazily)
+    _link_moments(engine)
     with safe_open(str(path), "pt") as f:
         names = set(f.keys())
         for name, p in _named(engine):
