@@ -7,7 +7,7 @@ Steps; each runs the project's own command line as a subprocess and prints it fi
   1. data:   rendered 64x64 scenes of two objects with compositional captions ("a red square left of a blue
              circle", or the same scene as "a blue circle right of a red square"), made on the spot (no download);
              training scenes and held-out scenes (other random draws) -> `python -m data_pipeline.prepare_cc --tsv`;
-  2. tokens: `python -m trainer.pre_encode` with the demo's VQ (--vq) and `python -m data_pipeline.train_tokenizer`;
+  2. tokens: `python -m trainer.pre_encode` (2 ranks) with the demo's VQ (--vq), `data_pipeline.train_tokenizer`;
   3. prior:  `torchrun --nproc_per_node 2 -m trainer.train --config configs/prior_tiny.yaml` (the prior stage;
              the grid, K and text sizes from the VQ and the tokenizer);
   4. eval:   `python -m evaluation.t2i_fid` (2 ranks) on the held-out captions with the demo's DiVAE (--divae),
@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -49,7 +50,7 @@ SQUARE_FILL = 0.88  # fraction of its bounding box a detected object fills above
 class Schedule:
     train_scenes: int = 4000
     heldout_scenes: int = 200
-    prior_steps: int = 1500
+    prior_steps: int = 600
     batch_size: int = 32  # global captions per optimizer step
     lr: float = 2e-3
     sampler: str = "dpmpp2m"
@@ -101,38 +102,64 @@ def parse_caption(caption: str) -> tuple[tuple[str, str], tuple[str, str]]:
 
 def detect(img: np.ndarray) -> list[tuple[str, str] | None]:
     """(colour, shape) of the object in the left and the right half of a uint8 (H, W, 3) image (None: nothing
-    saturated there). Colour: the palette colour nearest to the median of the saturated pixels; shape: square when
-    the pixels of that colour fill > SQUARE_FILL of their bounding box."""
+    there). Object pixels: those more than 40 levels from the background (the image's median colour) in some
+    channel; per half the largest connected blob of them is the object. Colour: the palette colour nearest to its
+    median; shape: square when it fills > SQUARE_FILL of its bounding box."""
     x = img.astype(np.int32)
-    sat = (x.max(-1) - x.min(-1)) > 60
+    bg = np.median(x.reshape(-1, 3), axis=0)
+    obj = np.abs(x - bg).max(-1) > 40
     pal = np.array(list(PALETTE.values()))
     names = list(PALETTE)
     w = img.shape[1]
     out = []
     for half in (slice(0, w // 2), slice(w // 2, w)):
-        px, m = x[:, half], sat[:, half]
+        m = obj[:, half]
         if m.sum() < 12:
             out.append(None)
             continue
-        near = ((px[..., None, :] - pal) ** 2).sum(-1).argmin(-1)  # (H, W/2) palette index per pixel
-        k = int(np.bincount(near[m], minlength=len(pal)).argmax())
-        mask = m & (near == k)
-        ys, xs = np.nonzero(mask)
+        labels, n = ndimage.label(m)
+        m = labels == 1 + int(np.argmax(ndimage.sum(m, labels, range(1, n + 1))))  # the largest blob
+        colour = np.median(x[:, half][m], axis=0)
+        k = int(((pal - colour) ** 2).sum(-1).argmin())
+        ys, xs = np.nonzero(m)
         box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-        out.append((names[k], "square" if mask.sum() / box > SQUARE_FILL else "circle"))
+        out.append((names[k], "square" if m.sum() / box > SQUARE_FILL else "circle"))
     return out
 
 
+KINDS = ("shapes", "colours", "all")
+
+
 def match(img: np.ndarray, caption: str) -> dict[str, bool]:
-    """Does the image show its caption: colours in the right halves; colours and shapes."""
+    """Does the image show its caption: the named shapes in their halves; the colours; both."""
     want, got = parse_caption(caption), detect(img)
+    shapes = all(g is not None and g[1] == w[1] for g, w in zip(got, want))
     colours = all(g is not None and g[0] == w[0] for g, w in zip(got, want))
-    return {"colours": colours, "all": colours and all(g[1] == w[1] for g, w in zip(got, want))}
+    return {"shapes": shapes, "colours": colours, "all": shapes and colours}
 
 
 def rates(images: list[np.ndarray], captions: list[str]) -> dict[str, float]:
     ms = [match(i, c) for i, c in zip(images, captions)]
-    return {k: sum(m[k] for m in ms) / len(ms) for k in ("colours", "all")}
+    return {k: sum(m[k] for m in ms) / len(ms) for k in KINDS}
+
+
+def reconstructions(divae: str, images: list[np.ndarray], decoder: str, sampler: str,
+                    steps: int) -> list[np.ndarray]:
+    """The DiVAE's reconstructions (encode -> tokens -> `decoder`; image i's noise seeded with i) of uint8 images:
+    what the best possible prior, one that predicts each scene's own tokens, would give."""
+    import torch
+
+    from divae.model import DiVAE
+
+    model = DiVAE.from_pretrained(divae).eval()
+    out = []
+    for s in range(0, len(images), 16):
+        x = torch.from_numpy(np.stack(images[s:s + 16])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            y = model.decode_tokens(model.encode(x), sampler=sampler, steps=steps, seeds=list(range(s, s + len(x))),
+                                    decoder=decoder)
+        out += list(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    return out
 
 
 def write_scenes(folder: Path, n: int, seed: int) -> Path:
@@ -221,30 +248,33 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     run = Runner(args.nproc)
     grid, k, size = _vq_info(Path(args.vq))
-    timings: dict[str, float] = {}
-    t_all = time.perf_counter()
+    # seconds of each step when it ran (a rerun that reuses a step keeps the time it took)
+    timings: dict[str, float] = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() \
+        else {}
 
     # 1. data
-    t0 = time.perf_counter()
+    t0, n_cmds = time.perf_counter(), len(run.commands)
     data = out / "data"
     for name, n, seed in (("train", sched.train_scenes, 0), ("heldout", sched.heldout_scenes, 1)):
         if not _complete(data / name):
             tsv = write_scenes(data / f"{name}_png", n, seed)
             run("data_pipeline.prepare_cc", "--tsv", str(tsv), "--out", str(data / name), "--size", str(size),
-                "--workers", "0", "--shard-size", "1000", "--no-progress")
-    timings["data"] = time.perf_counter() - t0
+                "--workers", "0", "--shard-size", "500", "--no-progress")
+    if n_cmds < len(run.commands):
+        timings["data"] = time.perf_counter() - t0
     say(f"[demo-t2i] data    {sched.train_scenes} training and {sched.heldout_scenes} held-out captioned scenes")
 
     # 2. tokens and tokenizer
-    t0 = time.perf_counter()
+    t0, n_cmds = time.perf_counter(), len(run.commands)
     tok_dir = data / "train_tok"
     if not _complete(tok_dir):
         run("trainer.pre_encode", "--vq", args.vq, "--src", str(data / "train"), "--dst", str(tok_dir),
-            "--batch-size", "64", "--workers", "0", "--precision", "fp32")
+            "--batch-size", "64", "--workers", "0", "--precision", "fp32", distributed=True)
     if not (tok_dir / "tokenizer.json").is_file():
         run("data_pipeline.train_tokenizer", "--shards", str(tok_dir), "--vocab-size", "320", "--min-frequency",
             "1", "--max-length", "16")
-    timings["tokens"] = time.perf_counter() - t0
+    if n_cmds < len(run.commands):
+        timings["tokens"] = time.perf_counter() - t0
 
     # 3. prior
     t0 = time.perf_counter()
@@ -258,48 +288,64 @@ def main(argv: list[str] | None = None) -> dict:
             f"optim.warmup_steps={min(50, sched.prior_steps)}", f"checkpoint.every={sched.prior_steps}",
             "checkpoint.keep_last=1", f"logging.every={max(1, sched.prior_steps // 20)}", "logging.sample_every=0",
             "logging.progress=false", "logging.wandb_mode=disabled", "ema.decay=0.99", distributed=True)
-    timings["prior"] = time.perf_counter() - t0
+        timings["prior"] = time.perf_counter() - t0
 
-    # 4. text-to-image FID of the held-out captions
-    t0 = time.perf_counter()
-    ev, images = out / "t2i_eval", out / "t2i_eval" / "images"
-    if not (ev / "results.json").is_file() or \
-            json.loads((ev / "results.json").read_text())["protocol"]["prior_sha256"] != _sha(prior_file):
-        run("evaluation.t2i_fid", "--prior", str(prior_file), "--divae", args.divae, "--data", str(data / "heldout"),
-            "--out", str(ev), "--num-captions", str(sched.heldout_scenes), "--sampler", sched.sampler, "--steps",
-            str(sched.steps), "--guidance-scale", str(sched.guidance_scale), "--batch-size", str(sched.eval_batch),
-            "--num-show", str(sched.num_show), "--save-images", str(images), "--ref-stats-dir", str(ev / "ref"),
-            *(["--top-k", str(sched.top_k)] if sched.top_k else []), distributed=True)
-    res = json.loads((ev / "results.json").read_text())
-    timings["eval"] = time.perf_counter() - t0
-
-    # 5. caption match
-    caps = [c["caption"] for c in json.loads((ev / "captions.json").read_text())]
-    gen = [np.asarray(Image.open(images / f"{j:05d}.png").convert("RGB")) for j in range(len(caps))]
+    # 4. text-to-image FID of the held-out captions: DiVAE's diffusion decoder, and the VQ's CNN decoder (VQGAN)
     from data_pipeline.reader import ShardReader
 
     real = ShardReader(str(data / "heldout"))
+    prior_sha = _sha(prior_file)
+    evals = {}
+    for dec in ("diffusion", "cnn"):
+        t0 = time.perf_counter()
+        ev = out / ("t2i_eval" if dec == "diffusion" else "t2i_eval_cnn")
+        if not (ev / "results.json").is_file() or \
+                json.loads((ev / "results.json").read_text())["protocol"]["prior_sha256"] != prior_sha:
+            run("evaluation.t2i_fid", "--prior", str(prior_file), "--divae", args.divae, "--data",
+                str(data / "heldout"), "--out", str(ev), "--num-captions", str(sched.heldout_scenes), "--decoder", dec,
+                *(["--sampler", sched.sampler, "--steps", str(sched.steps)] if dec == "diffusion" else []),
+                "--guidance-scale", str(sched.guidance_scale), "--batch-size", str(sched.eval_batch), "--num-show",
+                str(sched.num_show), "--save-images", str(ev / "images"), "--ref-stats-dir", str(out / "fid_ref"),
+                *(["--top-k", str(sched.top_k)] if sched.top_k else []), distributed=True)
+            timings[f"eval_{dec}"] = time.perf_counter() - t0
+        evals[dec] = (ev, json.loads((ev / "results.json").read_text()))
+
+    # 5. caption match
+    ev, res = evals["diffusion"]
+    caps = [c["caption"] for c in json.loads((ev / "captions.json").read_text())]
     real_imgs = [real[i]["image"] for i in res["draw"]["indices"]]
     order = np.random.default_rng(7).permutation(len(caps))  # image order[i] is checked against caption order[i+1]
     other = [""] * len(caps)
     for i, j in enumerate(order):
         other[j] = caps[order[(i + 1) % len(caps)]]
-    figures = {"fid": res["fid"], "num_captions": len(caps), "generated": rates(gen, caps),
-               "random_caption_baseline": rates(gen, other), "detector_on_real_scenes": rates(real_imgs, caps),
-               "prior_steps": sched.prior_steps, "grid": grid, "codebook_size": k,
+    n_rec = min(len(caps), 64)
+    figures = {"num_captions": len(caps), "detector_on_real_scenes": rates(real_imgs, caps),
+               "num_reconstructions": n_rec, "prior_steps": sched.prior_steps, "grid": grid, "codebook_size": k,
                "sampler": f"{sched.sampler} {sched.steps}", "guidance_scale": sched.guidance_scale}
-    timings["total"] = time.perf_counter() - t_all
+    for dec, (ev, r) in evals.items():
+        gen = [np.asarray(Image.open(ev / "images" / f"{j:05d}.png").convert("RGB")) for j in range(len(caps))]
+        rec = reconstructions(args.divae, real_imgs[:n_rec], dec, sched.sampler, sched.steps)
+        figures[dec] = {"fid": r["fid"], "generated": rates(gen, caps), "random_caption_baseline": rates(gen, other),
+                        "reconstructions": rates(rec, caps[:n_rec])}
+    figures["fid"] = figures["diffusion"]["fid"]
+
+    # 6. report
+    timings["total"] = sum(v for k_, v in timings.items() if k_ != "total")
     figures["timings_s"] = {k_: round(v, 1) for k_, v in timings.items()}
     figures["schedule"] = asdict(sched)
+    (out / "timings.json").write_text(json.dumps(timings))
     (out / "results.json").write_text(json.dumps(figures, indent=1))
     write_report(out, figures, run.commands)
-    if (ev / "samples.png").is_file():
-        (out / "samples.png").write_bytes((ev / "samples.png").read_bytes())
-    g, b, d = figures["generated"], figures["random_caption_baseline"], figures["detector_on_real_scenes"]
-    say(f"[demo-t2i] FID {res['fid']:.1f} on {len(caps)} held-out captions; caption match (colours in place / "
-        f"colours+shapes): generated {g['colours']:.0%} / {g['all']:.0%}, random-caption baseline "
-        f"{b['colours']:.0%} / {b['all']:.0%}, detector on the real scenes {d['colours']:.0%} / {d['all']:.0%}; "
-        f"{timings['total'] / 60:.1f} min; report {out / 'report.md'}")
+    if (evals["diffusion"][0] / "samples.png").is_file():
+        (out / "samples.png").write_bytes((evals["diffusion"][0] / "samples.png").read_bytes())
+    for dec in evals:
+        g, b, r = (figures[dec][x] for x in ("generated", "random_caption_baseline", "reconstructions"))
+        say(f"[demo-t2i] {dec} decoder: FID {figures[dec]['fid']:.1f} on {len(caps)} held-out captions; caption "
+            f"match (shapes / colours / both): generated {g['shapes']:.0%} / {g['colours']:.0%} / {g['all']:.0%}, "
+            f"random-caption baseline {b['shapes']:.0%} / {b['colours']:.0%} / {b['all']:.0%}, reconstructions of "
+            f"the scenes {r['shapes']:.0%} / {r['colours']:.0%} / {r['all']:.0%}")
+    say(f"[demo-t2i] {timings['total'] / 60:.1f} min of work (this run and the runs it reused); report "
+        f"{out / 'report.md'}")
     return figures
 
 
@@ -310,18 +356,32 @@ def _sha(path: Path) -> str:
 
 
 def write_report(out: Path, f: dict, commands: list[str]) -> None:
-    g, b, d, t = f["generated"], f["random_caption_baseline"], f["detector_on_real_scenes"], f["timings_s"]
+    t = f["timings_s"]
+
+    def row(name: str, r: dict) -> str:
+        return f"| {name} | {r['shapes']:.1%} | {r['colours']:.1%} | {r['all']:.1%} |"
+
     lines = [
         "# Text-to-image demo", "",
-        f"Prior ({f['prior_steps']} steps, {f['grid']}x{f['grid']} tokens of the demo VQ, K={f['codebook_size']}) -> "
-        f"demo DiVAE ({f['sampler']}), guidance {f['guidance_scale']}, on {f['num_captions']} held-out captions.", "",
-        "| | colours in place | colours and shapes |", "|---|---|---|",
-        f"| generated images vs their captions | {g['colours']:.1%} | {g['all']:.1%} |",
-        f"| generated images vs a random held-out caption | {b['colours']:.1%} | {b['all']:.1%} |",
-        f"| real held-out scenes vs their captions (the detector) | {d['colours']:.1%} | {d['all']:.1%} |", "",
-        f"Text-to-image FID (held-out scenes as the reference, {f['num_captions']} images): {f['fid']:.2f}", "",
-        "Time (s): " + ", ".join(f"{k} {v}" for k, v in t.items()), "", "Commands:", "",
-        *[f"    {c}" for c in commands], ""]
+        f"Prior ({f['prior_steps']} steps, {f['grid']}x{f['grid']} tokens of the demo VQ, K={f['codebook_size']}, "
+        f"guidance {f['guidance_scale']}) on {f['num_captions']} held-out captions, decoded by the demo DiVAE "
+        f"(diffusion, {f['sampler']}) and by the same VQ's CNN decoder (the VQGAN baseline).", "",
+        "Caption match: how often the object in each half has the shape / the colour its caption puts there "
+        "(`detect` in scripts/demo_t2i.py).", "",
+        "| decoder | images checked against captions | shapes in place | colours in place | both |",
+        "|---|---|---|---|---|"]
+    for dec in ("diffusion", "cnn"):
+        r = f[dec]
+        lines += [f"| {dec} " + row("generated images vs their captions", r["generated"]),
+                  f"| {dec} " + row("generated images vs another held-out caption (random-caption baseline)",
+                                    r["random_caption_baseline"]),
+                  f"| {dec} " + row(f"reconstructions of the first {f['num_reconstructions']} held-out scenes "
+                                    "(what a perfect prior would give)", r["reconstructions"])]
+    lines += ["| - " + row("the held-out scenes themselves (the detector)", f["detector_on_real_scenes"]), "",
+              f"Text-to-image FID against the {f['num_captions']} held-out scenes: diffusion decoder "
+              f"{f['diffusion']['fid']:.2f}, CNN decoder {f['cnn']['fid']:.2f}.", "",
+              "Time (s): " + ", ".join(f"{k} {v}" for k, v in t.items()), "", "Commands:", "",
+              *[f"    {c}" for c in commands], ""]
     (out / "report.md").write_text("\n".join(lines))
 
 

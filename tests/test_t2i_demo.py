@@ -32,11 +32,12 @@ def test_detector_reads_the_rendered_scenes():
         imgs.append(np.asarray(Image.open(buf).convert("RGB")))
         caps.append(cap)
         assert parse_caption(cap) == objs
-    assert rates(imgs, caps) == {"colours": 1.0, "all": 1.0}
+    assert rates(imgs, caps) == {"shapes": 1.0, "colours": 1.0, "all": 1.0}
     mirrored = [i[:, ::-1] for i in imgs]  # the objects swap halves: no colour is in its place any more
-    assert rates(mirrored, caps)["colours"] == 0.0
+    assert rates(mirrored, caps)["colours"] == 0.0 and rates(mirrored, caps)["all"] == 0.0
     blank = np.full((64, 64, 3), 200, np.uint8)
-    assert detect(blank) == [None, None] and match(blank, caps[0]) == {"colours": False, "all": False}
+    assert detect(blank) == [None, None] and match(blank, caps[0]) == {"shapes": False, "colours": False,
+                                                                "all": False}
 
 
 @pytest.mark.slow
@@ -49,17 +50,23 @@ def test_quick_demo_end_to_end_and_rerun(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for module in ("prepare_cc", "trainer.pre_encode", "train_tokenizer", "trainer.train", "evaluation.t2i_fid"):
         assert module in first.stdout, module
+    assert first.stdout.count("-m evaluation.t2i_fid") == 2  # diffusion and CNN decoders
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert res["num_captions"] == 8 and res["fid"] > 0 and res["grid"] == 8 and res["codebook_size"] == 256
-    assert res["detector_on_real_scenes"] == {"colours": 1.0, "all": 1.0}
-    for k in ("generated", "random_caption_baseline"):
-        assert 0 <= res[k]["all"] <= res[k]["colours"] <= 1
-    assert "| real held-out scenes vs their captions (the detector) | 100.0% | 100.0% |" in \
+    assert res["detector_on_real_scenes"] == {"shapes": 1.0, "colours": 1.0, "all": 1.0}
+    for dec in ("diffusion", "cnn"):
+        assert res[dec]["fid"] > 0
+        for k in ("generated", "random_caption_baseline", "reconstructions"):
+            r = res[dec][k]
+            assert 0 <= r["all"] <= min(r["colours"], r["shapes"]) <= 1
+    assert "| - | the held-out scenes themselves (the detector) | 100.0% | 100.0% | 100.0% |" in \
         (tmp_path / "demo" / "report.md").read_text()
     assert Image.open(tmp_path / "demo" / "samples.png").size[1] == 4 * 66 + 2
     assert len(list((tmp_path / "demo" / "t2i_eval" / "images").glob("*.png"))) == 8
+    assert len(list((tmp_path / "demo" / "t2i_eval_cnn" / "images").glob("*.png"))) == 8
 
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "$ python" not in again.stdout  # every step reused
-    assert json.loads((tmp_path / "demo" / "results.json").read_text())["fid"] == res["fid"]
+    again_res = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert again_res["fid"] == res["fid"] and again_res["timings_s"]["prior"] == res["timings_s"]["prior"]
