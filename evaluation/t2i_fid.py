@@ -88,8 +88,13 @@ class CaptionPairs:
             raise UsageError(f"--data {path} has no caption column (columns: {sorted(self.reader.columns)}); "
                              "prepare it with `python -m data_pipeline.prepare_coco`")
         self.indices = list(indices)
-        text = ShardReader(path, decode_image=False)
-        self.captions = [text[i]["caption"] for i in self.indices]
+        from data_pipeline.train_tokenizer import iter_shard_captions
+
+        every = list(iter_shard_captions(path))  # the caption bytes only, not the images
+        if len(every) != len(self.reader):
+            raise UsageError(f"--data {path} holds {len(self.reader)} pairs but {len(every)} captions were found "
+                             "below it (another shard folder inside it?); pass the prepare_coco folder itself")
+        self.captions = [every[i] for i in self.indices]
         self.manifest = json.dumps({"data": json.loads(manifest_bytes(self.reader)),
                                     "draw_sha256": draw_sha256(self.indices, self.captions)}, sort_keys=True)
 
