@@ -28,10 +28,10 @@ from typing import Literal
 
 from data_pipeline.loaders import DataConfig
 from divae.diffusion import DiffusionConfig
-from divae.prior import PriorConfig
-from divae.unet import UNetConfig
+from divae.prior import PRIOR_PRESETS, PriorConfig
+from divae.unet import UNET_PRESETS, UNetConfig
 from divae.utils.config import ConfigError, load_config, to_dict
-from divae.vq import VQConfig
+from divae.vq import VQ_PRESETS, VQConfig
 from divae.vq_loss import VQLossConfig
 from trainer.checkpoint import CheckpointConfig
 from trainer.ema import EMAConfig
@@ -132,5 +132,10 @@ class TrainConfig:
         return {k: v for k, v in to_dict(self).items() if k in names}
 
 
+# The one definition of each named model size; a YAML section names one (`unet: {_preset_: decoder_f16}`) and
+# states only the fields that differ (divae.utils.config).
+PRESETS = {VQConfig: VQ_PRESETS, UNetConfig: UNET_PRESETS, PriorConfig: PRIOR_PRESETS}
+
+
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    return load_config(TrainConfig, path, overrides)
+    return load_config(TrainConfig, path, overrides, presets=PRESETS)

@@ -9,8 +9,11 @@ checked at load time, before any compute: an unknown key fails with the closest 
 names the key and the expected type, a missing required value (a field without a default) names the key.
 
 A YAML file may start from another one with `_base_: other.yaml` (path relative to the file); its keys
-are merged under the file's own. Override values are parsed as YAML scalars/flow collections
-(`a.b=3`, `a.c=[1,2]`, `a.d=null`, `a.e="text"`).
+are merged under the file's own. A section may start from a named preset with `_preset_: name` (for instance
+`unet: {_preset_: decoder_f16}`, resolved in the `presets` mapping the caller passes: section type -> name ->
+instance); the section's other keys override the preset's fields. Presets resolve after `_base_` merging and
+overrides, so a file names a preset once and states only what differs. Override values are parsed as YAML
+scalars/flow collections (`a.b=3`, `a.c=[1,2]`, `a.d=null`, `a.e="text"`).
 
 Supported field types: bool, int, float (ints are accepted), str, Optional[X], Literal[...], tuple[X, ...],
 tuple[X, Y], list[X], dict[str, X], and nested dataclasses. This module is plain Python (no torch).
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import types
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -33,13 +37,44 @@ class ConfigError(ValueError):
     """A config that cannot be loaded; the message names the offending key."""
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Build `cls` from a YAML file (optional) and `key.sub=value` overrides, checking every value."""
+PRESET_KEY = "_preset_"
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                presets: Mapping[type, Mapping[str, Any]] | None = None) -> T:
+    """Build `cls` from a YAML file (optional) and `key.sub=value` overrides, checking every value.
+    `presets` maps a section's dataclass type to its named instances (`_preset_: name` in that section)."""
     data: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(data, key, value)
-    return from_dict(cls, data)
+    return from_dict(cls, apply_presets(cls, data, presets or {}))
+
+
+def apply_presets(cls: type, data: Any, presets: Mapping[type, Mapping[str, Any]], prefix: str = "") -> Any:
+    """`data` with every `_preset_: name` of a section of `cls` replaced by that preset's fields, the section's
+    own keys merged over them (recursively, for nested dataclass sections)."""
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        return data
+    data = dict(data)
+    name = data.pop(PRESET_KEY, None)
+    where = prefix + PRESET_KEY
+    if name is not None:
+        table = presets.get(cls)
+        if table is None:
+            raise ConfigError(f"{where}: {cls.__name__} has no presets; remove {PRESET_KEY} and set the fields")
+        if name not in table:
+            close = difflib.get_close_matches(str(name), list(table), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: {name!r} is not a preset{hint} (presets: {', '.join(sorted(table))})")
+        merged = to_dict(table[name])
+        _deep_merge(merged, data)
+        data = merged
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in data and dataclasses.is_dataclass(hints.get(f.name)):
+            data[f.name] = apply_presets(hints[f.name], data[f.name], presets, prefix + f.name + ".")
+    return data
 
 
 def parse_override(item: str) -> tuple[str, Any]:
