@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from divae.diffusion import DiffusionConfig, create_diffusion  # noqa: E402
-from divae.unet import UNET_PRESETS, UNetModel, count_parameters  # noqa: E402
+from divae.unet import UNET_PRESETS, UNetModel  # noqa: E402
+from divae.utils.params import count_parameters  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.flops import device_peak, stage_flops  # noqa: E402
 

@@ -252,10 +252,6 @@ class UNetModel(nn.Module):
         return self.out(h)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 _TINY = UNetConfig()
 UNET_PRESETS: dict[str, UNetConfig] = {
     # 64x64 images, 8x8 tokens (f8): middle block at 8x8. Trains on CPU in well under a second a step.

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from divae.quantizer import QuantizerConfig, VectorQuantizer
+from divae.utils.params import count_parameters
 from divae.vq_blocks import Downsample, MidBlock, Stage, Upsample, group_norm
 
 
@@ -181,18 +182,14 @@ class VQModel(nn.Module):
         return self.decoder.conv_out
 
 
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def param_counts(cfg: VQConfig) -> dict[str, int]:
     """Parameter counts of a config (built on the meta device: no memory, instant)."""
     with torch.device("meta"):
         m = VQModel(replace(cfg))
     # an EMA codebook is a buffer, not a parameter, but it is still part of the model
-    codebook = count_params(m.quantizer) + (m.quantizer.codebook.numel() if cfg.quantizer.use_ema else 0)
-    enc = count_params(m.encoder) + count_params(m.quant_conv)
-    dec = count_params(m.decoder) + count_params(m.post_quant_conv)
+    codebook = count_parameters(m.quantizer) + (m.quantizer.codebook.numel() if cfg.quantizer.use_ema else 0)
+    enc = count_parameters(m.encoder) + count_parameters(m.quant_conv)
+    dec = count_parameters(m.decoder) + count_parameters(m.post_quant_conv)
     return {"encoder": enc, "codebook": codebook, "decoder": dec, "total": enc + codebook + dec}
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from divae.diffusion import DiffusionConfig, create_diffusion
-from divae.unet import UNET_PRESETS, UNetConfig, UNetModel, count_parameters
+from divae.unet import UNET_PRESETS, UNetConfig, UNetModel
 from divae.unet_blocks import ResBlock, timestep_embedding
+from divae.utils.params import count_parameters
 
 SMALL = UNetConfig(image_size=32, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
                    attention_resolutions=(16, 8), num_head_channels=16, cond_channels=4, token_grid=8)

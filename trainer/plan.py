@@ -89,7 +89,8 @@ def _frozen_vq_cfg(cfg: TrainConfig):
 def _param_counts(cfg: TrainConfig, vq_cfg) -> tuple[int, int]:
     from divae.lpips import LPIPS
     from divae.prior import PriorModel
-    from divae.unet import UNetModel, count_parameters
+    from divae.unet import UNetModel
+    from divae.utils.params import count_parameters
     from divae.vq import VQModel
     from divae.vq_loss import PatchDiscriminator
 
