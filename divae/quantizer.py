@@ -17,7 +17,6 @@ is built (K = 16384 codes x 32x32 positions x batch 64 would otherwise be 2^30 f
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -316,8 +315,3 @@ class VectorQuantizer(nn.Module):
         return (f"n_embed={self.n_embed}, embed_dim={self.embed_dim}, codebook_dim={self.codebook_dim}, "
                 f"beta={c.beta}, ema={c.use_ema}, l2={c.l2_normalize}")
 
-
-def perplexity_from_counts(counts: torch.Tensor) -> float:
-    """exp(entropy) of a count vector; K when all K codes are used equally."""
-    p = counts.double() / counts.sum().clamp_min(1)
-    return math.exp(float(-(p[p > 0] * p[p > 0].log()).sum()))

@@ -169,9 +169,6 @@ class VQModel(nn.Module):
             raise ValueError(f"expected z_q (B, {self.cfg.embed_dim}, h, w), got {tuple(z_q.shape)}")
         return self.decoder(self.post_quant_conv(z_q))
 
-    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.embed(indices))
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Images -> (reconstruction (B, 3, H, W), quantizer loss (scalar), stats dict)."""
         z_q, _, qloss, stats = self.quantize(x)

@@ -1,9 +1,9 @@
 """FID statistics: float64 running sums, all-reduce across ranks, the Frechet distance, cached references.
 
-Library use (e.g. a quick in-training FID on a few thousand images, each rank passing its own share):
+Library use (each rank passing its own share; `extractor` from evaluation.inception.load_inception()):
 
-    from evaluation.fid import compute_fid
-    fid = compute_fid(real_batches, fake_batches)          # iterables of uint8 (B, 3, H, W)
+    real = feature_stats(real_batches, extractor).all_reduce()   # iterables of uint8 (B, 3, H, W)
+    fid = fid_from_stats(real, feature_stats(fake_batches, extractor).all_reduce())
 
 Statistics are sums, so shards add: each rank accumulates n, sum x and sum x x^T in float64 (`FeatureStats`),
 `all_reduce()` adds them across ranks, and the mean and the unbiased covariance (divisor n - 1, as
@@ -144,20 +144,3 @@ def feature_stats(batches: Iterable[torch.Tensor], extractor: torch.nn.Module) -
     if stats is None:
         raise ValueError("no image batches given")
     return stats
-
-
-@torch.no_grad()
-def compute_fid(real: Iterable[torch.Tensor], fake: Iterable[torch.Tensor],
-                extractor: torch.nn.Module | None = None, device: str | torch.device | None = None) -> float:
-    """FID between two sets of uint8 images (B, 3, H, W), each rank passing its own disjoint share; sums are
-    all-reduced when torch.distributed is initialised. The Inception loads as in `load_inception()` unless
-    `extractor` is given (load it once and pass it in when calling this often)."""
-    if extractor is None:
-        from evaluation.inception import load_inception
-
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        extractor = load_inception(device=device)
-    a = feature_stats(real, extractor).all_reduce()
-    b = feature_stats(fake, extractor).all_reduce()
-    return fid_from_stats(a, b)

@@ -9,7 +9,7 @@ import torch
 
 from evaluation.fid import (
     FeatureStats,
-    compute_fid,
+    feature_stats,
     fid_from_stats,
     frechet_distance,
     load_stats,
@@ -112,13 +112,14 @@ class PooledProjection(torch.nn.Module):
 
 
 @torch.no_grad()
-def test_compute_fid_library_api():
-    """The trainer's entry point: batches in, one float out, equal to the distance of the features' moments."""
+def test_feature_stats_library_api():
+    """Batches in, one float out, equal to the distance of the features' moments."""
     g = torch.Generator().manual_seed(4)
     real = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=g)
     fake = (real.int() // 2 + 100).byte()
     net = PooledProjection().requires_grad_(False)
     fr, ff = net(real).double().numpy(), net(fake).double().numpy()
     expected = frechet_distance(fr.mean(0), np.cov(fr, rowvar=False), ff.mean(0), np.cov(ff, rowvar=False))
-    got = compute_fid(real.split(16), fake.split(16), extractor=net)  # uneven batches: 16, 16, 8
+    got = fid_from_stats(feature_stats(real.split(16), net).all_reduce(),  # uneven batches: 16, 16, 8
+                         feature_stats(fake.split(16), net).all_reduce())
     assert got == pytest.approx(expected, rel=1e-9) and got > 1e-3

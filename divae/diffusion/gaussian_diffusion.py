@@ -111,12 +111,6 @@ class GaussianDiffusion:
         )
 
     # ---- forward process -------------------------------------------------------------------------
-    def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor):
-        """Mean, variance, log-variance of q(x_t | x_0)."""
-        mean = _extract(self.sqrt_alphas_cumprod, t, x0) * x0
-        var = _extract(1.0 - self.alphas_cumprod, t, x0)
-        return mean, var, _extract(np.log(1.0 - self.alphas_cumprod), t, x0)
-
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x_0): (B, C, H, W)."""
         if noise is None:

@@ -10,8 +10,4 @@ from trainer.tasks.vq import VQTask
 TASKS: dict[str, type[Task]] = {"vq": VQTask, "decoder": DecoderTask, "prior": PriorTask}
 
 
-def register_task(name: str, cls: type[Task]) -> None:
-    TASKS[name] = cls
-
-
-__all__ = ["TASKS", "DecoderTask", "PriorTask", "Task", "VQTask", "register_task"]
+__all__ = ["TASKS", "DecoderTask", "PriorTask", "Task", "VQTask"]

@@ -80,13 +80,6 @@ class Task:
         return x.to(self.device, non_blocking=True).float()
 
 
-def fp32_state(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-    """CPU copy of a state dict with floating tensors in fp32 and keys prefixed with `prefix.`."""
-    p = f"{prefix}." if prefix else ""
-    return {p + k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
-            for k, v in state.items()}
-
-
 def detached(metrics: dict[str, Any]) -> dict[str, torch.Tensor | float]:
     """Per-micro-batch metrics as the loop keeps them: tensors detached on their device (no host sync),
     anything else as a Python float."""
