@@ -25,7 +25,7 @@ identical after a resume and independent of ranks and workers.
 
 Damaged shards: opening checks every shard's size against manifest.json (a truncated or replaced shard is
 refused at once, naming it); `verify=True` also checks sha256 (each rank hashes its share). A sample that
-cannot be read or decoded raises `data_pipeline.verify.ShardError` naming the shard file and the sample's
+cannot be read or decoded raises `data_pipeline.integrity.ShardError` naming the shard file and the sample's
 key (`bad_samples="error"`, the default: damage after preparation means the storage is failing, and a run
 should not silently train on less data), or with `bad_samples="skip"` is dropped from its batch (one sample
 fewer) with a warning naming it, counted in `loader.skipped`; the loader position and resume are unchanged.
@@ -45,8 +45,8 @@ import torch
 from PIL import Image
 
 from data_pipeline.images import center_crop_resize
+from data_pipeline.integrity import ShardError, check_shards, sample_error
 from data_pipeline.shards import STANDARD_COLUMNS, decode_wds_value, load_manifest
-from data_pipeline.verify import ShardError, check_shards, sample_error
 from divae.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -279,8 +279,8 @@ def _worker_errors():
         yield
     except ShardError as e:
         lines = str(e).strip().splitlines()
-        last = next((ln for ln in reversed(lines) if ln.startswith(("ShardError: ", "data_pipeline.verify."))),
-                    None)
+        heads = ("ShardError: ", f"{ShardError.__module__}.ShardError: ")
+        last = next((ln for ln in reversed(lines) if ln.startswith(heads)), None)
         if last is None:
             raise
         raise ShardError(last.split("ShardError: ", 1)[-1]) from None

@@ -4,7 +4,7 @@
 size, so evaluation can give each rank the indices `range(rank, len(reader), world_size)`.
 
 Opening checks every shard's size against the manifest (and its sha256 with `verify=True`); a sample that
-cannot be read or decoded raises `data_pipeline.verify.ShardError` naming the shard file and the sample's key.
+cannot be read or decoded raises `data_pipeline.integrity.ShardError` naming the shard file and the sample's key.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ from __future__ import annotations
 import bisect
 import os
 import tarfile
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
 from data_pipeline.images import decode_rgb_array
-from data_pipeline.shards import decode_wds_value, get_mds_encoded_size, load_manifest, mds_decode
-from data_pipeline.verify import check_shards, sample_error
+from data_pipeline.integrity import check_shards, sample_error
+from data_pipeline.shards import ShardWriter, decode_wds_value, get_mds_encoded_size, load_manifest, mds_decode
 
 
 class ShardReader:
@@ -108,3 +110,30 @@ class ShardReader:
             raise sample_error(os.path.join(self.path, self._shards[shard]), int(i) % self._len, key, e) from e
         s["index"] = int(i) % self._len
         return s
+
+
+def copy_with_extra_column(src: str, dst: str, fn: Callable[[list[dict]], Iterable[Any]], name: str,
+                           encoding: str = "bytes", batch_size: int = 64, fmt: str | None = None,
+                           shard_size: int | None = None) -> dict:
+    """Copy the dataset at `src` to `dst` (same order) adding column `name` computed by `fn`.
+
+    `fn(samples) -> values` gets a list of up to `batch_size` decoded samples (ShardReader dicts: "image" is
+    uint8 (H, W, 3) numpy, plus every stored column, "jpg" included) and returns one value per sample, in
+    the column's MDS encoding (e.g. `tokens.astype(np.int16).tobytes()` for "bytes"). The new manifest
+    copies the source's and records `derived_from`. Returns the new manifest.
+    """
+    reader = ShardReader(src)
+    m = reader.manifest
+    columns = {**m["columns"], name: encoding}
+    keep = {k: m[k] for k in ("source", "preprocessing", "classes") if k in m}
+    shard_size = shard_size or max(s["samples"] for s in m["shards"])
+    with ShardWriter(dst, columns, fmt=fmt or m["format"], shard_size=shard_size,
+                     derived_from={"path": os.path.abspath(src), "added_column": name}, **keep) as w:
+        for start in range(0, len(reader), batch_size):
+            batch = [reader[i] for i in range(start, min(start + batch_size, len(reader)))]
+            values = list(fn(batch))
+            if len(values) != len(batch):
+                raise ValueError(f"fn returned {len(values)} values for {len(batch)} samples")
+            for s, v in zip(batch, values):
+                w.write({**{c: s[c] for c in m["columns"]}, name: v})
+    return w.manifest

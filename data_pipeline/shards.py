@@ -22,7 +22,6 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -69,14 +68,6 @@ def is_mds_encoding(enc: str) -> bool:
 
 def shard_basename(index: int, fmt: str) -> str:
     return f"shard.{index:05d}.{'mds' if fmt == 'mds' else 'tar'}"
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_columns(columns: dict[str, str]) -> None:
@@ -302,31 +293,3 @@ class ShardWriter:
         if exc_type is None:
             self.close()
 
-
-def copy_with_extra_column(src: str, dst: str, fn: Callable[[list[dict]], Iterable[Any]], name: str,
-                           encoding: str = "bytes", batch_size: int = 64, fmt: str | None = None,
-                           shard_size: int | None = None) -> dict:
-    """Copy the dataset at `src` to `dst` (same order) adding column `name` computed by `fn`.
-
-    `fn(samples) -> values` gets a list of up to `batch_size` decoded samples (ShardReader dicts: "image" is
-    uint8 (H, W, 3) numpy, plus every stored column, "jpg" included) and returns one value per sample, in
-    the column's MDS encoding (e.g. `tokens.astype(np.int16).tobytes()` for "bytes"). The new manifest
-    copies the source's and records `derived_from`. Returns the new manifest.
-    """
-    from data_pipeline.reader import ShardReader
-
-    reader = ShardReader(src)
-    m = reader.manifest
-    columns = {**m["columns"], name: encoding}
-    keep = {k: m[k] for k in ("source", "preprocessing", "classes") if k in m}
-    shard_size = shard_size or max(s["samples"] for s in m["shards"])
-    with ShardWriter(dst, columns, fmt=fmt or m["format"], shard_size=shard_size,
-                     derived_from={"path": os.path.abspath(src), "added_column": name}, **keep) as w:
-        for start in range(0, len(reader), batch_size):
-            batch = [reader[i] for i in range(start, min(start + batch_size, len(reader)))]
-            values = list(fn(batch))
-            if len(values) != len(batch):
-                raise ValueError(f"fn returned {len(values)} values for {len(batch)} samples")
-            for s, v in zip(batch, values):
-                w.write({**{c: s[c] for c in m["columns"]}, name: v})
-    return w.manifest

@@ -29,6 +29,9 @@ import torch
 import torch.nn as nn
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+# sha256_file is also imported from here by recon_fid, t2i_fid and demo_t2i (kept until those files change)
+from divae.utils.files import sha256_file  # noqa: F401
+
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 ENV_VAR = "DIVAE_INCEPTION_WEIGHTS"
 INPUT_SIZE = 299
@@ -55,14 +58,6 @@ class FIDInception(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------
 # Weights
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _cache_dir() -> Path:

@@ -11,8 +11,9 @@ from data_fixtures import SORTED_WNIDS, make_cc, make_coco, make_imagenet
 
 from data_pipeline import prepare_cc, prepare_coco, prepare_folder, prepare_imagenet
 from data_pipeline.prepare import UsageError
-from data_pipeline.reader import ShardReader
-from data_pipeline.shards import STANDARD_COLUMNS, copy_with_extra_column, sha256_file
+from data_pipeline.reader import ShardReader, copy_with_extra_column
+from data_pipeline.shards import STANDARD_COLUMNS
+from divae.utils.files import sha256_file
 
 COMMON = ["--shard-size", "5", "--workers", "1", "--no-progress", "--size", "64"]
 

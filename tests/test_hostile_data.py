@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from test_data_loaders import _write  # tests/ is on sys.path under pytest
 
+from data_pipeline.integrity import ShardError
 from data_pipeline.loaders import DataConfig, build_loader
 from data_pipeline.reader import ShardReader
-from data_pipeline.verify import ShardError
 
 ROOT = Path(__file__).resolve().parents[1]
 N, VICTIM = 32, 13  # samples in the folder (shards of 8), the one whose JPEG gets a flipped byte

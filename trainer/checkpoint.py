@@ -52,9 +52,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from data_pipeline.shards import sha256_file
 from divae.utils.cli import one_line
 from divae.utils.config import ConfigError
+from divae.utils.files import sha256_file
 from divae.utils.logging import get_logger
 from trainer import elastic
 from trainer.launch import all_gather_object, barrier, rank_and_world

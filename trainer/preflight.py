@@ -6,7 +6,7 @@ Raises `ConfigError` (exit 2) for a missing or empty `data.path`, a folder that 
 an unwritable `train.run_dir`, a missing `checkpoint.init_from` (when the run starts fresh), a missing
 `decoder.vq_weights` (decoder stage), `prior_task.tokenizer` or `prior_task.divae_weights` (when set), a
 resume with another number of ranks than wrote the checkpoint (`WorldSizeError`, a ConfigError);
-`data_pipeline.verify.ShardError` (exit 1) for a shard whose size differs from its manifest (damage).
+`data_pipeline.integrity.ShardError` (exit 1) for a shard whose size differs from its manifest (damage).
 Each check is a stat or a small read, identical on every rank of a shared file system, so every rank
 reaches the same verdict without a collective.
 """
@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from data_pipeline.integrity import check_shards
 from data_pipeline.shards import MANIFEST, load_manifest
-from data_pipeline.verify import check_shards
 from divae.utils.cli import writable_dir
 from divae.utils.config import ConfigError
 from trainer.checkpoint import LATEST, CheckpointError, check_compatible, read_latest, read_meta

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.verify import ShardError
+from data_pipeline.integrity import ShardError
 from divae.utils.cli import one_line, rank_emit, report
 from divae.utils.config import ConfigError, dump_config
 from divae.utils.logging import get_logger
