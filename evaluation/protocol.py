@@ -168,11 +168,13 @@ class _Accumulator:
         self.fake = FeatureStats(FEATURE_DIM, device)
         self.real = FeatureStats(FEATURE_DIM, device) if need_real else None
         self.codebook = CodebookCounter(codebook_size, device) if codebook_size else None
-        # float64 sums: count, psnr, ssim, lpips, number of inf PSNRs (exact reconstructions), `score`
-        self.sums = torch.zeros(6, dtype=torch.float64, device=device)
+        # float64 sums: count, psnr, ssim, lpips, number of inf PSNRs (exact reconstructions), `score`, then the
+        # sums of squares of psnr, ssim, lpips (for the standard error of each mean)
+        self.sums = torch.zeros(9, dtype=torch.float64, device=device)
         self.samples: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.tokens_hw: list[int] | None = None
         self.skipped: list[dict] = []  # {"index", "reason", "detail"} of items that are not usable images
+        self.has_squares = True
 
     def state_dict(self) -> dict:
         idx = sorted(self.samples)
@@ -196,7 +198,9 @@ class _Accumulator:
             self.real.load_state_dict(state["real"])
         if self.codebook is not None:
             self.codebook.counts.copy_(state["codebook"])
-        self.sums[:len(state["sums"])].copy_(state["sums"])  # a file from before `score` holds 5 sums
+        # a file from before `score` holds 5 sums, from before the squares 6: it cannot give standard errors
+        self.sums[:len(state["sums"])].copy_(state["sums"])
+        self.has_squares = len(state["sums"]) >= 9
         self.tokens_hw = state["tokens_hw"].tolist() or None
         self.skipped = list(state.get("skipped", []))
         for k, i in enumerate(state["sample_idx"].tolist()):
@@ -356,13 +360,18 @@ def evaluate_reconstructions(
             p = psnr(images_d, recon_d)  # float64 (B,) on the device; no host sync
             finite = torch.isfinite(p)
             acc.sums[1] += torch.where(finite, p, 0).sum()
+            acc.sums[6] += torch.where(finite, p, 0).square().sum()
             acc.sums[4] += (~finite).sum()
         if cfg.ssim and cfg.paired:
-            acc.sums[2] += ssim(images_d, recon_d).sum()
+            ss = ssim(images_d, recon_d)
+            acc.sums[2] += ss.sum()
+            acc.sums[7] += ss.square().sum()
         if score is not None:
             acc.sums[5] += score(recon_d, idx).double().sum()
         if lpips is not None:
-            acc.sums[3] += lpips(to_unit_range(images_d), to_unit_range(recon_d)).double().sum()
+            d = lpips(to_unit_range(images_d), to_unit_range(recon_d)).double()
+            acc.sums[3] += d.sum()
+            acc.sums[8] += d.square().sum()
         if tokens is not None:
             acc.tokens_hw = list(tokens.shape[-2:])
             if acc.codebook is not None:
@@ -465,6 +474,11 @@ def evaluate_reconstructions(
     }
     if score is not None:
         results[score_name] = acc.sums[5].item() / count
+    # standard errors of the means over images (the estimation noise of a figure from this many images)
+    for key, i in (("psnr", 1), ("ssim", 2), ("lpips", 3)):
+        if results[key] is not None and math.isfinite(results[key]) and acc.has_squares:
+            var = max(acc.sums[i + 5].item() / count - results[key] ** 2, 0.0) * count / (count - 1)
+            results[f"{key}_sem"] = math.sqrt(var / count)
     results.update(extra or {})
     results["tokens_hw"] = next((t for _, t, _ in gathered if t), None)
     samples = {i: s for part, _, _ in gathered for i, s in part.items()}
