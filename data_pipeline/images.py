@@ -9,6 +9,7 @@ manifest can count them.
 from __future__ import annotations
 
 import io
+import os
 import re
 import warnings
 from dataclasses import asdict, dataclass
@@ -159,3 +160,17 @@ def decode_rgb_array(data: bytes) -> np.ndarray:
 
 
 assert not ImageFile.LOAD_TRUNCATED_IMAGES, "truncated images must raise, not load half-grey"
+
+
+def save_grid(rows: list, path: str | os.PathLike, pad: int = 2) -> None:
+    """The one PNG grid writer (training samples, evaluation samples): rows of uint8 images (n, 3, H, W)
+    (CPU tensors or arrays), e.g. originals above reconstructions, on a white canvas with `pad` pixels between."""
+    arrays = [np.asarray(r) for r in rows]
+    n = max(a.shape[0] for a in arrays)
+    h, w = arrays[0].shape[-2:]
+    canvas = np.full((len(arrays) * (h + pad) + pad, n * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for r, row in enumerate(arrays):
+        for c, img in enumerate(row):
+            y, x = pad + r * (h + pad), pad + c * (w + pad)
+            canvas[y:y + h, x:x + w] = img.transpose(1, 2, 0)
+    Image.fromarray(canvas).save(path)

@@ -1,28 +1,17 @@
-"""Outputs of an evaluation: the Table 1 style Markdown and the sample grid."""
+"""Outputs of an evaluation: the Table 1 style Markdown (the sample grid: data_pipeline.images.save_grid)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import torch
-from PIL import Image
+# save_grid lives in data_pipeline.images (one writer for training and evaluation); protocol.py and recon_fid.py
+# import it from here.
+from data_pipeline.images import save_grid  # noqa: F401
 
 # Table 1 of the paper (reconstruction FID, 50k ImageNet val), printed under our table for comparison.
 PAPER_TABLE1 = [("VQGAN", "f16", 16384, 4.98), ("DiVAE", "f16", 16384, 4.07), ("DiVAE DDIM25", "f16", 16384, 7.07),
                 ("VQGAN", "f8", 8192, 1.49), ("DiVAE", "f8", 8192, 1.24), ("DiVAE DDIM25", "f8", 8192, 3.14)]
-
-
-def save_grid(rows: list[torch.Tensor], path: str | os.PathLike, pad: int = 2) -> None:
-    """PNG of rows of uint8 images (n, 3, H, W), e.g. originals above reconstructions."""
-    n = max(r.shape[0] for r in rows)
-    h, w = rows[0].shape[-2:]
-    canvas = torch.full((3, len(rows) * (h + pad) + pad, n * (w + pad) + pad), 255, dtype=torch.uint8)
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            y, x = pad + r * (h + pad), pad + c * (w + pad)
-            canvas[:, y:y + h, x:x + w] = img
-    Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(path)
 
 
 def _fmt(x, digits: int) -> str:

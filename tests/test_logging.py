@@ -31,3 +31,26 @@ def test_other_ranks_print_only_warnings_with_rank():
     assert "hello info" not in err
     assert "[rank 3] t: hello warn" in err
     assert "[rank 3] t: every rank" in err
+
+
+def test_training_grid_is_the_evaluation_grid(tmp_path):
+    """RunLogger.grid writes through data_pipeline.images.save_grid: [-1, 1] rows -> uint8 (nearest), one row
+    per entry, num_samples columns, white 2-px padding."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from trainer.metrics import LoggingConfig, RunLogger
+
+    g = torch.Generator().manual_seed(0)
+    rows = {"input": torch.rand(5, 3, 8, 8, generator=g) * 2.4 - 1.2,  # past [-1, 1]: clamped
+            "out": torch.rand(5, 3, 8, 8, generator=g) * 2 - 1}
+    logger = RunLogger(LoggingConfig(num_samples=3, wandb_mode="disabled", progress=False), tmp_path, True, "x", 1, 0,
+                       {})
+    png = np.array(Image.open(logger.grid(7, rows)))
+    logger.close()
+    assert png.shape == (2 * 10 + 2, 3 * 10 + 2, 3) and (png[:2] == 255).all()
+    for r, x in enumerate(rows.values()):
+        for c in range(3):
+            want = ((x[c].clamp(-1, 1) + 1) / 2 * 255 + 0.5).floor().to(torch.uint8).permute(1, 2, 0).numpy()
+            assert (png[2 + 10 * r:10 + 10 * r, 2 + 10 * c:10 + 10 * c] == want).all(), (r, c)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from data_pipeline.images import save_grid
 from divae.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -114,13 +115,10 @@ class RunLogger:
         """Save rows (each (B, 3, H, W) in [-1, 1]) as one PNG, a row per entry, in the given order."""
         if not self.is_main:
             return None
-        from torchvision.utils import save_image
-
         n = min(self.cfg.num_samples, *(r.shape[0] for r in rows.values()))
-        images = torch.cat([r[:n].detach().float().cpu() for r in rows.values()])
         path = self.run_dir / "samples" / f"step_{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_image((images.clamp(-1, 1) + 1) / 2, str(path), nrow=n, padding=2)
+        save_grid([to_uint8(r[:n]) for r in rows.values()], path)
         if self.wandb is not None:
             import wandb
 
@@ -135,6 +133,11 @@ class RunLogger:
         self.jsonl.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (any float dtype, any device) -> uint8 (B, 3, H, W) on the CPU, rounded to nearest."""
+    return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
 
 
 class WindowMeter:
