@@ -107,7 +107,7 @@ class UNetConfig:
         return 2 ** (len(self.channel_mult) - 1)
 
 
-class _Stage(nn.ModuleList):
+class UNetStage(nn.ModuleList):
     """A sequence of layers called with what each needs: ResBlocks get emb, injectors get cond."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
@@ -151,7 +151,7 @@ class UNetModel(nn.Module):
                 return [CrossAttentionBlock(ch, cfg.cond_channels, **heads)]
             return []
 
-        self.input_blocks = nn.ModuleList([_Stage([EdgeConv2d(cfg.in_channels, mc, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([UNetStage([EdgeConv2d(cfg.in_channels, mc, 3, padding=1)])])
         skip_chs, ch, ds = [mc], mc, 1
         for level, mult in enumerate(cfg.channel_mult):
             for i in range(cfg.num_res_blocks):
@@ -161,11 +161,11 @@ class UNetModel(nn.Module):
                 if ds in attn_ds:
                     layers.append(AttentionBlock(ch, **heads))
                 layers += inject_after("encoder", i == 0, ch)
-                self.input_blocks.append(_Stage(layers))
+                self.input_blocks.append(UNetStage(layers))
                 skip_chs.append(ch)
             if level != len(cfg.channel_mult) - 1:
                 down = ResBlock(ch, emb_ch, ch, down=True, **res) if cfg.resblock_updown else Downsample(ch)
-                self.input_blocks.append(_Stage([down]))
+                self.input_blocks.append(UNetStage([down]))
                 skip_chs.append(ch)
                 ds *= 2
 
@@ -173,7 +173,7 @@ class UNetModel(nn.Module):
         layers += [ResBlock(ch + extra, emb_ch, ch, **res), AttentionBlock(ch, **heads)]
         layers += inject_after("middle", True, ch)
         layers.append(ResBlock(ch, emb_ch, ch, **res))
-        self.middle_block = _Stage(layers)
+        self.middle_block = UNetStage(layers)
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -189,7 +189,7 @@ class UNetModel(nn.Module):
                     up = ResBlock(ch, emb_ch, ch, up=True, **res) if cfg.resblock_updown else Upsample(ch)
                     layers.append(up)
                     ds //= 2
-                self.output_blocks.append(_Stage(layers))
+                self.output_blocks.append(UNetStage(layers))
 
         out_ch = cfg.out_channels * (2 if cfg.learn_sigma else 1)
         self.out = nn.Sequential(EdgeGroupNorm(norm_groups(ch), ch), nn.SiLU(),
@@ -200,7 +200,7 @@ class UNetModel(nn.Module):
     def conditional(self) -> bool:
         return self.cfg.cond_position != "none"
 
-    def _run(self, stage: _Stage, h: torch.Tensor, emb: torch.Tensor, cond: torch.Tensor | None):
+    def _run(self, stage: UNetStage, h: torch.Tensor, emb: torch.Tensor, cond: torch.Tensor | None):
         if self.cfg.use_checkpoint and self.training and torch.is_grad_enabled():
             return checkpoint(stage, h, emb, cond, use_reentrant=False)
         return stage(h, emb, cond)

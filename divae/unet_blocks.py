@@ -125,7 +125,7 @@ class Upsample(nn.Module):
 
 
 class Downsample(nn.Module):
-    """x2 downsampling by a strided 3x3 conv."""
+    """x2 downsampling by a strided 3x3 conv, padding 1 on every side (ADM; the VQ's VQDownsample pads (0, 1, 0, 1))."""
 
     def __init__(self, ch: int, out_ch: int | None = None):
         super().__init__()

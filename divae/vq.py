@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from divae.quantizer import QuantizerConfig, VectorQuantizer
 from divae.utils.params import count_parameters
-from divae.vq_blocks import Downsample, MidBlock, Stage, Upsample, group_norm
+from divae.vq_blocks import MidBlock, VQDownsample, VQStage, VQUpsample, group_norm
 
 
 @dataclass
@@ -74,8 +74,8 @@ class Encoder(nn.Module):
         for i, m in enumerate(mults):
             c_out = cfg.ch * m
             last = i == len(mults) - 1
-            self.stages.append(Stage(c_in, c_out, cfg.num_res_blocks, res in cfg.attn_resolutions, cfg.dropout, g,
-                                     None if last else Downsample(c_out)))
+            self.stages.append(VQStage(c_in, c_out, cfg.num_res_blocks, res in cfg.attn_resolutions, cfg.dropout, g,
+                                       None if last else VQDownsample(c_out)))
             c_in = c_out
             res = res if last else res // 2
         self.mid = MidBlock(c_in, cfg.dropout, g)
@@ -104,8 +104,8 @@ class Decoder(nn.Module):
         self.stages = nn.ModuleList()
         for i in reversed(range(len(mults))):
             c_out = cfg.ch * mults[i]
-            self.stages.append(Stage(c_in, c_out, cfg.num_res_blocks + 1, res in cfg.attn_resolutions, cfg.dropout,
-                                     g, Upsample(c_out) if i > 0 else None))
+            self.stages.append(VQStage(c_in, c_out, cfg.num_res_blocks + 1, res in cfg.attn_resolutions, cfg.dropout,
+                                       g, VQUpsample(c_out) if i > 0 else None))
             c_in = c_out
             res = res * 2 if i > 0 else res
         self.norm_out = group_norm(c_in, g)

@@ -1,11 +1,17 @@
 """Convolutional building blocks of the VQGAN-family encoder and decoder (GroupNorm + SiLU ResNet blocks,
-single-head spatial self-attention, 2x down/up-sampling)."""
+single-head spatial self-attention, 2x down/up-sampling).
+
+Names carry a `VQ` prefix where the UNet (divae/unet_blocks.py, divae/unet.py) has a block of the same role
+but other arithmetic: `VQDownsample` pads (0, 1, 0, 1) as taming's VQGAN does (weights load from its
+checkpoints), the UNet's `Downsample` pads 1 on every side as ADM does."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from divae.attention import attention
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -44,11 +50,11 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)  # (B, HW, C)
-        a = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+        a = attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)  # SDPA, one head
         return x + self.proj(a.transpose(1, 2).reshape(b, c, h, w))
 
 
-class Downsample(nn.Module):
+class VQDownsample(nn.Module):
     """Stride-2 3x3 conv with (0, 1, 0, 1) padding: (B, C, H, W) -> (B, C, H/2, W/2)."""
 
     def __init__(self, channels: int):
@@ -59,7 +65,7 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-class Upsample(nn.Module):
+class VQUpsample(nn.Module):
     """Nearest 2x upsampling then a 3x3 conv: (B, C, H, W) -> (B, C, 2H, 2W)."""
 
     def __init__(self, channels: int):
@@ -70,7 +76,7 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class Stage(nn.Module):
+class VQStage(nn.Module):
     """ResNet blocks, each optionally followed by attention, then an optional resampler."""
 
     def __init__(self, c_in: int, c_out: int, n_blocks: int, attn: bool, dropout: float, groups: int,
