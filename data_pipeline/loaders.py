@@ -39,6 +39,7 @@ import math
 import os
 import random
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -50,7 +51,8 @@ from data_pipeline.shards import STANDARD_COLUMNS, decode_wds_value, load_manife
 from divae.utils.logging import get_logger
 
 log = get_logger(__name__)
-BAD_SAMPLES = ("error", "skip")
+BadSamples = Literal["error", "skip"]
+BAD_SAMPLES = get_args(BadSamples)
 
 _SHM_CLEANED = False
 
@@ -61,7 +63,7 @@ class DataConfig:
 
     path: str = ""  # a prepared shard folder (with manifest.json)
     extra_paths: list[str] = field(default_factory=list)  # more folders, concatenated after `path`
-    format: str = "mds"  # "mds" | "wds"; must match the folders' manifests
+    format: Literal["mds", "wds"] = "mds"  # must match the folders' manifests
     batch_size: int = 32
     num_workers: int = 2
     shuffle: bool = True
@@ -74,7 +76,7 @@ class DataConfig:
     pin_memory: bool | None = None  # None: on when CUDA is available (page-locked batches, async copies)
     # "float": batch["image"] is (B, 3, H, W) float32 in [-1, 1]; "uint8": (B, H, W, 3) uint8 (flipped already),
     # 4x fewer bytes to pin and copy; `image_to_float` on the device gives bitwise the same float batch
-    images_as: str = "float"
+    images_as: Literal["float", "uint8"] = "float"
     # MDS only
     num_canonical_nodes: int | None = None  # None: streaming's default; fix it to resume on another world size
     shuffle_algo: str = "py1e"
@@ -88,7 +90,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     # Damaged shards (see the module docstring): sizes are always checked when the loader opens.
     verify: bool = False  # also check every shard's sha256 against the manifest when the loader opens
-    bad_samples: str = "error"  # a sample that cannot be read/decoded: "error" (stop, naming it) | "skip"
+    bad_samples: BadSamples = "error"  # a sample that cannot be read/decoded: "error" (stop, naming it) | "skip"
 
     def __post_init__(self) -> None:
         if self.images_as not in ("float", "uint8"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -20,6 +21,10 @@ from .gaussian_diffusion import (
     SCHEDULES,
     VAR_TYPES,
     GaussianDiffusion,
+    LossType,
+    MeanType,
+    Schedule,
+    VarType,
     get_named_beta_schedule,
 )
 from .resample import LossSecondMomentResampler, UniformSampler, create_schedule_sampler
@@ -43,12 +48,12 @@ class DiffusionConfig:
     """
 
     steps: int = 1000
-    noise_schedule: str = "linear"
-    model_mean_type: str = "epsilon"
-    model_var_type: str = "learned_range"
-    loss: str = "hybrid"
+    noise_schedule: Schedule = "linear"
+    model_mean_type: MeanType = "epsilon"
+    model_var_type: VarType = "learned_range"
+    loss: LossType = "hybrid"
     vlb_weight: float = 0.001
-    schedule_sampler: str = "uniform"
+    schedule_sampler: Literal["uniform", "loss-second-moment"] = "uniform"
     clip_denoised: bool = True
 
     def __post_init__(self):

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
-MEAN_TYPES = ("epsilon", "x0")
-VAR_TYPES = ("learned_range", "fixed_small", "fixed_large")
-LOSS_TYPES = ("hybrid", "simple", "kl")
-SCHEDULES = ("linear", "cosine")
+# Modes are Literal types (the convention of every config dataclass: the config loader checks them at load
+# time); the tuples, for checks at run time, are derived from them.
+MeanType = Literal["epsilon", "x0"]
+VarType = Literal["learned_range", "fixed_small", "fixed_large"]
+LossType = Literal["hybrid", "simple", "kl"]
+Schedule = Literal["linear", "cosine"]
+MEAN_TYPES, VAR_TYPES, LOSS_TYPES, SCHEDULES = (get_args(t) for t in (MeanType, VarType, LossType, Schedule))
 
 
 def get_named_beta_schedule(name: str, num_steps: int) -> np.ndarray:
@@ -67,9 +71,9 @@ class GaussianDiffusion:
         self,
         *,
         betas: np.ndarray,
-        model_mean_type: str = "epsilon",
-        model_var_type: str = "learned_range",
-        loss_type: str = "hybrid",
+        model_mean_type: MeanType = "epsilon",
+        model_var_type: VarType = "learned_range",
+        loss_type: LossType = "hybrid",
         vlb_weight: float = 0.001,
     ):
         if model_mean_type not in MEAN_TYPES:

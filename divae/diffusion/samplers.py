@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Literal, get_args
 
 import torch
 
 from .gaussian_diffusion import GaussianDiffusion
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+SamplerName = Literal["ddpm", "ddim", "dpmpp2m"]
+SAMPLERS = get_args(SamplerName)
 
 
 def generators_from_seeds(seeds: Sequence[int]) -> list[torch.Generator]:

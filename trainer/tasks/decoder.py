@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from divae.diffusion import create_diffusion, create_schedule_sampler, sample
+from divae.diffusion.samplers import SamplerName
 from divae.model import DiVAE, read_pretrained
 from divae.unet import UNetModel
 from divae.utils.config import from_dict
@@ -35,7 +36,7 @@ class DecoderTaskConfig:
     tokens: Literal["encode", "precomputed"] = "encode"
     finetune_encoder: bool = False
     commit_weight: float = 1.0  # weight of the quantizer loss when fine-tuning the encoder
-    sampler: Literal["ddpm", "ddim", "dpmpp2m"] = "ddim"  # for the sample grids
+    sampler: SamplerName = "ddim"  # for the sample grids
     sample_steps: int = 25
 
 
