@@ -19,7 +19,7 @@ import numpy as np
 
 from data_pipeline.images import decode_rgb_array
 from data_pipeline.integrity import check_shards, sample_error
-from data_pipeline.shards import ShardWriter, decode_wds_value, get_mds_encoded_size, load_manifest, mds_decode
+from data_pipeline.shards import ShardWriter, decode_mds_sample, decode_wds_value, load_manifest
 
 
 class ShardReader:
@@ -65,18 +65,7 @@ class ShardReader:
             begin, end = np.frombuffer(f.read(8), np.uint32)
             f.seek(int(begin))
             data = f.read(int(end - begin))
-        sizes, idx = [], 0
-        for enc in encs:
-            size = get_mds_encoded_size(enc)
-            if size is None:
-                size = int(np.frombuffer(data[idx:idx + 4], np.uint32)[0])
-                idx += 4
-            sizes.append(size)
-        out = {}
-        for name, enc, size in zip(names, encs, sizes):
-            out[name] = mds_decode(enc, data[idx:idx + size])
-            idx += size
-        return out
+        return decode_mds_sample(data, names, encs)
 
     def _members(self, shard: int) -> list[dict[str, tuple[int, int]]]:
         if shard not in self._tar_index:

@@ -108,6 +108,24 @@ def encode_mds_shard(samples: list[dict], columns: dict[str, str]) -> tuple[byte
     return data, dict(cfg, samples=len(encoded), zip_data=None)
 
 
+def decode_mds_sample(data: bytes, names: list[str], encs: list[str]) -> dict[str, Any]:
+    """One sample's bytes, in the layout `encode_mds_shard` writes (a uint32 size per variable-size column, then
+    the values in column-name order), -> {column: value}. Training reads the same bytes through streaming's
+    MDSReader (data_pipeline.loaders); this is the random-access path (data_pipeline.reader)."""
+    sizes, idx = [], 0
+    for enc in encs:
+        size = get_mds_encoded_size(enc)
+        if size is None:
+            size = int(np.frombuffer(data[idx:idx + 4], np.uint32)[0])
+            idx += 4
+        sizes.append(size)
+    out = {}
+    for name, enc, size in zip(names, encs, sizes):
+        out[name] = mds_decode(enc, data[idx:idx + size])
+        idx += size
+    return out
+
+
 def _text(value: Any, enc: str) -> bytes:
     if enc == "bytes":
         return bytes(value)
