@@ -15,13 +15,16 @@ Typical step (two optimizers):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from divae.lpips import LPIPS
+
+DiscLoss = Literal["hinge", "non_saturating"]
+DiscNorm = Literal["batch", "group", "none"]
 
 
 @dataclass
@@ -34,10 +37,10 @@ class VQLossConfig:
     disc_start: int = 0  # generator step from which the GAN terms are on
     disc_weight: float = 0.75  # multiplies the adaptive weight
     disc_factor: float = 1.0  # multiplies both GAN terms once on
-    disc_loss: Literal["hinge", "non_saturating"] = "hinge"
+    disc_loss: DiscLoss = "hinge"
     disc_n_layers: int = 3
     disc_ndf: int = 64
-    disc_norm: Literal["batch", "group", "none"] = "batch"
+    disc_norm: DiscNorm = "batch"
     disc_in_channels: int = 3
     adaptive_weight_max: float = 1e4
 
@@ -45,10 +48,10 @@ class VQLossConfig:
 class PatchDiscriminator(nn.Module):
     """PatchGAN (pix2pix): (B, C, H, W) -> real/fake logits (B, 1, h, w), one per overlapping patch."""
 
-    def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3, norm: str = "batch"):
+    def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3, norm: DiscNorm = "batch"):
         super().__init__()
-        if norm not in ("batch", "group", "none"):
-            raise ValueError(f"disc_norm must be 'batch', 'group' or 'none', got {norm!r}")
+        if norm not in get_args(DiscNorm):
+            raise ValueError(f"disc_norm must be one of {get_args(DiscNorm)}, got {norm!r}")
 
         def norm_layer(c: int) -> nn.Module:
             if norm == "batch":
@@ -91,7 +94,7 @@ def non_saturating_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) 
     return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
 
 
-def generator_adv_loss(logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
+def generator_adv_loss(logits_fake: torch.Tensor, kind: DiscLoss) -> torch.Tensor:
     """hinge: -mean D(x_hat); non_saturating: mean softplus(-D(x_hat))."""
     if kind == "hinge":
         return -logits_fake.mean()
@@ -156,8 +159,8 @@ class VQLoss(nn.Module):
     def __init__(self, cfg: VQLossConfig | None = None, lpips: LPIPS | None = None):
         super().__init__()
         cfg = cfg or VQLossConfig()
-        if cfg.disc_loss not in ("hinge", "non_saturating"):
-            raise ValueError(f"disc_loss must be 'hinge' or 'non_saturating', got {cfg.disc_loss!r}")
+        if cfg.disc_loss not in get_args(DiscLoss):
+            raise ValueError(f"disc_loss must be one of {get_args(DiscLoss)}, got {cfg.disc_loss!r}")
         self.cfg = cfg
         if cfg.perceptual_weight > 0:
             self.lpips = lpips if lpips is not None else LPIPS(cfg.lpips_path)
