@@ -151,16 +151,20 @@ class UNetModel(nn.Module):
                 return [CrossAttentionBlock(ch, cfg.cond_channels, **heads)]
             return []
 
+        def res_stage(where: str, first: bool, in_ch: int, out_ch: int, attn: bool) -> list[nn.Module]:
+            """Injection before, a ResBlock, attention at the listed resolutions, injection after."""
+            layers, extra = inject_before(where, first, in_ch)
+            layers.append(ResBlock(in_ch + extra, emb_ch, out_ch, **res))
+            if attn:
+                layers.append(AttentionBlock(out_ch, **heads))
+            return layers + inject_after(where, first, out_ch)
+
         self.input_blocks = nn.ModuleList([UNetStage([EdgeConv2d(cfg.in_channels, mc, 3, padding=1)])])
         skip_chs, ch, ds = [mc], mc, 1
         for level, mult in enumerate(cfg.channel_mult):
             for i in range(cfg.num_res_blocks):
-                layers, extra = inject_before("encoder", i == 0, ch)
-                layers.append(ResBlock(ch + extra, emb_ch, mult * mc, **res))
+                layers = res_stage("encoder", i == 0, ch, mult * mc, ds in attn_ds)
                 ch = mult * mc
-                if ds in attn_ds:
-                    layers.append(AttentionBlock(ch, **heads))
-                layers += inject_after("encoder", i == 0, ch)
                 self.input_blocks.append(UNetStage(layers))
                 skip_chs.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -178,13 +182,8 @@ class UNetModel(nn.Module):
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                in_ch = ch + skip_chs.pop()
-                layers, extra = inject_before("decoder", i == 0, in_ch)
-                layers.append(ResBlock(in_ch + extra, emb_ch, mult * mc, **res))
+                layers = res_stage("decoder", i == 0, ch + skip_chs.pop(), mult * mc, ds in attn_ds)
                 ch = mult * mc
-                if ds in attn_ds:
-                    layers.append(AttentionBlock(ch, **heads))
-                layers += inject_after("decoder", i == 0, ch)
                 if level and i == cfg.num_res_blocks:
                     up = ResBlock(ch, emb_ch, ch, up=True, **res) if cfg.resblock_updown else Upsample(ch)
                     layers.append(up)
