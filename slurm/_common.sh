@@ -1,4 +1,5 @@
-# Shared launch helper for slurm/train_*.sh (sourced, not run). One `srun` task per node starts
+# Shared launch helpers for slurm/train_*.sh (divae_train) and slurm/recon_fid.sh, t2i_fid.sh (divae_eval)
+# (sourced, not run). One `srun` task per node starts
 # `torchrun` with c10d rendezvous on the job's first node; the batch shell forwards preemption
 # signals to the step and requeues the job when the trainer stopped for preemption.
 #
@@ -150,5 +151,77 @@ _divae_forward() {
     [[ $1 == USR1 ]] && DIVAE_PREEMPTED=1
     [[ $1 == TERM ]] && DIVAE_CANCELLED=1
     [[ -n $DIVAE_STEP_PID ]] && kill -s "$1" "$DIVAE_STEP_PID" 2>/dev/null
+    return 0
+}
+
+# divae_eval MODULE DEFAULT_OUT [args ...]: run `python -m MODULE args` (evaluation.recon_fid, evaluation.t2i_fid)
+# on every node under torchrun; USR1/TERM go to the step (the ranks save their partial sums, then exit 75 after
+# USR1, 143 after TERM); exit 75 or <out>/REQUEUE requeues the job. DEFAULT_OUT: the module's default --out.
+divae_eval() {
+    local module=$1 default_out=$2
+    shift 2
+    divae_activate
+
+    local nnodes nproc cpus out args i step rc
+    nnodes=${SLURM_NNODES:-1}
+    nproc=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
+    [[ $nproc =~ ^[0-9]+$ && $nproc -gt 0 ]] || nproc=1
+    cpus=${SLURM_CPUS_PER_TASK:-1}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / nproc > 0 ? cpus / nproc : 1 ))}
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    export MASTER_ADDR
+    export MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
+
+    out=$default_out  # --out as the module parses it (the last one wins); the REQUEUE marker is written there
+    args=("$@")
+    for (( i = 0; i < ${#args[@]}; i++ )); do
+        [[ ${args[i]} == --out ]] && out=${args[i+1]:-$out}
+        [[ ${args[i]} == --out=* ]] && out=${args[i]#--out=}
+    done
+    rm -f "$out/$DIVAE_REQUEUE_MARKER"
+
+    step=(srun --kill-on-bad-exit=1 --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --cpus-per-task="$cpus"
+          bash -c 'trap "" USR1; exec "$@"' torchrun-ignoring-usr1
+          torchrun --nnodes="$nnodes" --nproc_per_node="$nproc" --rdzv_backend=c10d
+          --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID"
+          -m "$module" "$@")
+    divae_log "restart ${SLURM_RESTART_COUNT:-0}: $nnodes node(s) x $nproc rank(s), master $MASTER_ADDR:$MASTER_PORT"
+    divae_log "${step[*]}"
+
+    # USR1/TERM: forward to the step; the ranks save, then exit 75 after USR1 (requeue) or 143 after TERM (scancel:
+    # the job ends for good, as for training).
+    DIVAE_PREEMPTED=0
+    DIVAE_STEP_PID=
+    trap '_divae_eval_forward USR1' USR1
+    trap '_divae_eval_forward TERM' TERM
+    "${step[@]}" &
+    DIVAE_STEP_PID=$!
+    while :; do
+        wait "$DIVAE_STEP_PID"
+        rc=$?
+        kill -0 "$DIVAE_STEP_PID" 2>/dev/null || break  # else `wait` was interrupted by a trapped signal
+    done
+    trap - USR1 TERM
+    divae_log "evaluation step exited with code $rc"
+    (( rc == 0 )) && exit 0
+    if [[ $rc == "$DIVAE_REQUEUE_EXIT_CODE" || -f $out/$DIVAE_REQUEUE_MARKER ]]; then
+        rm -f "$out/$DIVAE_REQUEUE_MARKER"
+        if (( ${SLURM_RESTART_COUNT:-0} >= ${DIVAE_MAX_REQUEUES:-50} )); then
+            divae_log "not requeueing: already restarted ${SLURM_RESTART_COUNT} times (DIVAE_MAX_REQUEUES)"
+            exit "$rc"
+        fi
+        divae_log "ranks saved their partial sums and asked for a requeue: requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    (( DIVAE_PREEMPTED )) \
+        && divae_log "the step stopped (code $rc) after a preemption signal without saving; not requeueing"
+    exit "$rc"
+}
+
+_divae_eval_forward() {
+    divae_log "batch shell got SIG$1; forwarding it to the evaluation step (the ranks save, then exit)"
+    [[ $1 == USR1 ]] && DIVAE_PREEMPTED=1
+    [[ -n ${DIVAE_STEP_PID:-} ]] && kill -s "$1" "$DIVAE_STEP_PID" 2>/dev/null
     return 0
 }
