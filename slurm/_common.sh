@@ -107,15 +107,9 @@ divae_train() {
     run_dir_file=$(mktemp)
     divae_run_dir --config "$config" "$@" >"$run_dir_file" &
     local run_dir_pid=$!
-    "${step[@]}" &
-    DIVAE_STEP_PID=$!
     local rc
-    while :; do
-        wait "$DIVAE_STEP_PID"
-        rc=$?
-        kill -0 "$DIVAE_STEP_PID" 2>/dev/null || break  # else `wait` was interrupted by a trapped signal
-    done
-    trap - USR1 TERM
+    _divae_wait_step "${step[@]}"
+    rc=$DIVAE_STEP_RC
     divae_log "training step exited with code $rc"
     while kill -0 "$run_dir_pid" 2>/dev/null; do wait "$run_dir_pid"; done
     run_dir=$(cat "$run_dir_file")
@@ -147,7 +141,7 @@ divae_train() {
 }
 
 _divae_forward() {
-    divae_log "batch shell got SIG$1; forwarding it to the training step"
+    divae_log "batch shell got SIG$1; forwarding it to the step (the ranks save, then exit)"
     [[ $1 == USR1 ]] && DIVAE_PREEMPTED=1
     [[ $1 == TERM ]] && DIVAE_CANCELLED=1
     [[ -n $DIVAE_STEP_PID ]] && kill -s "$1" "$DIVAE_STEP_PID" 2>/dev/null
@@ -192,16 +186,11 @@ divae_eval() {
     # the job ends for good, as for training).
     DIVAE_PREEMPTED=0
     DIVAE_STEP_PID=
-    trap '_divae_eval_forward USR1' USR1
-    trap '_divae_eval_forward TERM' TERM
-    "${step[@]}" &
-    DIVAE_STEP_PID=$!
-    while :; do
-        wait "$DIVAE_STEP_PID"
-        rc=$?
-        kill -0 "$DIVAE_STEP_PID" 2>/dev/null || break  # else `wait` was interrupted by a trapped signal
-    done
-    trap - USR1 TERM
+    DIVAE_CANCELLED=0
+    trap '_divae_forward USR1' USR1
+    trap '_divae_forward TERM' TERM
+    _divae_wait_step "${step[@]}"
+    rc=$DIVAE_STEP_RC
     divae_log "evaluation step exited with code $rc"
     (( rc == 0 )) && exit 0
     if [[ $rc == "$DIVAE_REQUEUE_EXIT_CODE" || -f $out/$DIVAE_REQUEUE_MARKER ]]; then
@@ -219,9 +208,15 @@ divae_eval() {
     exit "$rc"
 }
 
-_divae_eval_forward() {
-    divae_log "batch shell got SIG$1; forwarding it to the evaluation step (the ranks save, then exit)"
-    [[ $1 == USR1 ]] && DIVAE_PREEMPTED=1
-    [[ -n ${DIVAE_STEP_PID:-} ]] && kill -s "$1" "$DIVAE_STEP_PID" 2>/dev/null
-    return 0
+# _divae_wait_step CMD ...: run the step in the background (its pid in DIVAE_STEP_PID, for _divae_forward) and
+# wait for it through trapped signals; its exit code in DIVAE_STEP_RC; the USR1/TERM traps are cleared after.
+_divae_wait_step() {
+    "$@" &
+    DIVAE_STEP_PID=$!
+    while :; do
+        wait "$DIVAE_STEP_PID"
+        DIVAE_STEP_RC=$?
+        kill -0 "$DIVAE_STEP_PID" 2>/dev/null || break  # else `wait` was interrupted by a trapped signal
+    done
+    trap - USR1 TERM
 }
