@@ -14,6 +14,7 @@ import re
 import warnings
 from dataclasses import asdict, dataclass
 from struct import error as struct_error  # raised by some PIL plugins on garbage headers
+from typing import Literal, get_args
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -26,8 +27,10 @@ CORRUPT = "corrupt image"
 BOMB = "decompression bomb"
 TOO_SMALL = "too small"
 
+Resample = Literal["bicubic", "lanczos", "bilinear"]
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
              "bilinear": Image.Resampling.BILINEAR}
+RESAMPLES = get_args(Resample)
 
 
 class SkipImage(Exception):
@@ -46,7 +49,7 @@ class ImageConfig:
     size: int = 256  # output is size x size
     jpeg_quality: int = 95
     draft: bool = True  # let libjpeg decode large JPEGs at 1/2, 1/4, 1/8 scale (never below `size`)
-    resample: str = "bicubic"  # antialiasing filter for the final resize: bicubic | lanczos | bilinear
+    resample: Resample = "bicubic"  # antialiasing filter for the final resize
     max_pixels: int = 178_956_970  # larger headers are rejected as decompression bombs (PIL's limit)
     min_size: int = 0  # reject sources whose shorter side is below this (0: keep all)
 
@@ -55,8 +58,8 @@ class ImageConfig:
             raise ValueError(f"size must be >= 8, got {self.size}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
-        if self.resample not in _RESAMPLE:
-            raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
+        if self.resample not in RESAMPLES:
+            raise ValueError(f"resample must be one of {RESAMPLES}, got {self.resample!r}")
 
     def describe(self) -> dict:
         d = asdict(self)
@@ -128,7 +131,7 @@ def decode(data: bytes, cfg: ImageConfig, target: int | None = None) -> tuple[Im
     return im, orig
 
 
-def center_crop_resize(im: Image.Image, size: int, resample: str = "bicubic") -> Image.Image:
+def center_crop_resize(im: Image.Image, size: int, resample: Resample = "bicubic") -> Image.Image:
     """Shorter side to `size`, center crop to size x size, in one antialiased resample of the crop box."""
     w, h = im.size
     s = min(w, h)

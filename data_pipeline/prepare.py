@@ -42,7 +42,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from tqdm import tqdm
 
-from data_pipeline.images import ImageConfig, SkipImage, preprocess
+from data_pipeline.images import RESAMPLES, ImageConfig, SkipImage, preprocess
 from data_pipeline.shards import (
     FORMATS,
     MANIFEST,
@@ -88,7 +88,7 @@ def add_common_args(p: argparse.ArgumentParser, size: int = 256, shard_size: int
     g.add_argument("--size", type=int, default=size, help="output side in pixels (shorter side + center crop)")
     g.add_argument("--jpeg-quality", type=int, default=95)
     g.add_argument("--no-draft", action="store_true", help="always decode JPEGs at full size")
-    g.add_argument("--resample", default="bicubic", choices=["bicubic", "lanczos", "bilinear"])
+    g.add_argument("--resample", default="bicubic", choices=RESAMPLES)
     g.add_argument("--max-pixels", type=int, default=ImageConfig.max_pixels,
                    help="reject images whose header claims more pixels (decompression bombs); may exceed "
                         "PIL's own limit")
