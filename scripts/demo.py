@@ -10,11 +10,17 @@ Steps; each runs the project's own command line as a subprocess and prints it fi
               into MDS shards;
   2. vq:      `torchrun --standalone --nproc_per_node 2 -m trainer.train --config configs/demo_vq.yaml`
               (DeepSpeed ZeRO-2, CPU, bf16), which exports <out>/vq/divae.safetensors;
-  3. decoder: the same with configs/demo_decoder.yaml: the diffusion UNet on the frozen VQ's z_q;
+  3. decoder: the same with configs/demo_decoder.yaml: the diffusion UNet on the frozen VQ's z_q (x_0
+              prediction: the one departure from the paper's recipe, measured and explained in that file);
   4. eval:    `python -m evaluation.recon_fid` (2 ranks) on the held-out crops: the VQGAN baseline (the VQ's CNN
-              decoder) beside DiVAE with a fast sampler, then DiVAE with DDPM on the first crops; and two floors
-              through the same evaluation code: uniform noise and the training set's mean image;
-  5. report:  <out>/report.md (figures, timings, the commands to go further) and <out>/samples.png.
+              decoder) beside DiVAE with DPM-Solver++ (20 steps), then DiVAE with DDPM on the first crops; and
+              three floors through the same evaluation code: uniform noise, the training set's mean image, and
+              the equal-bits floor (bicubic upsampling of the largest 8-bit thumbnail with no more bits than the
+              tokens: what a tokenizer must beat to be worth its bits);
+  5. report:  <out>/report.md (figures with their standard errors, the margins over the floors, timings, the
+              commands to go further), <out>/samples.png and <out>/summary.json.
+The recipe (widths, learning rates, steps) was chosen from measured learning curves: bench/demo_recipe.py and
+bench/RESULTS.md ("make demo recipe").
 A rerun skips what is done: complete shards are kept, finished training stages are detected (an unfinished one
 resumes from its last checkpoint), evaluations of the same checkpoint are reused.
 """
@@ -55,11 +61,11 @@ class Schedule:
     image_size: int = 64
     train_crops_per_photo: int = 400
     eval_crops: int = 160
-    vq_steps: int = 250
-    decoder_steps: int = 400
+    vq_steps: int = 1500
+    decoder_steps: int = 900
     batch_size: int = 16  # global images per optimizer step (ranks x micro batch)
     fast_sampler: str = "dpmpp2m"
-    fast_steps: int = 10
+    fast_steps: int = 20
     ddpm_steps: int = 100  # ancestral sampling on this many evenly respaced timesteps of T = 1000
     ddpm_images: int = 24  # the DDPM evaluation covers the first N eval crops
     eval_batch: int = 32  # per rank
@@ -143,14 +149,23 @@ def _kill_group(proc: subprocess.Popen) -> None:
 # 1. data
 
 
-def _photo(name: str) -> np.ndarray:
+def photo(name: str) -> np.ndarray:
+    """A colour photograph (H, W, 3) uint8 that ships inside an installed package: a function of
+    `skimage.data`, "motorcycle_right" (the right view of its stereo pair), or "grace_hopper" (matplotlib)."""
     import skimage.data
 
-    im = getattr(skimage.data, name)()
-    if isinstance(im, tuple):  # stereo_motorcycle: (left, right, disparity); the left view only
-        im = im[0]
+    if name == "grace_hopper":
+        from matplotlib import cbook
+
+        im = np.asarray(Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB"))
+    elif name == "motorcycle_right":
+        im = skimage.data.stereo_motorcycle()[1]
+    else:
+        im = getattr(skimage.data, name)()
+        if isinstance(im, tuple):  # stereo_motorcycle: (left, right, disparity); the left view only
+            im = im[0]
     if im.ndim != 3 or im.shape[2] != 3:
-        raise ValueError(f"skimage.data.{name} is not an RGB photo (shape {im.shape})")
+        raise ValueError(f"{name} is not an RGB photo (shape {im.shape})")
     return im
 
 
@@ -177,7 +192,7 @@ def write_crops(folder: Path, sched: Schedule, seed: int = 0) -> dict[str, int]:
         for name in names:
             d = folder / split / name
             d.mkdir(parents=True, exist_ok=True)
-            for i, crop in enumerate(random_crops(_photo(name), n, sched.image_size, rng)):
+            for i, crop in enumerate(random_crops(photo(name), n, sched.image_size, rng)):
                 crop.save(d / f"{i:05d}.png")
         counts[split] = n * len(names)
     return counts
@@ -232,22 +247,29 @@ def last_metrics(run_dir: Path) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
+def train_stage(run: Runner, config: Path, run_dir: Path, steps: int, overrides: list[str]) -> dict:
+    """`trainer.train` with config and overrides unless run_dir already holds the final checkpoint at `steps`
+    (an unfinished run resumes from its last checkpoint)."""
+    reused = stage_done(run_dir, steps)
+    if not reused:
+        run(run.distributed("trainer.train", "--config", rel(config), f"train.run_dir={rel(run_dir)}",
+                            f"train.steps={steps}", *overrides))
+        if not stage_done(run_dir, steps):
+            raise SystemExit(f"[demo] {config.name} ended without its final checkpoint in {run_dir}")
+    return {"reused": reused, "steps": steps, "last": last_metrics(run_dir)}
+
+
 def step_train(stage: str, out: Path, sched: Schedule, run: Runner) -> dict:
-    run_dir = out / stage
     steps = sched.vq_steps if stage == "vq" else sched.decoder_steps
-    args = ["--config", rel(ROOT / "configs" / f"demo_{stage}.yaml"), f"train.run_dir={rel(run_dir)}",
-            f"data.path={rel(out / 'data' / 'train')}", f"train.steps={steps}",
-            f"train.batch_size={sched.batch_size}"]
+    args = [f"data.path={rel(out / 'data' / 'train')}", f"train.batch_size={sched.batch_size}"]
     if stage == "decoder":
         args.append(f"decoder.vq_weights={rel(out / 'vq' / 'divae.safetensors')}")
     if sched is QUICK:
-        args += ["checkpoint.every=2", "logging.every=2", "logging.sample_every=0", "ema.decay=0.5"]
-    reused = stage_done(run_dir, steps)
-    if not reused:
-        run(run.distributed("trainer.train", *args))
-        if not stage_done(run_dir, steps):
-            raise SystemExit(f"[demo] the {stage} stage ended without its final checkpoint in {run_dir}")
-    return {"reused": reused, "steps": steps, "last": last_metrics(run_dir)}
+        args += QUICK_OVERRIDES
+    return train_stage(run, ROOT / "configs" / f"demo_{stage}.yaml", out / stage, steps, args)
+
+
+QUICK_OVERRIDES = ["checkpoint.every=2", "logging.every=2", "logging.sample_every=0", "ema.decay=0.5"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -288,33 +310,42 @@ def step_eval(out: Path, sched: Schedule, run: Runner) -> dict:
                             "--out", rel(ev / "ddpm")))
         ddpm = _results(ev / "ddpm", ckpt_sha)
     floors_file = ev / "floors.json"
-    floors = json.loads(floors_file.read_text()) if floors_file.is_file() else None
-    if floors is None:
-        reused = False
-        say("$ (in process) evaluation.recon_fid.evaluate_reconstructions with noise and mean-image 'reconstructions'")
-        floors = eval_floors(out, sched)
-        floors_file.write_text(json.dumps(floors, indent=2))
     if fast is None or ddpm is None:
         raise SystemExit(f"[demo] evaluation.recon_fid wrote no results.json under {ev}")
+    floors = json.loads(floors_file.read_text()) if floors_file.is_file() else None
+    if floors is None or floors.get("checkpoint_sha256") != ckpt_sha:
+        reused = False
+        say("$ (in process) evaluation.recon_fid.evaluate_reconstructions with noise, mean-image and equal-bits "
+            "thumbnail 'reconstructions'")
+        floors = eval_floors(out / "data", refs, sched.eval_batch, tuple(fast[0]["tokens_hw"]),
+                             int(fast[0]["protocol"]["codebook_size"]))
+        floors["checkpoint_sha256"] = ckpt_sha  # the thumbnail's size follows the tokens of this checkpoint
+        floors_file.write_text(json.dumps(floors, indent=2))
     return {"reused": reused, "cnn": fast[0], "fast": fast[1], "ddpm": ddpm[0], "noise": floors["noise"],
-            "mean": floors["mean"]}
+            "mean": floors["mean"], "thumbnail": floors["thumbnail"]}
 
 
-def eval_floors(out: Path, sched: Schedule) -> dict:
-    """PSNR/SSIM/LPIPS/FID of two trivial 'reconstructions' through the same evaluation code, as floors:
-    uniform noise (seeded) and the per-pixel mean of the training images (one image for every input)."""
+def eval_floors(data: Path, refs_dir: Path, batch_size: int, tokens_hw: tuple[int, int], codebook_size: int,
+                floors: tuple[str, ...] = ("noise", "mean", "thumbnail")) -> dict:
+    """PSNR/SSIM/LPIPS/FID of three trivial 'reconstructions' through the same evaluation code, as floors:
+    uniform noise (seeded), the per-pixel mean of the training images (one image for every input), and the
+    equal-bits floor (`evaluation.floors`): bicubic upsampling of the largest 8-bit RGB thumbnail with no more
+    bits than the tokens carry. data holds train/ and eval/ shards; refs_dir the originals' cached statistics."""
     import torch
 
     from data_pipeline.reader import ShardReader
     from evaluation.fid import load_stats
+    from evaluation.floors import equal_bits_side, thumbnail_reconstruction, token_bits
     from evaluation.inception import load_inception
     from evaluation.recon_fid import ReconEvalConfig, evaluate_reconstructions
 
-    train, dataset = ShardReader(str(out / "data" / "train")), ShardReader(str(out / "data" / "eval"))
+    train, dataset = ShardReader(str(data / "train")), ShardReader(str(data / "eval"))
     mean = np.zeros(train[0]["image"].shape, np.float64)
     for i in range(len(train)):
         mean += train[i]["image"]
     mean_img = torch.from_numpy(np.round(mean / len(train)).astype(np.uint8)).permute(2, 0, 1)
+    bits = token_bits(tokens_hw, codebook_size)
+    side = equal_bits_side(bits)
 
     def noise(images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         g = [torch.Generator().manual_seed(NOISE_SEED + int(i)) for i in idx]
@@ -322,6 +353,9 @@ def eval_floors(out: Path, sched: Schedule) -> dict:
 
     def mean_image(images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return mean_img.expand_as(images).contiguous()
+
+    def thumbnail(images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return thumbnail_reconstruction(images, side)
 
     class MemoFeatures(torch.nn.Module):
         """The Inception with a cache keyed by image bytes: the mean-image floor shows one image N times."""
@@ -342,15 +376,22 @@ def eval_floors(out: Path, sched: Schedule) -> dict:
     extractor = MemoFeatures(load_inception(None, "cpu"))
     lpips = _lpips()
     # the originals' statistics that recon_fid cached for all the eval crops (else they are computed again)
-    refs = [p for p in sorted((out / "eval" / "fid_refs").glob("fid_ref_*.npz")) if load_stats(p)[2] == len(dataset)]
+    refs = [p for p in sorted(refs_dir.glob("fid_ref_*.npz")) if load_stats(p)[2] == len(dataset)]
     ref = refs[0] if refs else None
-    cfg = ReconEvalConfig(batch_size=sched.eval_batch, save_every=0, num_show=0)
+    cfg = ReconEvalConfig(batch_size=batch_size, save_every=0, num_show=0)
     res = {}
-    for name, fn in (("noise", noise), ("mean", mean_image)):
+    fns = {"noise": noise, "mean": mean_image, "thumbnail": thumbnail}
+    for name in floors:
+        fn = fns[name]
         r = evaluate_reconstructions(dataset, fn, extractor=extractor, cfg=cfg, lpips=lpips,
                                      ref_stats_path=ref, label=name)
-        res[name] = {k: v for k, v in r.items() if k in ("label", "fid", "psnr", "ssim", "lpips", "num_images")}
+        res[name] = {k: v for k, v in r.items() if k in FIGURE_KEYS}
+    if "thumbnail" in res:
+        res["thumbnail"].update(side=side, thumbnail_bits=24 * side * side, token_bits=bits)
     return res
+
+
+FIGURE_KEYS = ("label", "fid", "psnr", "ssim", "lpips", "num_images", "psnr_sem", "ssim_sem", "lpips_sem")
 
 
 def _lpips():
@@ -399,23 +440,52 @@ def _f(x, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _pm(r: dict, key: str, digits: int) -> str:
+    """A figure with its standard error over images, when there is one."""
+    sem = r.get(f"{key}_sem")
+    return _f(r.get(key), digits) + (f" ± {sem:.{digits}f}" if sem is not None else "")
+
+
+def _gap_noise(a: dict, b: dict, key: str) -> float | None:
+    """Standard error of the difference of two means over the same crops, taken as independent (an upper
+    bound: the errors of two reconstructions of the same crops are positively correlated)."""
+    sa, sb = a.get(f"{key}_sem"), b.get(f"{key}_sem")
+    return None if sa is None or sb is None else (sa**2 + sb**2) ** 0.5
+
+
+def demo_checks(ev: dict) -> dict:
+    """The demo's acceptance figures: VQGAN's PSNR over the equal-bits floor (target >= 1 dB) and DiVAE's (fast
+    sampler) against VQGAN (target >= -1.5 dB)."""
+    return {"vq_over_floor_db": ev["cnn"]["psnr"] - ev["thumbnail"]["psnr"],
+            "divae_vs_vq_db": ev["fast"]["psnr"] - ev["cnn"]["psnr"]}
+
+
 def write_report(out: Path, sched: Schedule, info: dict, timings: dict, commands: list[str]) -> Path:
     ev = info["eval"]
     fast_label = f"DiVAE, {sched.fast_sampler} {sched.fast_steps} steps"
     ddpm_label = f"DiVAE, DDPM {sched.ddpm_steps} steps"
-    rows = [("Uniform noise (floor)", ev["noise"]), ("Mean training image (floor)", ev["mean"]),
+    thumb = ev["thumbnail"]
+    thumb_label = (f"Equal-bits floor: {thumb['side']}x{thumb['side']} thumbnail, bicubic "
+                   f"({thumb['thumbnail_bits']} <= {thumb['token_bits']:.0f} token bits)")
+    rows = [("Uniform noise (floor)", ev["noise"]), ("Mean training image (floor)", ev["mean"]), (thumb_label, thumb),
             ("VQGAN baseline (CNN decoder)", ev["cnn"]), (fast_label, ev["fast"]), (ddpm_label, ev["ddpm"])]
     table = ["| Reconstruction | PSNR (dB) ↑ | SSIM ↑ | LPIPS ↓ | FID ↓ | Images |", "|---|---|---|---|---|---|"]
-    table += [f"| {name} | {_f(r['psnr'])} | {_f(r['ssim'], 3)} | {_f(r['lpips'], 3)} | {_f(r['fid'], 1)} | "
+    table += [f"| {name} | {_pm(r, 'psnr', 2)} | {_pm(r, 'ssim', 3)} | {_pm(r, 'lpips', 3)} | {_f(r['fid'], 1)} | "
               f"{r['num_images']} |" for name, r in rows]
     cnn, fast, ddpm = ev["cnn"], ev["fast"], ev["ddpm"]
+    checks = demo_checks(ev)
 
     def winner(key: str, lower: bool) -> str:
         a, b = cnn[key], fast[key]
         if a is None or b is None:
             return f"{key}: -"
+        noise = _gap_noise(cnn, fast, key)
         best = "VQGAN" if (a < b) == lower else "DiVAE"
-        return f"{key.upper()}: {best} ({_f(a, 3)} vs {_f(b, 3)})"
+        verdict = f"{best} by {abs(a - b):.3g}"
+        if noise is not None:
+            gap = "a gap" if abs(a - b) > 2 * noise else "within the noise"
+            verdict += f" (twice its noise: {2 * noise:.2g}, {gap})"
+        return f"{key.upper()} {_f(a, 3)} vs {_f(b, 3)}: {verdict}"
 
     vq, dec = info["vq"]["last"], info["decoder"]["last"]
     cb = cnn.get("codebook") or {}
@@ -445,10 +515,15 @@ photos ({', '.join(TRAIN_PHOTOS)}).
 - FID here is computed on {info['data']['eval']} images (DDPM: the first {ddpm['num_images']}) against the originals'
   TF-Inception statistics: with so few images it is dominated by estimation noise and only the large gaps mean
   anything (noise and the mean image against real reconstructions). Read it beside PSNR, SSIM and LPIPS.
+- `±` is the standard error of the mean over the crops (a gap under about twice the combined errors is noise).
 - DiVAE against the VQGAN baseline at this tiny scale (a few minutes of CPU training; the paper trains for days
-  on GPUs): {winner('psnr', False)}; {winner('lpips', True)}; {winner('fid', True)}.
-  Both decoders see the same tokens; the CNN decoder regresses to the mean, which PSNR rewards, while the diffusion
-  decoder samples detail, which the perceptual figures are meant to reward once it is trained long enough.
+  on GPUs): {winner('psnr', False)}; {winner('lpips', True)}; {winner('fid', True)} (FID on so few images has no
+  error bar here; only large gaps mean anything). Both decoders see the same tokens; the CNN decoder regresses to
+  the mean, which PSNR rewards, while the diffusion decoder samples detail, which the perceptual figures reward.
+- The tokenizer against the equal-bits floor (a {thumb['side']}x{thumb['side']} 8-bit thumbnail carries
+  {thumb['thumbnail_bits']} bits, the {_tok(cnn)} tokens {thumb['token_bits']:.0f}): VQGAN
+  {checks['vq_over_floor_db']:+.2f} dB PSNR over it (the demo's target: at least +1 dB), DiVAE
+  {checks['divae_vs_vq_db']:+.2f} dB against VQGAN (target: within 1.5 dB).
 - Codebook: {cb.get('usage', 0) * 100:.0f}% of the K = {cnn['protocol'].get('codebook_size')} codes used on the
   held-out crops (perplexity {_f(cb.get('perplexity'), 1)}).
 
@@ -499,7 +574,21 @@ Beside this report: loss curves in `vq/metrics.jsonl` and `decoder/metrics.jsonl
     return path
 
 
-VQ_KEYS = ("l1", "qloss", "usage", "perplexity", "g_loss")
+def write_summary(out: Path, ev: dict, timings: dict) -> Path:
+    """summary.json: every figure of the report's table (with its standard errors), the acceptance margins and
+    the timings; docs/demo_results.json is this file from the run whose figures the README shows."""
+    figures = {k: {f: ev[k].get(f) for f in FIGURE_KEYS if f != "label"}
+               for k in ("noise", "mean", "thumbnail", "cnn", "fast", "ddpm")}
+    figures["thumbnail"].update({k: ev["thumbnail"][k] for k in ("side", "thumbnail_bits", "token_bits")})
+    summary = {"figures": figures, "checks": demo_checks(ev),
+               "minutes": sum(t["seconds"] for t in timings.values()) / 60,
+               "timings": {k: round(v["seconds"], 1) for k, v in timings.items()}}
+    path = out / "summary.json"
+    path.write_text(json.dumps(summary, indent=2))
+    return path
+
+
+VQ_KEYS = ("l1", "l2", "qloss", "usage", "perplexity")
 DEC_KEYS = ("loss", "mse", "vb")
 
 
@@ -560,7 +649,8 @@ def main(argv: list[str] | None = None) -> int:
     r = timed("eval", step_eval, out, sched, run)
     summary("eval", "PSNR/LPIPS/FID  " + "  ".join(
         f"{n} {_f(r[k]['psnr'])}/{_f(r[k]['lpips'], 3)}/{_f(r[k]['fid'], 1)}"
-        for n, k in (("VQGAN", "cnn"), ("DiVAE", "fast"), ("DDPM", "ddpm"), ("noise", "noise"), ("mean", "mean")))
+        for n, k in (("VQGAN", "cnn"), ("DiVAE", "fast"), ("DDPM", "ddpm"), ("thumbnail", "thumbnail"),
+                                     ("noise", "noise"), ("mean", "mean")))
         + (" (reused)" if r["reused"] else ""))
     t0 = time.perf_counter()
     samples = write_samples(out, sched, ["originals", "VQGAN\n(CNN decoder)",
@@ -572,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     commands += [c for c in run.commands if c not in commands]
     commands_file.write_text(json.dumps(commands, indent=2))
     report = write_report(out, sched, info, timings, commands)
+    write_summary(out, info["eval"], timings)
     (out / "schedule.json").write_text(json.dumps(asdict(sched), indent=2))
     summary("report", f"{rel(report)} and {rel(samples)} ({(time.perf_counter() - t_all) / 60:.1f} min this run)")
     return 0

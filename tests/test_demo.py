@@ -69,20 +69,29 @@ def test_demo_report_figures_and_samples(demo_run):
     floors = json.loads((out / "eval" / "floors.json").read_text())
     assert [r["protocol"]["decoder"] for r in fast] == ["cnn", "diffusion"]
     assert ddpm["protocol"]["sampler"] == "ddpm" and ddpm["num_images"] == 4
-    figures = [*fast, ddpm, floors["noise"], floors["mean"]]
+    figures = [*fast, ddpm, floors["noise"], floors["mean"], floors["thumbnail"]]
     for r in figures:
         assert math.isfinite(r["fid"]) and r["fid"] >= 0 and math.isfinite(r["psnr"])
-    assert all(r["num_images"] == 16 for r in [*fast, floors["noise"], floors["mean"]])
-    # uniform noise against natural images: about 7-8 dB, far below the mean image's figure
+        assert r["psnr_sem"] > 0  # every figure carries its standard error over the crops
+    assert all(r["num_images"] == 16 for r in [*fast, floors["noise"], floors["mean"], floors["thumbnail"]])
+    # uniform noise against natural images: about 7-8 dB, far below the mean image's figure, itself far below a
+    # thumbnail of the crop (the floors are ordered as the information they use)
     assert floors["noise"]["psnr"] < 9.0
-    assert floors["noise"]["psnr"] < floors["mean"]["psnr"]
+    assert floors["noise"]["psnr"] < floors["mean"]["psnr"] < floors["thumbnail"]["psnr"]
+    assert floors["thumbnail"]["lpips"] < floors["mean"]["lpips"]
+    # the equal-bits floor of 16x16 tokens of K = 512: 2,304 bits -> a 9x9 RGB thumbnail (1,944 bits)
+    assert fast[0]["tokens_hw"] == [16, 16] and fast[0]["protocol"]["codebook_size"] == 512
+    assert (floors["thumbnail"]["side"], floors["thumbnail"]["thumbnail_bits"]) == (9, 1944)
 
     report = (out / "report.md").read_text()
-    for needle in ("Uniform noise (floor)", "Mean training image (floor)", "VQGAN baseline (CNN decoder)",
+    for needle in ("Uniform noise (floor)", "Mean training image (floor)", "Equal-bits floor: 9x9 thumbnail",
+                   "VQGAN baseline (CNN decoder)",
                    "DiVAE, dpmpp2m", "DiVAE, DDPM", "![samples](samples.png)", "sbatch slurm/train_vq.sh",
                    "sbatch slurm/train_decoder.sh", "python -m evaluation.recon_fid", "torchrun"):
         assert needle in report, needle
-    assert f"{fast[0]['psnr']:.2f}" in report and f"{fast[1]['psnr']:.2f}" in report
+    assert f"{fast[0]['psnr']:.2f} ± {fast[0]['psnr_sem']:.2f}" in report and f"{fast[1]['psnr']:.2f}" in report
+    margin = fast[0]["psnr"] - floors["thumbnail"]["psnr"]
+    assert f"{margin:+.2f} dB PSNR over it" in report
 
     im = Image.open(out / "samples.png")
     # 4 labelled rows (originals, VQGAN, DiVAE fast, DiVAE DDPM) of 4 images of 64 px shown at 2x
@@ -101,5 +110,5 @@ def test_demo_second_run_reuses_everything(demo_run):
         line = next(ln for ln in again.stdout.splitlines() if ln.startswith(f"[demo] {step}"))
         assert line.endswith("(reused)"), line
     after = (out / "report.md").read_text()
-    table = [ln for ln in before.splitlines() if ln.startswith("| ") and "|" in ln[2:]][:7]
-    assert table == [ln for ln in after.splitlines() if ln.startswith("| ") and "|" in ln[2:]][:7]
+    table = [ln for ln in before.splitlines() if ln.startswith("| ") and "|" in ln[2:]][:8]
+    assert table == [ln for ln in after.splitlines() if ln.startswith("| ") and "|" in ln[2:]][:8]

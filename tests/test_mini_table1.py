@@ -1,0 +1,65 @@
+"""`scripts/mini_table1.py` shortened (`--quick --rates f8 --cells 1`): the real stages end to end, so it cannot rot.
+
+Real prepare_folder on crops of several packaged photos, real `torchrun --nproc_per_node 2` training of a VQ, a
+decoder and the paper-recipe decoder, real `evaluation.recon_fid` runs (the CNN decoder, DPM-Solver++, DDIM, DDPM
+with all T = 1000 steps) and one cell of the injection ablation; then the table's figures are checked against their
+sources and a rerun must reuse everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "mini_table1.py"
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+
+def _run(out: Path, timeout: float) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--quick", "--rates", "f8", "--cells", "1", "--out",
+                             str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        stdout, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, _ = proc.communicate()
+        pytest.fail(f"mini_table1 did not finish in {timeout} s; output tail:\n{stdout[-4000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, "")
+
+
+def test_mini_table1_quick_end_to_end_and_rerun(tmp_path):
+    out = tmp_path / "mt1"
+    first = _run(out, 900)
+    assert first.returncode == 0, first.stdout[-6000:]
+    res = json.loads((out / "results.json").read_text())
+    rows = res["rates"]["f8"]
+    # held-out crops of three photos, none of them a training photo
+    assert rows["cnn"]["num_images"] == 3 * 4
+    assert rows["cnn"]["tokens_hw"] == [8, 8] and rows["cnn"]["protocol"]["codebook_size"] == 512
+    # the equal-bits floor of 8x8 tokens of 9 bits: 576 bits -> a 4x4 RGB thumbnail (384 bits)
+    assert (rows["thumbnail"]["side"], rows["thumbnail"]["thumbnail_bits"]) == (4, 384)
+    assert rows["ddpm1000"][0]["protocol"]["steps"] in (None, 1000) and rows["ddpm1000"][0]["num_images"] == 2
+    for r in (rows["cnn"], rows["dpmpp2m2"][0], rows["ddim2"][0], rows["thumbnail"]):
+        assert r["psnr_sem"] > 0 and r["lpips_sem"] >= 0
+    assert list(res["ablation"]) == ["encoder/concat"]
+    paper = rows["paper_dpmpp2m20"][0]["protocol"]
+    assert paper["sampler"] == "dpmpp2m" and paper["steps"] == 20
+    md = (out / "results.md").read_text()
+    assert f"{rows['cnn']['psnr']:.2f} ± {rows['cnn']['psnr_sem']:.2f}" in md
+    assert f"{rows['thumbnail']['psnr']:.2f}" in md and "encoder/concat" in md
+    assert sum("-m trainer.train" in ln for ln in first.stdout.splitlines() if ln.startswith("$ ")) == 4
+
+    again = _run(out, 300)
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert not [ln for ln in again.stdout.splitlines() if ln.startswith("$ ")], "a finished step ran again"
+    assert (out / "results.md").read_text() == md
