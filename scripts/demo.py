@@ -62,7 +62,7 @@ class Schedule:
     train_crops_per_photo: int = 400
     eval_crops: int = 160
     vq_steps: int = 1500
-    decoder_steps: int = 900
+    decoder_steps: int = 1200
     batch_size: int = 16  # global images per optimizer step (ranks x micro batch)
     fast_sampler: str = "dpmpp2m"
     fast_steps: int = 20
@@ -276,10 +276,6 @@ QUICK_OVERRIDES = ["checkpoint.every=2", "logging.every=2", "logging.sample_ever
 # 4. evaluation
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _results(path: Path, ckpt_sha: str) -> list[dict] | None:
     f = path / "results.json"
     if not f.is_file():
@@ -290,8 +286,10 @@ def _results(path: Path, ckpt_sha: str) -> list[dict] | None:
 
 
 def step_eval(out: Path, sched: Schedule, run: Runner) -> dict:
+    from divae.utils.files import sha256_file
+
     ckpt = out / "decoder" / "divae.safetensors"
-    ckpt_sha = sha256(ckpt)
+    ckpt_sha = sha256_file(ckpt)
     ev, refs = out / "eval", out / "eval" / "fid_refs"
     common = ["--checkpoint", rel(ckpt), "--data", rel(out / "data" / "eval"), "--batch-size", str(sched.eval_batch),
               "--num-show", str(sched.num_show), "--ref-stats-dir", rel(refs)]
@@ -500,7 +498,8 @@ photographs that ship inside scikit-image. Total wall time of the steps: **{tota
 
 ![samples](samples.png)
 
-Rows of `samples.png`: held-out originals; the VQGAN baseline (the VQ stage's own CNN decoder); DiVAE (the
+Rows of `samples.png`: held-out originals; the VQGAN baseline (the VQ stage's own CNN decoder, the VQGAN
+architecture trained without its GAN term at this budget); DiVAE (the
 diffusion decoder) with {sched.fast_sampler} in {sched.fast_steps} steps; DiVAE with DDPM ancestral sampling
 ({sched.ddpm_steps} of the T = 1000 timesteps). Every reconstruction starts from the same {_tok(cnn)} tokens.
 
@@ -531,7 +530,8 @@ photos ({', '.join(TRAIN_PHOTOS)}).
 
 | Stage | Steps | Last logged figures |
 |---|---|---|
-| VQ (f{_f_rate(cnn)}, L1 + codebook + PatchGAN) | {info['vq']['steps']} | {_fmt_metrics(vq, VQ_KEYS)} |
+| VQ (f{_f_rate(cnn)}, configs/demo_vq.yaml: L1 + L2, EMA codebook, no GAN) | {info['vq']['steps']} | \
+{_fmt_metrics(vq, VQ_KEYS)} |
 | Diffusion decoder (configs/demo_decoder.yaml) | {info['decoder']['steps']} | {_fmt_metrics(dec, DEC_KEYS)} |
 
 Beside this report: loss curves in `vq/metrics.jsonl` and `decoder/metrics.jsonl`, training sample grids in

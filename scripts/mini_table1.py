@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from divae.utils.files import sha256_file  # noqa: E402
 from scripts.demo import (  # noqa: E402
     QUICK_OVERRIDES,
     TRAIN_PHOTOS,
@@ -44,7 +45,6 @@ from scripts.demo import (  # noqa: E402
     random_crops,
     rel,
     say,
-    sha256,
     shards_complete,
     train_stage,
 )
@@ -103,12 +103,12 @@ def write_data(out: Path, plan: Plan, run: Runner) -> dict:
 def evaluate(run: Runner, out: Path, ckpt: Path, data: Path, plan: Plan, name: str, *args: str) -> dict:
     """One `evaluation.recon_fid` run into out/eval/<name>, reused when it evaluated this checkpoint."""
     dest = out / "eval" / name
-    res = _results(dest, sha256(ckpt))
+    res = _results(dest, sha256_file(ckpt))
     if res is None:
         run(run.distributed("evaluation.recon_fid", "--checkpoint", rel(ckpt), "--data", rel(data / "eval"),
                             "--batch-size", str(plan.eval_batch), "--num-show", "8",
                             "--ref-stats-dir", rel(out / "eval" / "fid_refs"), "--out", rel(dest), *args))
-        res = _results(dest, sha256(ckpt))
+        res = _results(dest, sha256_file(ckpt))
     return {r["protocol"]["decoder"]: r for r in res}
 
 

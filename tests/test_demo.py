@@ -112,3 +112,24 @@ def test_demo_second_run_reuses_everything(demo_run):
     after = (out / "report.md").read_text()
     table = [ln for ln in before.splitlines() if ln.startswith("| ") and "|" in ln[2:]][:8]
     assert table == [ln for ln in after.splitlines() if ln.startswith("| ") and "|" in ln[2:]][:8]
+
+
+def test_recorded_demo_meets_its_floors_and_is_what_the_readme_shows():
+    """docs/demo_results.json is the summary.json of the full `make demo` whose figures and picture the README
+    shows: its tokenizer must beat the equal-bits floor by >= 1 dB PSNR, DiVAE (DPM-Solver++ 20 steps) must be
+    within 1.5 dB of the CNN decoder, the run must fit in 15 minutes, and the README must quote these figures."""
+    rec = json.loads((ROOT / "docs" / "demo_results.json").read_text())
+    fig, checks = rec["figures"], rec["checks"]
+    assert checks["vq_over_floor_db"] == pytest.approx(fig["cnn"]["psnr"] - fig["thumbnail"]["psnr"])
+    assert checks["divae_vs_vq_db"] == pytest.approx(fig["fast"]["psnr"] - fig["cnn"]["psnr"])
+    assert checks["vq_over_floor_db"] >= 1.0
+    assert checks["divae_vs_vq_db"] >= -1.5
+    assert rec["minutes"] < 15.0
+    # the floors are ordered by the information they use, and the tokens carry more than the thumbnail
+    assert fig["noise"]["psnr"] < fig["mean"]["psnr"] < fig["thumbnail"]["psnr"] < fig["cnn"]["psnr"]
+    assert fig["thumbnail"]["thumbnail_bits"] <= fig["thumbnail"]["token_bits"]
+    readme = (ROOT / "README.md").read_text()
+    for key in ("thumbnail", "cnn", "fast", "ddpm"):
+        assert f"{fig[key]['psnr']:.2f} ± {fig[key]['psnr_sem']:.2f}" in readme, key
+        assert f"{fig[key]['lpips']:.3f}" in readme, key
+    assert (ROOT / "docs" / "demo_samples.png").is_file()
