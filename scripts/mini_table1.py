@@ -38,16 +38,15 @@ from scripts.demo import (  # noqa: E402
     QUICK_OVERRIDES,
     TRAIN_PHOTOS,
     Runner,
-    _pm,
     _results,
     eval_floors,
     photo,
     random_crops,
-    rel,
     say,
     shards_complete,
     train_stage,
 )
+from scripts.demo_report import pm, rel  # noqa: E402
 
 # held-out photographs: three scenes no model trains on (grace_hopper ships with matplotlib)
 HELD_OUT = ("astronaut", "grace_hopper", "motorcycle_right")
@@ -190,13 +189,13 @@ def table(results: dict, plan: Plan) -> str:
                    rows["paper_dpmpp2m20"])]
         for name, rs in named:
             r = rs[0]
-            lines.append(f"| {rate} | {name} | {_pm(r, 'psnr', 2)} | {_pm(r, 'ssim', 3)} | {_pm(r, 'lpips', 3)} | "
+            lines.append(f"| {rate} | {name} | {pm(r, 'psnr', 2)} | {pm(r, 'ssim', 3)} | {pm(r, 'lpips', 3)} | "
                          f"{_fid(rs)} | {r['num_images']} |")
     lines += ["", f"Injection ablation ({list(results['rates'])[-1]}, DPM-Solver++ 20 steps, first "
               f"{plan.ablation_images} held-out crops, {plan.ablation_steps} decoder steps):", "",
               "| Position / method | PSNR (dB) ↑ | LPIPS ↓ | FID ↓ |", "|---|---|---|---|"]
     for cell, r in results["ablation"].items():
-        lines.append(f"| {cell} | {_pm(r, 'psnr', 2)} | {_pm(r, 'lpips', 3)} | {r['fid']:.1f} |")
+        lines.append(f"| {cell} | {pm(r, 'psnr', 2)} | {pm(r, 'lpips', 3)} | {r['fid']:.1f} |")
     return "\n".join(lines)
 
 
