@@ -79,9 +79,9 @@ def test_img2dataset_to_prior(tmp_path):
 
     from data_pipeline import prepare_cc, train_tokenizer
     from data_pipeline.reader import ShardReader
+    from data_pipeline.tokens import tokens_from_bytes
     from divae.model import DiVAE
     from trainer.config import load_train_config
-    from trainer.pre_encode import tokens_from_bytes
 
     expected_skips = make_img2dataset(tmp_path / "cc")
     m = prepare_cc.main(["--source", str(tmp_path / "cc"), "--out", str(tmp_path / "cc64"), "--size", "64",

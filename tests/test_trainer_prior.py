@@ -102,8 +102,8 @@ def test_build_checks_the_inputs_with_clear_errors(data):
 
 def test_token_column_matches_the_vq_encoding(data):
     from data_pipeline.reader import ShardReader
+    from data_pipeline.tokens import tokens_from_bytes as tokens_from_column
     from divae.model import DiVAE
-    from trainer.tasks.prior import tokens_from_column
 
     model = DiVAE.from_pretrained(data["divae"])
     reader = ShardReader(str(data["tok_shards"]))
@@ -164,9 +164,9 @@ def test_prior_stage_learns_and_logs_token_accuracy(prior_run):
 @pytest.mark.slow
 def test_prior_export_round_trips_with_its_tokenizer(prior_run, data):
     from data_pipeline.reader import ShardReader
+    from data_pipeline.tokens import tokens_from_bytes as tokens_from_column
     from divae.prior import load_prior
     from divae.text_tokenizer import TextTokenizer
-    from trainer.tasks.prior import tokens_from_column
 
     assert not (prior_run / "divae.safetensors").exists()
     assert (prior_run / "checkpoints" / f"step_{STEPS:08d}" / "prior.safetensors").is_file()

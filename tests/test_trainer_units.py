@@ -152,10 +152,10 @@ def test_pre_encode_writes_the_vq_tokens(tmp_path):
     from data_fixtures import encode, photos, variant
 
     from data_pipeline.reader import ShardReader
+    from data_pipeline.tokens import tokens_from_bytes
     from divae.model import DiVAE
     from divae.vq import VQ_PRESETS
     from trainer.pre_encode import main as pre_encode
-    from trainer.pre_encode import tokens_from_bytes
 
     src = tmp_path / "photos"
     src.mkdir()

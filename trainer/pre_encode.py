@@ -7,8 +7,8 @@
 The decoder stage then reads z_q from the stored indices instead of running the encoder every epoch:
 `decoder.tokens=precomputed data.path=<dst> data.random_flip=false` (the indices belong to the unflipped
 images); the prior stage reads them with the captions. `tokens` holds the (h, w) indices row-major as int16 bytes
-when K <= 32768, else int32 (`tokens_from_bytes` decodes them). Samples keep their order; every other column is
-copied.
+when K <= 32768, else int32 (`data_pipeline.tokens.tokens_from_bytes` decodes them). Samples keep their order;
+every other column is copied.
 
 Scale (Conceptual Captions: 3.3M images): output shard k holds exactly source shard k's samples, so ranks
 (torchrun / srun: RANK, WORLD_SIZE) take disjoint shards (k % WORLD_SIZE == RANK) and a shard's bytes do not
@@ -26,7 +26,6 @@ with other settings is refused. Rank 0 writes index.json and manifest.json (last
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import signal
@@ -37,34 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline.tokens import tokens_dtype
 from divae.model import DiVAE
 from divae.utils.cli import UsageError, run_cli
+from divae.utils.files import sha256_file
 
 STATE_DIR = ".pre_encode"
-
-
-def tokens_dtype(n_embed: int) -> np.dtype:
-    return np.dtype(np.int16) if n_embed <= 2**15 else np.dtype(np.int32)
-
-
-def tokens_from_bytes(values: list[bytes], grid: int) -> torch.Tensor:
-    """Stored `tokens` values (one bytes object per image) -> LongTensor (B, grid, grid)."""
-    out = []
-    for v in values:
-        itemsize = len(v) // (grid * grid)
-        if itemsize not in (2, 4) or itemsize * grid * grid != len(v):
-            raise ValueError(f"a tokens value of {len(v)} bytes is not a {grid}x{grid} int16/int32 grid; "
-                             "was it written for another image size or VQ?")
-        out.append(np.frombuffer(v, dtype=np.int16 if itemsize == 2 else np.int32).reshape(grid, grid))
-    return torch.from_numpy(np.stack(out).astype(np.int64))
-
-
-def _sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _Samples(torch.utils.data.Dataset):
@@ -138,8 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu"))
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    settings = {"vq_sha256": _sha256(args.vq), "src": os.path.abspath(args.src),
-                "src_manifest_sha256": _sha256(Path(args.src) / MANIFEST), "batch_size": args.batch_size,
+    settings = {"vq_sha256": sha256_file(args.vq), "src": os.path.abspath(args.src),
+                "src_manifest_sha256": sha256_file(Path(args.src) / MANIFEST), "batch_size": args.batch_size,
                 "precision": precision, "format": m["format"]}
     state = dst / STATE_DIR
     state.mkdir(parents=True, exist_ok=True)

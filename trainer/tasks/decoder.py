@@ -20,13 +20,13 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
+from data_pipeline.tokens import tokens_from_bytes
 from divae.diffusion import create_diffusion, create_schedule_sampler, sample
 from divae.diffusion.samplers import SamplerName
 from divae.model import DiVAE, read_pretrained
 from divae.unet import UNetModel
 from divae.utils.config import from_dict
 from divae.vq import VQConfig, VQModel
-from trainer.pre_encode import tokens_from_bytes
 from trainer.tasks.base import COMMON_SECTIONS, Task, device_quartile_losses
 
 

@@ -26,12 +26,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from data_pipeline.tokens import tokens_dtype, tokens_from_bytes
 from divae.prior import PriorConfig, PriorModel, load_prior, save_prior
 from divae.t2i import text_to_image
 from divae.text_tokenizer import TextTokenizer
 from divae.utils.config import ConfigError, from_dict
 from divae.utils.logging import get_logger
-from trainer.pre_encode import tokens_dtype
 from trainer.tasks.base import COMMON_SECTIONS, Task, detached
 
 log = get_logger(__name__)
@@ -68,19 +68,6 @@ class PriorNet(nn.Module):
 
 def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def tokens_from_column(values, h: int, w: int, dtype: np.dtype) -> torch.Tensor:
-    """Stored `tokens` values (bytes per image, `trainer.pre_encode`) -> LongTensor (B, h, w)."""
-    if isinstance(values, torch.Tensor):
-        return values.long().view(-1, h, w)
-    need = h * w * dtype.itemsize
-    for v in values:
-        if len(v) != need:
-            raise ValueError(f"a `tokens` value has {len(v)} bytes, but a {h}x{w} grid of {dtype.name} needs {need}: "
-                             "the shards were pre-encoded with another VQ than prior.image_h/image_w/image_vocab_size")
-    arr = np.frombuffer(b"".join(values), dtype=dtype).astype(np.int64)
-    return torch.from_numpy(arr).view(len(values), h, w)
 
 
 def token_palette_images(tokens: torch.Tensor, vocab_size: int, min_side: int = 64) -> torch.Tensor:
@@ -208,7 +195,7 @@ class PriorTask(Task):
         if "tokens" not in batch:
             raise KeyError("the batch has no 'tokens': point data at shards written by `python -m trainer.pre_encode`")
         c = self.prior_cfg
-        tokens = tokens_from_column(batch["tokens"], c.image_h, c.image_w, self.tok_dtype)
+        tokens = tokens_from_bytes(batch["tokens"], c.image_h, c.image_w, self.tok_dtype)
         return tokens.to(self.device, non_blocking=True)
 
     def loss(self, batch: dict, phase: str, step: int):
