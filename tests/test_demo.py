@@ -97,7 +97,7 @@ def test_demo_report_figures_and_samples(demo_run):
     # 4 labelled rows (originals, VQGAN, DiVAE fast, DiVAE DDPM) of 4 images of 64 px shown at 2x
     assert im.height == 4 * (128 + 4) + 4
     assert im.width == 150 + 2 * (4 * (64 + 2) + 2)
-    assert len(set(im.convert("L").getdata())) > 50  # real pictures, not a blank canvas
+    assert len(set(im.convert("L").get_flattened_data())) > 50  # real pictures, not a blank canvas
 
 
 def test_demo_second_run_reuses_everything(demo_run):
