@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from evaluation.inception import FEATURE_DIM, INPUT_SIZE
+
 
 class FeatureStats:
     """Running float64 sums of D-dim features: count n, sum x (D,), sum x x^T (D, D)."""
@@ -110,6 +112,19 @@ def stats_key(manifest: dict | str | bytes, protocol: dict) -> str:
     h = hashlib.sha256(manifest)
     h.update(json.dumps(protocol, sort_keys=True).encode())
     return h.hexdigest()
+
+
+def reference_stats_path(ref_stats_dir: str | None, manifest: bytes, num_images: int,
+                         inception_sha256: str) -> Path | None:
+    """Where the originals' cached statistics live: `ref_stats_dir` ("" = no cache; None = $DIVAE_CACHE_DIR or
+    ~/.cache/divae, /fid_refs), named by the dataset manifest and the feature protocol (`stats_key`)."""
+    if ref_stats_dir == "":
+        return None
+    ref_dir = (Path(os.environ.get("DIVAE_CACHE_DIR", Path.home() / ".cache" / "divae")) / "fid_refs"
+               if ref_stats_dir is None else Path(ref_stats_dir))
+    key = stats_key(manifest, {"num_images": num_images, "inception_sha256": inception_sha256,
+                               "resize": f"tf1-bilinear-{INPUT_SIZE}", "dim": FEATURE_DIM})
+    return ref_dir / f"fid_ref_{key[:24]}.npz"
 
 
 def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, n: int, meta: dict) -> None:

@@ -33,8 +33,8 @@ from divae.diffusion import SAMPLERS
 from divae.utils.cli import UsageError, one_line, path_arg, rank_emit, run_cli, writable_dir
 from divae.utils.logging import get_logger
 from evaluation.data import manifest_bytes, open_dataset
-from evaluation.fid import stats_key
-from evaluation.inception import FEATURE_DIM, INPUT_SIZE, load_inception, resolve_inception_weights, sha256_file
+from evaluation.fid import reference_stats_path
+from evaluation.inception import load_inception, resolve_inception_weights, sha256_file
 from evaluation.metrics import to_uint8, to_unit_range
 from evaluation.precision import PRECISIONS, measured_precision_effect, sampling_precision
 from evaluation.protocol import (  # noqa: F401 - re-exported: the library entry points of the protocol
@@ -225,13 +225,7 @@ def _run(args: argparse.Namespace, dataset, stop: StopFlag) -> list[dict] | int:
     cfg = ReconEvalConfig(num_images=args.num_images, batch_size=args.batch_size, save_every=args.save_every,
                           save_every_min=args.save_every_min, num_show=args.num_show, ssim=not args.no_ssim)
     n = len(dataset) if args.num_images is None else args.num_images
-    ref_dir = (Path(os.environ.get("DIVAE_CACHE_DIR", Path.home() / ".cache" / "divae")) / "fid_refs"
-               if args.ref_stats_dir is None else (Path(args.ref_stats_dir) if args.ref_stats_dir else None))
-    ref_path = None
-    if ref_dir is not None:
-        key = stats_key(manifest_bytes(dataset), {"num_images": n, "inception_sha256": extractor.weights_sha256,
-                                                   "resize": f"tf1-bilinear-{INPUT_SIZE}", "dim": FEATURE_DIM})
-        ref_path = ref_dir / f"fid_ref_{key[:24]}.npz"
+    ref_path = reference_stats_path(args.ref_stats_dir, manifest_bytes(dataset), n, extractor.weights_sha256)
     ckpt_sha = _broadcast_object(sha256_file(args.checkpoint) if _dist_info()[0] == 0 else None)
 
     out = Path(args.out)

@@ -42,8 +42,8 @@ from divae.diffusion import SAMPLERS
 from divae.utils.cli import UsageError, one_line, path_arg, rank_emit, run_cli, writable_dir
 from divae.utils.logging import get_logger
 from evaluation.data import manifest_bytes
-from evaluation.fid import stats_key
-from evaluation.inception import FEATURE_DIM, INPUT_SIZE, load_inception, resolve_inception_weights, sha256_file
+from evaluation.fid import reference_stats_path
+from evaluation.inception import load_inception, resolve_inception_weights, sha256_file
 from evaluation.metrics import to_uint8
 from evaluation.precision import PRECISIONS, sampling_precision
 from evaluation.protocol import (
@@ -340,13 +340,7 @@ def _run(args: argparse.Namespace, pairs: CaptionPairs, stop: StopFlag) -> dict 
     extractor = load_inception(args.inception_weights, device)
     clip = make_clip_score(args.clip_model, args.clip_weights, pairs.captions, device) if args.clip_weights else None
     n = len(pairs)
-    ref_dir = (Path(os.environ.get("DIVAE_CACHE_DIR", Path.home() / ".cache" / "divae")) / "fid_refs"
-               if args.ref_stats_dir is None else (Path(args.ref_stats_dir) if args.ref_stats_dir else None))
-    ref_path = None
-    if ref_dir is not None:
-        key = stats_key(manifest_bytes(pairs), {"num_images": n, "inception_sha256": extractor.weights_sha256,
-                                                "resize": f"tf1-bilinear-{INPUT_SIZE}", "dim": FEATURE_DIM})
-        ref_path = ref_dir / f"fid_ref_{key[:24]}.npz"
+    ref_path = reference_stats_path(args.ref_stats_dir, manifest_bytes(pairs), n, extractor.weights_sha256)
     rank = _dist_info()[0]
     shas = _broadcast_object((sha256_file(args.prior), sha256_file(args.divae)) if rank == 0 else None)
     draw = {"seed": args.draw_seed, "num_captions": n, "from_pairs": len(pairs.reader), "indices": pairs.indices,

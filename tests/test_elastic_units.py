@@ -4,30 +4,14 @@ cannot resume on another world size with one line that says what works."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn as nn
+from test_numerics_engine import single_process_group  # noqa: F401  (a fixture: restores the environment)
 
 from divae.utils.config import ConfigError
 from trainer import elastic
 from trainer.checkpoint import WorldSizeError, check_compatible, write_elastic
-
-
-@pytest.fixture
-def single_process_group():
-    from trainer.launch import cleanup, init_distributed
-
-    saved = dict(os.environ)  # init_distributed exports RANK, MASTER_PORT, ...: restore the environment exactly
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
-        os.environ.pop(k, None)
-    try:
-        yield init_distributed()
-    finally:
-        cleanup()
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def _engine(stage: int, seed: int):
@@ -49,7 +33,7 @@ def _step(engine, i: int) -> float:
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_restored_engine_continues_bitwise(single_process_group, tmp_path, stage):
+def test_restored_engine_continues_bitwise(single_process_group, tmp_path, stage):  # noqa: F811
     a = _engine(stage, seed=0)
     for i in range(3):
         _step(a, i)
