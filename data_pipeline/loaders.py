@@ -13,7 +13,9 @@ MDS (default): mosaicml-streaming `StreamingDataset` + `StreamingDataLoader`. Ea
 share; the order is a function of (seed, epoch, num_canonical_nodes), so resume is exact, and it stays
 exact when the world size changes as long as the global batch stays divisible (streaming's elastic resume):
 the trainer fixes num_canonical_nodes at the start of a run and keeps it (trainer/elastic.py), and any rank's
-state_dict() (the same on every rank) resumes every rank of the new world.
+state_dict() (the same on every rank) resumes every rank of the new world. Several jobs may read on one node at
+once, the same folder included: each registers its own streaming shared memory, one job at a time
+(`data_pipeline.node_lock`), and no job wipes another's (`clean_stale_shm` is off unless a config asks).
 
 webdataset: shards are shuffled per epoch with the seed and split over ranks, then DataLoader workers;
 samples are shuffled in a seeded buffer per worker. Resume replays the saved epoch and skips, before
@@ -47,6 +49,7 @@ from PIL import Image
 
 from data_pipeline.images import center_crop_resize
 from data_pipeline.integrity import ShardError, check_shards, sample_error
+from data_pipeline.node_lock import registration_lock
 from data_pipeline.shards import STANDARD_COLUMNS, decode_wds_value, load_manifest
 from divae.utils.logging import get_logger
 
@@ -317,10 +320,11 @@ def _build_mds(cfg: DataConfig, n: int) -> MDSLoader:
         clean_stale_shared_memory()
         _SHM_CLEANED = True
     streams = [Stream(local=os.path.abspath(p)) for p in cfg.paths()]
-    ds = _mds_dataset_class()(
-        streams=streams, shuffle=cfg.shuffle, shuffle_seed=cfg.seed, shuffle_algo=cfg.shuffle_algo,
-        shuffle_block_size=cfg.shuffle_block_size, num_canonical_nodes=cfg.num_canonical_nodes,
-        batch_size=cfg.batch_size, data_cfg=cfg)
+    with registration_lock():  # two jobs registering at once on one node can share a prefix and hang
+        ds = _mds_dataset_class()(
+            streams=streams, shuffle=cfg.shuffle, shuffle_seed=cfg.seed, shuffle_algo=cfg.shuffle_algo,
+            shuffle_block_size=cfg.shuffle_block_size, num_canonical_nodes=cfg.num_canonical_nodes,
+            batch_size=cfg.batch_size, data_cfg=cfg)
     kw = {"prefetch_factor": cfg.prefetch_factor} if cfg.num_workers > 0 else {}
     dl = StreamingDataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=_collate,
                              drop_last=cfg.drop_last, pin_memory=cfg.pin(), **kw)

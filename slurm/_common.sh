@@ -16,6 +16,8 @@
 #   DIVAE_LAUNCHER        torchrun (default) | srun (one srun task per rank, no torchrun)
 #   DIVAE_MAX_REQUEUES    stop requeueing after this many restarts (default 50)
 #   DIVAE_SHUTDOWN_TIMEOUT seconds torchrun waits for ranks to checkpoint after SIGTERM (default 100)
+#   DIVAE_RESIGNAL_S      after a USR1, repeat it to the step every this many seconds until the step ends, for
+#                         ranks still starting up when it came (default 10)
 #   OMP_NUM_THREADS       default: CPUs of the task / ranks per node
 
 # Exit code of a preempted rank and the marker file it leaves in the run folder (trainer/preemption.py).
@@ -132,7 +134,7 @@ divae_train() {
     [[ -n $why ]] || return "$rc"
     [[ -n $run_dir ]] && rm -f "$run_dir/$DIVAE_REQUEUE_MARKER"
     if (( ${SLURM_RESTART_COUNT:-0} >= ${DIVAE_MAX_REQUEUES:-50} )); then
-        divae_log "not requeueing: already restarted ${SLURM_RESTART_COUNT} times (DIVAE_MAX_REQUEUES)"
+        divae_log "not requeueing: already restarted ${SLURM_RESTART_COUNT:-0} times (DIVAE_MAX_REQUEUES)"
         return "$rc"
     fi
     divae_log "requeueing job $SLURM_JOB_ID: $why"
@@ -142,10 +144,25 @@ divae_train() {
 
 _divae_forward() {
     divae_log "batch shell got SIG$1; forwarding it to the step (the ranks save, then exit)"
-    [[ $1 == USR1 ]] && DIVAE_PREEMPTED=1
     [[ $1 == TERM ]] && DIVAE_CANCELLED=1
     [[ -n $DIVAE_STEP_PID ]] && kill -s "$1" "$DIVAE_STEP_PID" 2>/dev/null
+    if [[ $1 == USR1 && $DIVAE_PREEMPTED == 0 && -n $DIVAE_STEP_PID ]]; then
+        # A rank that is still importing has USR1 ignored (inherited from torchrun-ignoring-usr1) until the
+        # trainer installs its handler, and would lose the signal: repeat it every DIVAE_RESIGNAL_S seconds
+        # until the step ends (harmless to a rank that already has it: it only sets a flag again).
+        _divae_resignal "$DIVAE_STEP_PID" "${DIVAE_RESIGNAL_S:-10}" &
+        DIVAE_RESIGNAL_PID=$!
+    fi
+    [[ $1 == USR1 ]] && DIVAE_PREEMPTED=1
     return 0
+}
+
+_divae_resignal() {
+    local pid=$1 every=$2
+    trap - USR1 TERM
+    while sleep "$every" && kill -0 "$pid" 2>/dev/null; do
+        kill -s USR1 "$pid" 2>/dev/null || break
+    done
 }
 
 # divae_eval MODULE DEFAULT_OUT [args ...]: run `python -m MODULE args` (evaluation.recon_fid, evaluation.t2i_fid)
@@ -196,7 +213,7 @@ divae_eval() {
     if [[ $rc == "$DIVAE_REQUEUE_EXIT_CODE" || -f $out/$DIVAE_REQUEUE_MARKER ]]; then
         rm -f "$out/$DIVAE_REQUEUE_MARKER"
         if (( ${SLURM_RESTART_COUNT:-0} >= ${DIVAE_MAX_REQUEUES:-50} )); then
-            divae_log "not requeueing: already restarted ${SLURM_RESTART_COUNT} times (DIVAE_MAX_REQUEUES)"
+            divae_log "not requeueing: already restarted ${SLURM_RESTART_COUNT:-0} times (DIVAE_MAX_REQUEUES)"
             exit "$rc"
         fi
         divae_log "ranks saved their partial sums and asked for a requeue: requeueing job $SLURM_JOB_ID"
@@ -219,4 +236,7 @@ _divae_wait_step() {
         kill -0 "$DIVAE_STEP_PID" 2>/dev/null || break  # else `wait` was interrupted by a trapped signal
     done
     trap - USR1 TERM
+    [[ -n ${DIVAE_RESIGNAL_PID:-} ]] && kill "$DIVAE_RESIGNAL_PID" 2>/dev/null
+    DIVAE_RESIGNAL_PID=
+    return 0
 }

@@ -14,11 +14,13 @@ def main():
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     with open(os.path.join(out, f"pid.{mode}.{rank}"), "w") as f:
         f.write(str(os.getpid()))
-    if mode == "full":  # like the trainer: process group first (the resume run lets streaming do it)
+    if mode in ("full", "concurrent"):  # like the trainer: process group first (the resume run lets streaming)
         torch.distributed.init_process_group("gloo")
-    cfg = DataConfig(path=data, format=fmt, batch_size=4, num_workers=1, image_size=32, seed=3,
-                     clean_stale_shm=(fmt == "mds"))
+    cfg = DataConfig(path=data, format=fmt, batch_size=4, num_workers=1, image_size=32, seed=3)
     loader = build_loader(cfg, rank, world)
+    if mode == "concurrent":  # another job reads the same folder on this node at the same time
+        with open(os.path.join(out, f"prefix.{rank}"), "w") as f:
+            f.write(str(loader.dataset._shm_prefix_int))
     if mode == "resume":
         with open(os.path.join(out, "state.json")) as f:
             loader.load_state_dict(json.load(f))

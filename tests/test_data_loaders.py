@@ -83,7 +83,7 @@ def test_clear_errors(tmp_path, data):
         build_loader(DataConfig(path=data["mds"], batch_size=65, clean_stale_shm=False))
 
 
-def _torchrun(args, out, timeout=90):
+def _start_torchrun(args) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{ROOT}/tests")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -92,8 +92,11 @@ def _torchrun(args, out, timeout=90):
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            os.path.join(ROOT, "tests", "data_loader_worker.py"), *args]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+
+
+def _finish_torchrun(proc: subprocess.Popen, out: str, timeout: float) -> str:
     try:
         log, _ = proc.communicate(timeout=timeout)
     finally:  # ranks live in their own sessions: kill them by pid and by process group
@@ -106,6 +109,31 @@ def _torchrun(args, out, timeout=90):
             except (psutil.NoSuchProcess, ProcessLookupError):
                 pass
     assert proc.returncode == 0, log[-4000:]
+    return log
+
+
+def _torchrun(args, out, timeout=90):
+    _finish_torchrun(_start_torchrun(args), out, timeout)
+
+
+@pytest.mark.slow
+def test_two_jobs_on_one_node_read_one_mds_folder_at_once(data, tmp_path):
+    """Two 2-rank jobs start together over the same MDS folder on this node: each registers its own streaming
+    shared-memory prefix (data_pipeline.node_lock) and reads its epoch; neither joins the other's barrier."""
+    outs = [str(tmp_path / f"job{j}") for j in range(2)]
+    procs = []
+    for out in outs:
+        os.makedirs(out)
+        procs.append(_start_torchrun([data["mds"], "mds", "concurrent", out, "0"]))
+    for proc, out in zip(procs, outs):
+        _finish_torchrun(proc, out, timeout=150)
+    prefixes = [{open(os.path.join(out, f"prefix.{r}")).read() for r in range(2)} for out in outs]
+    assert all(len(p) == 1 for p in prefixes), prefixes  # the ranks of a job share one prefix
+    assert prefixes[0] != prefixes[1], prefixes
+    for out in outs:
+        keys = [k for r in range(2) for b in json.load(open(os.path.join(out, f"concurrent.{r}.json")))
+                for k in b["key"]]
+        assert sorted(keys) == sorted(set(keys)) and len(keys) == 64  # a whole epoch, each sample once
 
 
 @pytest.mark.slow
@@ -126,3 +154,25 @@ def test_torchrun_two_ranks_disjoint_and_exact_resume(data, fmt, tmp_path):
     for r in range(2):
         assert resumed[r] == full[r][stop:], f"rank {r}: resumed batches differ"
         assert len(resumed[r]) > 0
+
+
+def test_registration_lock_waits_for_the_other_job_and_names_its_file(tmp_path):
+    import fcntl
+
+    from data_pipeline.node_lock import registration_lock
+
+    path = str(tmp_path / "reg.lock")
+    other = os.open(path, os.O_RDWR | os.O_CREAT)  # another job, building its dataset
+    fcntl.flock(other, fcntl.LOCK_EX)
+    with pytest.raises(RuntimeError, match="reg.lock.*another job on this node holds it"):
+        with registration_lock(path, attempt_s=0.05, timeout_s=0.3):
+            pass
+    os.close(other)
+    entered = []
+    with registration_lock(path, attempt_s=0.05, timeout_s=0.3):
+        entered.append(True)
+        probe = os.open(path, os.O_RDWR)
+        with pytest.raises(BlockingIOError):  # held while the body runs
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(probe)
+    assert entered

@@ -170,6 +170,33 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm_cluster, decod
 
 @pytest.mark.slow
 @pytest.mark.slurm
+def test_usr1_before_the_ranks_are_up_is_not_lost(slurm_cluster, decoder_inputs, tmp_path):  # noqa: F811
+    """A time-limit USR1 that reaches the batch shell while the ranks are still importing (their USR1 is ignored
+    until the trainer installs its handler: it is inherited from torchrun-ignoring-usr1) must still stop them:
+    the shell repeats it every DIVAE_RESIGNAL_S seconds until the step ends. The signal goes to the batch shell
+    alone (`scancel --signal=USR1 --batch`), right after it started the step. About 1 minute."""
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    job = _sbatch(_overrides(decoder_inputs, run_dir, "checkpoint.every=0"), out, "--time=5",
+                  env={"DIVAE_MAX_REQUEUES": "0", "DIVAE_RESIGNAL_S": "3"})
+    log = lambda: out.read_text() if out.exists() else ""  # noqa: E731
+    try:
+        wait_until(lambda: "restart 0:" in log(), 120, "the batch shell to start the step", on_timeout=log)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+        wait_until(lambda: job_fields(job)["JobState"] in _ENDED, 150, "the job to end", on_timeout=log)
+    finally:
+        subprocess.run(["scancel", job], check=False)
+    text = log()
+    assert text.count("batch shell got SIGUSR1") == 1, text
+    m = re.search(rf"checkpoint at step (\d+) saved, exiting with {REQUEUE_EXIT_CODE}", text)
+    assert m, text
+    assert "not requeueing: already restarted 0 times" in text, text
+    saved = int(m.group(1))
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [f"step_{saved:08d}"]
+    assert job_fields(job)["JobState"] != "TIMEOUT"
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_plain_scancel_checkpoints_and_ends_the_job(slurm_cluster, decoder_inputs, tmp_path):  # noqa: F811
     """A plain `scancel JOBID` (SIGTERM to the batch shell and every rank: the user's stop) ends the job for
     good: the ranks save a checkpoint at the next step (within the cluster's KillWait of 10 s), exit without
