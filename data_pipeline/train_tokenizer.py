@@ -9,7 +9,7 @@ members of webdataset tars), or one caption per line from --captions: per MDS sa
 caption bytes are read, tar members that are not captions are skipped, so no image bytes are read (Conceptual
 Captions: ~100 GB of JPEGs for ~0.3 GB of text). Empty captions are
 skipped. Writes `DIR/tokenizer.json` (or --out): the JSON that `divae.text_tokenizer.TextTokenizer.load`
-reads and that `divae.prior.save_prior` embeds in every prior checkpoint.
+reads and that `divae.prior_io.save_prior` embeds in every prior checkpoint.
 
 A shard folder is data, not code: only the caption column is decoded (an index naming a pickle column cannot
 run anything), every file name read from a `manifest.json` or `index.json` must stay inside its folder

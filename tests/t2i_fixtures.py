@@ -52,7 +52,8 @@ def make_models(root: Path, captions: list[str]) -> tuple[Path, Path]:
     """(prior.safetensors, divae.safetensors) with random weights, matching each other (8x8 tokens, K=256)."""
     from divae.diffusion import DiffusionConfig
     from divae.model import DiVAE
-    from divae.prior import PriorConfig, PriorModel, save_prior
+    from divae.prior import PriorConfig, PriorModel
+    from divae.prior_io import save_prior
     from divae.text_tokenizer import TextTokenizer
     from divae.unet import UNET_PRESETS
     from divae.vq import VQ_PRESETS

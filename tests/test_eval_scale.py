@@ -120,11 +120,10 @@ def test_time_based_and_signal_saves_in_process(tmp_path):
             run_eval(tmp_path / "term", batch_size=2, save_every=0, reconstruct=TermAt(), stop=stop)
     finally:
         stop.restore()
-    from evaluation.recon_fid import stop_exit
-    from trainer.preemption import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
+    from trainer.preemption import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, exit_for_signal
 
-    assert term.value.pos == 4 and stop_exit(term.value.signum) == (STOP_EXIT_CODE, False)
-    assert stop_exit(signal.SIGUSR1) == (REQUEUE_EXIT_CODE, True)
+    assert term.value.pos == 4 and exit_for_signal(term.value.signum) == (STOP_EXIT_CODE, False)
+    assert exit_for_signal(signal.SIGUSR1) == (REQUEUE_EXIT_CODE, True)
 
     stop = StopFlag().install()
     try:

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from divae.prior import PRIOR_PRESETS, PriorConfig, PriorModel, filter_logits
+from divae.prior import PRIOR_PRESETS, PriorConfig, PriorModel
+from divae.prior_sampling import filter_logits
 
 CFG = PriorConfig(text_vocab_size=64, text_len=12, image_vocab_size=48, image_h=4, image_w=5,
                   dim=32, n_heads=4, enc_layers=1, dec_layers=2, attn_backend="sdpa")

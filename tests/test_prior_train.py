@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from divae.prior import PriorConfig, PriorModel, load_prior, save_prior
+from divae.prior import PriorConfig, PriorModel
+from divae.prior_io import load_prior, save_prior
 from divae.t2i import text_to_image
 from divae.text_tokenizer import TextTokenizer
 

@@ -165,7 +165,7 @@ def test_prior_stage_learns_and_logs_token_accuracy(prior_run):
 def test_prior_export_round_trips_with_its_tokenizer(prior_run, data):
     from data_pipeline.reader import ShardReader
     from data_pipeline.tokens import tokens_from_bytes as tokens_from_column
-    from divae.prior import load_prior
+    from divae.prior_io import load_prior
     from divae.text_tokenizer import TextTokenizer
 
     assert not (prior_run / "divae.safetensors").exists()
@@ -209,7 +209,7 @@ def test_prior_two_ranks_zero3(data, tmp_path):
     assert (run_dir / "samples" / "step_00000004.png").stat().st_size > 500
     rec = json.loads((run_dir / "samples" / "step_00000004_tokens.json").read_text())
     assert np.array(rec["prior_tokens"]).shape == (4, 8, 8) and np.array(rec["data_tokens"]).shape == (4, 8, 8)
-    from divae.prior import load_prior
+    from divae.prior_io import load_prior
 
     model, _ = load_prior(run_dir / "prior.safetensors")
     assert model.num_params() > 1e6

@@ -124,11 +124,11 @@ def cuda_device_index(local_rank: int, visible: int) -> int:
                        "rank per visible GPU, or bind one GPU per task")
 
 
-def init_distributed(timeout_s: int = 1800) -> DistInfo:
+def init_distributed(timeout_s: float = 1800, *, engines: bool = True) -> DistInfo:
     """Detect the launcher, export the rendezvous variables, pick device and backend, and initialise
-    torch.distributed through DeepSpeed (always, also for one process: DeepSpeed engines need it)."""
-    import deepspeed
-
+    torch.distributed with a `timeout_s` collective timeout. `engines=True` (training): through DeepSpeed, also
+    for one process (DeepSpeed engines need a group). `engines=False` (evaluation): plain torch.distributed, and
+    no group at all for a single process."""
     found = detect_env()
     launcher = found.pop("LAUNCHER")
     for k, v in found.items():
@@ -145,13 +145,27 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
         _skip_shm_comm_build()
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
-                                   auto_mpi_discovery=False, verbose=False)
+        if engines:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
+                                       auto_mpi_discovery=False, verbose=False)
+        elif world > 1:
+            torch.distributed.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     global _DEVICE
     _DEVICE = device
     info = DistInfo(rank, world, local_rank, local_world, device, backend, launcher)
     log.info("distributed: %s launch, world size %d, backend %s, device %s", launcher, world, backend, device)
     return info
+
+
+def process_group_timeout_s() -> float | None:
+    """The collective timeout of the default process group, in seconds (None when there is no group)."""
+    if not torch.distributed.is_initialized():
+        return None
+    kind = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    backend = torch.distributed.group.WORLD._get_backend(torch.device(kind))
+    return backend.options._timeout.total_seconds()
 
 
 def barrier() -> None:

@@ -85,3 +85,11 @@ class Preemption:
     @staticmethod
     def clear_marker(run_dir: str | Path) -> None:
         (Path(run_dir) / REQUEUE_MARKER).unlink(missing_ok=True)
+
+
+def exit_for_signal(signum: int) -> tuple[int, bool]:
+    """(exit code, requeue?) of a process that stopped after `signum`: SIGUSR1 (time limit, preemption) requeues
+    with REQUEUE_EXIT_CODE; SIGTERM (a plain `scancel`) ends for good with STOP_EXIT_CODE."""
+    if _REQUEST.get(signum) == REQUEUE:
+        return REQUEUE_EXIT_CODE, True
+    return STOP_EXIT_CODE, False

@@ -15,6 +15,7 @@ OSError and the packages' own error classes, passed as `runtime`.
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import sys
@@ -123,3 +124,27 @@ def writable_dir(value: str | os.PathLike, flag: str) -> Path:
     except OSError as e:
         raise UsageError(f"{flag} {p} is not writable ({e.strerror or e}); choose a folder you can write to") from None
     return p
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse `type`: an integer >= `low`, else a clear usage error."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
+        return v
+    return parse
+
+
+def minutes(text: str) -> float:
+    """An argparse `type`: a number of minutes >= 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of minutes, got {text!r}") from None
+    if not 0 <= v < 1e6:
+        raise argparse.ArgumentTypeError(f"must be >= 0 minutes, got {v}")
+    return v

@@ -10,7 +10,7 @@ fixed `prior_task.captions` (default: the first batch's captions, with their dat
 row): the prior's tokens decoded by the DiVAE file `prior_task.divae_weights` (diffusion decoder with a fast
 sampler, or the VQ's CNN decoder for a VQ-only file); without a DiVAE file the token grids are drawn in a
 fixed false-colour palette. Sampled tokens and captions also go to `samples/step_XXXXXXXX_tokens.json`.
-The export is `prior.safetensors` (`divae.prior.save_prior`: weights, config and the tokenizer).
+The export is `prior.safetensors` (`divae.prior_io.save_prior`: weights, config and the tokenizer).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from data_pipeline.tokens import tokens_dtype, tokens_from_bytes
-from divae.prior import PriorConfig, PriorModel, load_prior, save_prior
+from divae.prior import PriorConfig, PriorModel
+from divae.prior_io import load_prior, save_prior
 from divae.t2i import text_to_image
 from divae.text_tokenizer import TextTokenizer
 from divae.utils.config import ConfigError, from_dict

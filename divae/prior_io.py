@@ -1,0 +1,65 @@
+"""Prior checkpoints: one safetensors file with the weights, the config and the text tokenizer.
+
+    save_prior("prior.safetensors", model, tokenizer)
+    model, tokenizer = load_prior("prior.safetensors", device="cuda")
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from divae.prior import PriorConfig, PriorModel
+from divae.utils.config import from_dict, to_dict
+
+if TYPE_CHECKING:
+    from divae.text_tokenizer import TextTokenizer
+
+PRIOR_FORMAT = "divae-prior-v1"
+
+
+def save_prior(path: str | Path, model: PriorModel, tokenizer: TextTokenizer, weights: dict | None = None) -> None:
+    """One safetensors file: the weights, plus metadata `prior_config` (JSON) and `text_tokenizer` (the
+    tokenizer's JSON), so the tokenizer always travels with the model; `weights` (which weights these are,
+    as in `divae.model.weights_info`) under the metadata key `weights`."""
+    from safetensors.torch import save_file
+
+    tok_vocab = tokenizer.vocab_size
+    if tok_vocab > model.cfg.text_vocab_size:
+        raise ValueError(f"tokenizer has {tok_vocab} tokens but the prior's text_vocab_size is "
+                         f"{model.cfg.text_vocab_size}")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"format": PRIOR_FORMAT, "prior_config": json.dumps(to_dict(model.cfg)),
+            "text_tokenizer": tokenizer.to_json()}
+    if weights:
+        meta["weights"] = json.dumps(weights)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=meta)
+
+
+def load_prior(path: str | Path, device: torch.device | str = "cpu",
+               **overrides) -> tuple[PriorModel, TextTokenizer]:
+    """Load (model, tokenizer) written by `save_prior`; `overrides` replace config fields that do not
+    change weights (e.g. attn_backend="sdpa", grad_checkpointing=True). The model is in eval mode."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from divae.text_tokenizer import TextTokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prior checkpoint {path} not found: pass the .safetensors file written by "
+                                "save_prior (or exported by the trainer's prior task)")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != PRIOR_FORMAT or "prior_config" not in meta or "text_tokenizer" not in meta:
+        raise ValueError(f"{path} is not a prior checkpoint (metadata format={meta.get('format')!r}, expected "
+                         f"{PRIOR_FORMAT!r} with prior_config and text_tokenizer)")
+    cfg = replace(from_dict(PriorConfig, json.loads(meta["prior_config"])), **overrides)
+    model = PriorModel(cfg)
+    model.load_state_dict(load_file(str(path), device="cpu"))
+    return model.to(device).eval(), TextTokenizer.from_json(meta["text_tokenizer"])
