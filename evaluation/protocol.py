@@ -48,6 +48,7 @@ from evaluation.fid import FeatureStats, frechet_distance, load_stats, save_stat
 from evaluation.inception import FEATURE_DIM, INPUT_SIZE
 from evaluation.metrics import CodebookCounter, psnr, ssim, to_unit_range
 from evaluation.report import save_grid, write_results_md
+from trainer.launch import all_gather_object, broadcast_object, rank_and_world
 
 log = get_logger(__name__)
 
@@ -132,28 +133,6 @@ def load_image(item) -> torch.Tensor:
 def shard_indices(num_images: int, rank: int, world_size: int) -> range:
     """Global indices of rank `rank`: rank, rank + W, ... < num_images (disjoint, covering, no padding)."""
     return range(rank, num_images, world_size)
-
-
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _broadcast_object(obj):
-    if dist.is_available() and dist.is_initialized():
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
-def _gather_objects(obj) -> list:
-    if dist.is_available() and dist.is_initialized():
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -264,7 +243,7 @@ def evaluate_reconstructions(
     (rank 0; samples maps global index -> (original, output) uint8). With `cfg.paired` False the outputs are not
     reconstructions (text-to-image): PSNR/SSIM/LPIPS are None and only the FID compares the two sets."""
     cfg = cfg or ReconEvalConfig()
-    rank, world = _dist_info()
+    rank, world = rank_and_world()
     device = next(extractor.parameters()).device
     n_total = len(dataset) if cfg.num_images is None else cfg.num_images
     if not 0 < n_total <= len(dataset):
@@ -284,7 +263,7 @@ def evaluate_reconstructions(
     fingerprint = json.dumps(protocol, sort_keys=True, default=str)
 
     out = Path(out_dir) if out_dir is not None else None
-    done = _broadcast_object(_finished_results(out, fingerprint) if out is not None and rank == 0 else None)
+    done = broadcast_object(_finished_results(out, fingerprint) if out is not None and rank == 0 else None)
     if done is not None:  # e.g. the CNN half of a `--decoder both` job that was preempted later
         log.info("%s: %s already holds this evaluation's results; not repeating it", label, out)
         return done
@@ -306,7 +285,7 @@ def evaluate_reconstructions(
         need_real = bool(resume_state["need_real"])
     else:
         need_real = ref_stats_path is None or not Path(ref_stats_path).is_file()
-    need_real = _broadcast_object(need_real)
+    need_real = broadcast_object(need_real)
     if resume_state is not None and bool(resume_state["need_real"]) != need_real:
         raise ValueError(f"{out / 'partial'} is inconsistent across ranks; delete it to start over")
 
@@ -426,7 +405,7 @@ def evaluate_reconstructions(
         dist.all_reduce(done_here[:1])
         dist.all_reduce(done_here[1:], op=dist.ReduceOp.MAX)
     count = int(acc.sums[0].item())
-    gathered = _gather_objects((acc.samples, acc.tokens_hw, acc.skipped))
+    gathered = all_gather_object((acc.samples, acc.tokens_hw, acc.skipped))
     skipped = sorted((s for _, _, part in gathered for s in part), key=lambda s: s["index"])
     if count + len(skipped) != n_total or int(acc.fake.n) != count:
         raise RuntimeError(f"counted {count} images ({int(acc.fake.n)} feature vectors) and {len(skipped)} skipped, "
@@ -452,7 +431,7 @@ def evaluate_reconstructions(
                                  "it (or pass another --ref-stats-dir) to recompute them")
             ref_source = f"cached {ref_stats_path}"
         fid = frechet_distance(mu_real, sigma_real, mu_fake, sigma_fake)
-    fid, ref_source = _broadcast_object((fid, ref_source))
+    fid, ref_source = broadcast_object((fid, ref_source))
 
     n_inf = int(acc.sums[4].item())
     results = {

@@ -48,14 +48,12 @@ from evaluation.protocol import (  # noqa: F401 - re-exported: the library entry
     ReconEvalConfig,
     Reconstruct,
     StopFlag,
-    _broadcast_object,
-    _dist_info,
     evaluate_reconstructions,
     load_image,
     shard_indices,
 )
 from evaluation.report import save_grid, write_results_md
-from trainer.launch import init_distributed, process_group_timeout_s
+from trainer.launch import broadcast_object, init_distributed, process_group_timeout_s, rank_and_world
 from trainer.preemption import REQUEUE_MARKER, exit_for_signal
 
 log = get_logger(__name__)
@@ -183,7 +181,7 @@ def _run(args: argparse.Namespace, dataset, stop: StopFlag) -> list[dict] | int:
                           save_every_min=args.save_every_min, num_show=args.num_show, ssim=not args.no_ssim)
     n = len(dataset) if args.num_images is None else args.num_images
     ref_path = reference_stats_path(args.ref_stats_dir, manifest_bytes(dataset), n, extractor.weights_sha256)
-    ckpt_sha = _broadcast_object(sha256_file(args.checkpoint) if _dist_info()[0] == 0 else None)
+    ckpt_sha = broadcast_object(sha256_file(args.checkpoint) if rank_and_world()[0] == 0 else None)
 
     out = Path(args.out)
     decoders = ["cnn", "diffusion"] if args.decoder == "both" else [args.decoder]
@@ -208,7 +206,7 @@ def _run(args: argparse.Namespace, dataset, stop: StopFlag) -> list[dict] | int:
                                                   "precision_effect_measured": measured_precision_effect()})
         except Preempted as e:
             code, requeue = exit_for_signal(e.signum)
-            if requeue and _dist_info()[0] == 0:
+            if requeue and rank_and_world()[0] == 0:
                 (out / REQUEUE_MARKER).write_text(f"{e.pos}\n")
             log.warning("%s: %s; exiting with code %d (%s)", label, e, code, "requeue" if requeue else "stopped")
             if dist.is_initialized():
@@ -217,7 +215,7 @@ def _run(args: argparse.Namespace, dataset, stop: StopFlag) -> list[dict] | int:
         log.info("%s: FID %.3f  PSNR %.2f  SSIM %s  LPIPS %s  (%d images, %.2f images/s)", label, res["fid"],
                  res["psnr"], res["ssim"], res["lpips"], res["num_images"], res["images_per_s"] or 0)
         all_results.append(res)
-    if len(decoders) > 1 and _dist_info()[0] == 0:
+    if len(decoders) > 1 and rank_and_world()[0] == 0:
         write_results_md(all_results, out / "results.md")
         (out / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "_samples"}
                                                       for r in all_results], indent=2, default=str))
@@ -226,7 +224,7 @@ def _run(args: argparse.Namespace, dataset, stop: StopFlag) -> list[dict] | int:
         if order:
             save_grid([torch.stack([s[0][i][0] for i in order])] + [torch.stack([x[i][1] for i in order]) for x in s],
                       out / "samples.png")
-    if _dist_info()[0] == 0:
+    if rank_and_world()[0] == 0:
         (out / REQUEUE_MARKER).unlink(missing_ok=True)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -59,11 +59,9 @@ from evaluation.protocol import (
     Preempted,
     ReconEvalConfig,
     StopFlag,
-    _broadcast_object,
-    _dist_info,
     evaluate_reconstructions,
 )
-from trainer.launch import init_distributed, process_group_timeout_s
+from trainer.launch import broadcast_object, init_distributed, process_group_timeout_s, rank_and_world
 from trainer.preemption import REQUEUE_MARKER, exit_for_signal
 
 log = get_logger(__name__)
@@ -350,8 +348,8 @@ def _run(args: argparse.Namespace, pairs: CaptionPairs, stop: StopFlag) -> dict 
     clip = make_clip_score(args.clip_model, args.clip_weights, pairs.captions, device) if args.clip_weights else None
     n = len(pairs)
     ref_path = reference_stats_path(args.ref_stats_dir, manifest_bytes(pairs), n, extractor.weights_sha256)
-    rank = _dist_info()[0]
-    shas = _broadcast_object((sha256_file(args.prior), sha256_file(args.divae)) if rank == 0 else None)
+    rank = rank_and_world()[0]
+    shas = broadcast_object((sha256_file(args.prior), sha256_file(args.divae)) if rank == 0 else None)
     draw = {"seed": args.draw_seed, "num_captions": n, "from_pairs": len(pairs.reader), "indices": pairs.indices,
             "captions_sha256": draw_sha256(pairs.indices, pairs.captions)}
     diffusion = args.decoder == "diffusion"

@@ -199,6 +199,15 @@ def all_gather_object(obj: object) -> list:
     return [obj]
 
 
+def broadcast_object(obj: object) -> object:
+    """Rank 0's `obj` on every rank (a collective; `obj` itself without torch.distributed)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
 def rank_and_world() -> tuple[int, int]:
     """(rank, world size) of torch.distributed, or (0, 1) when it is not initialised."""
     if torch.distributed.is_initialized():
