@@ -2,7 +2,7 @@
 
     python bench/unet_step.py                                   # CPU: tiny and small_f8, batch 4
     python bench/unet_step.py --presets tiny decoder_f16 --device cuda --batch 8 --checkpoint
-    python bench/unet_step.py --presets small_f8 --compare-adm ~/src/guided-diffusion [--compile]
+    python bench/unet_step.py --presets small_f8 --compare-adm ~/src/guided-diffusion [--compile] [--compile-ours]
 
 Prints the parameter count of every preset first (built on the meta device, no memory), then one line per
 (preset, dtype): ms/image, images/s, achieved TFLOP/s (trainer.flops: the UNet's forward + backward FLOPs per
@@ -88,7 +88,9 @@ def timed(step, sync) -> float:
 
 
 def bench(name: str, batch: int, steps: int, warmup: int, device: torch.device, bf16: bool, ckpt: bool,
-          adm_dir: str | None = None, compile_: bool = False) -> dict:
+          adm_dir: str | None = None, compile_: str = "") -> dict:
+    """compile_: "" (both eager), "both" (both torch.compile'd), "ours" (DiVAE compiled, guided-diffusion eager:
+    the project's best setting against the peer as shipped)."""
     cfg = replace(UNET_PRESETS[name], use_checkpoint=ckpt)
     torch.manual_seed(0)
     models = {"divae": UNetModel(cfg).to(device).train()}
@@ -103,7 +105,7 @@ def bench(name: str, batch: int, steps: int, warmup: int, device: torch.device, 
             adm.dtype = torch.bfloat16
         models["adm"] = adm
     if compile_:
-        models = {k: torch.compile(m) for k, m in models.items()}
+        models = {k: torch.compile(m) if compile_ == "both" or k == "divae" else m for k, m in models.items()}
     fns = {k: make_step(m, cfg, batch, device, bf16, cond=(k == "divae")) for k, m in models.items()}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -118,7 +120,7 @@ def bench(name: str, batch: int, steps: int, warmup: int, device: torch.device, 
             times[k].append(timed(f, sync))
     flops = stage_flops(TrainConfig(unet=replace(cfg, use_checkpoint=False)), forward=False)["train"]
     _, peak = device_peak(device)
-    tag = f"{'bf16' if bf16 else 'fp32'}{' compiled' if compile_ else ''}"
+    tag = f"{'bf16' if bf16 else 'fp32'}{ {'': '', 'both': ' compiled', 'ours': ' ours compiled'}[compile_]}"
     out = {"preset": name, "dtype": tag, "batch": batch, "flops_per_image": flops}
     for k, ts in times.items():
         best, med = min(ts), statistics.median(ts)
@@ -152,6 +154,8 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--checkpoint", action="store_true", help="activation checkpointing")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    p.add_argument("--compile-ours", action="store_true",
+                   help="also time DiVAE compiled against guided-diffusion eager (as shipped)")
     p.add_argument("--compare-adm", metavar="DIR", help="guided-diffusion source folder: time its UNetModel too")
     p.add_argument("--json", help="write the figures to this file")
     args = p.parse_args()
@@ -167,7 +171,7 @@ def main() -> None:
     results = []
     for name in args.presets:
         for dt in args.dtypes:
-            for comp in ([False, True] if args.compile else [False]):
+            for comp in ["", *(["both"] if args.compile else []), *(["ours"] if args.compile_ours else [])]:
                 results.append(bench(name, args.batch, args.steps, args.warmup, device, dt == "bf16",
                                      args.checkpoint, args.compare_adm, comp))
     if args.json:
