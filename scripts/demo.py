@@ -152,15 +152,13 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def photo(name: str) -> np.ndarray:
     """A colour photograph (H, W, 3) uint8 that ships inside an installed package: a function of
-    `skimage.data`, "motorcycle_right" (the right view of its stereo pair), or "grace_hopper" (matplotlib)."""
+    `skimage.data` (stereo_motorcycle: its left view) or "grace_hopper" (matplotlib)."""
     import skimage.data
 
     if name == "grace_hopper":
         from matplotlib import cbook
 
         im = np.asarray(Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB"))
-    elif name == "motorcycle_right":
-        im = skimage.data.stereo_motorcycle()[1]
     else:
         im = getattr(skimage.data, name)()
         if isinstance(im, tuple):  # stereo_motorcycle: (left, right, disparity); the left view only

