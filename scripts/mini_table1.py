@@ -1,4 +1,4 @@
-"""The paper's Table 1 (and Tables 3-4) in miniature, on this CPU: `make mini-table1` (1-2 hours, resumable).
+"""The paper's Table 1 (and Tables 3-4) in miniature, on this CPU: `make mini-table1` (about 2.5 hours, resumable).
 
     python scripts/mini_table1.py                 # the whole table in runs/mini_table1
     python scripts/mini_table1.py --quick         # a shortened run (the test suite's)
