@@ -27,16 +27,13 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+from streaming.base.distributed import get_local_rank
 
 LOCK_NAME = "divae_streaming_registration.lock"
 
 
 def default_lock_path() -> str:
     return os.path.join(tempfile.gettempdir(), LOCK_NAME)
-
-
-def _local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
 
 
 def _open(path: str) -> int:
@@ -75,9 +72,10 @@ def registration_lock(path: str | None = None, *, attempt_s: float = 5.0, poll_s
     lock file when the lock could not be taken within `timeout_s` seconds (another job holds it that long)."""
     path = path or default_lock_path()
     group = dist.is_available() and dist.is_initialized()
-    # Only each node's local leader locks. Without a process group (streaming will make one inside the dataset)
-    # the ranks cannot agree first: the leader still serializes its own registration, best effort.
-    fd = _open(path) if _local_rank() == 0 else None
+    # Only each node's local leader locks, by streaming's own rule for its leader. Without a process group
+    # (streaming will make one inside the dataset) the ranks cannot agree first: the leader still serializes its
+    # own registration, best effort.
+    fd = _open(path) if get_local_rank() == 0 else None
     backoff = random.Random(os.getpid() ^ time.time_ns())  # timing only: never touches the data order
     deadline = time.monotonic() + timeout_s
     try:
