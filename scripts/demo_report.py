@@ -1,7 +1,8 @@
 """The report of `make demo` (scripts/demo.py): report.md, samples.png and summary.json from the steps' results.
 
 Everything here reads what the steps wrote (recon_fid's results and sample grids, the floors, the timings) and
-formats it; nothing trains or evaluates. `pm` and `FIGURE_KEYS` are shared with scripts/mini_table1.py.
+formats it; nothing trains or evaluates. `pm`, `FIGURE_KEYS`, `grid_rows` and `labelled_rows` are shared with
+scripts/mini_table1.py.
 """
 
 from __future__ import annotations
@@ -29,32 +30,33 @@ def rel(p: Path | str) -> str:
         return str(p)
 
 
-
-
-def _grid_rows(path: Path, size: int, pad: int = 2) -> list[Image.Image]:
+def grid_rows(path: Path, size: int, pad: int = 2) -> list[Image.Image]:
     """Split a recon_fid samples.png (rows of images, `pad` px apart) into one image per row."""
     im = Image.open(path).convert("RGB")
     rows = (im.height - pad) // (size + pad)
     return [im.crop((0, pad + r * (size + pad), im.width, pad + r * (size + pad) + size)) for r in range(rows)]
 
 
-def write_samples(out: Path, sched: Schedule, labels: list[str], scale: int = 2) -> Path:
-    """samples.png: originals, VQGAN, DiVAE (fast sampler), DiVAE (DDPM) as labelled rows, upscaled x`scale`."""
-    fast = _grid_rows(out / "eval" / "fast" / "samples.png", sched.image_size)  # originals, cnn, diffusion
-    ddpm = _grid_rows(out / "eval" / "ddpm" / "samples.png", sched.image_size)  # originals, diffusion
-    rows = [fast[0], fast[1], fast[2], ddpm[1]]
+def labelled_rows(rows: list[Image.Image], labels: list[str], path: Path, size: int, scale: int = 2) -> Path:
+    """Stack image rows (each `size` px high) into `path`, upscaled x`scale`, each with its label at the left."""
     width = max(r.width for r in rows)
     label_w, gap = 150, 4
-    h = sched.image_size * scale
+    h = size * scale
     canvas = Image.new("RGB", (label_w + width * scale, len(rows) * (h + gap) + gap), "white")
     draw = ImageDraw.Draw(canvas)
     for i, (row, label) in enumerate(zip(rows, labels)):
         y = gap + i * (h + gap)
         canvas.paste(row.resize((row.width * scale, h), Image.Resampling.NEAREST), (label_w, y))
         draw.multiline_text((6, y + h // 2 - 12), label, fill="black")
-    path = out / "samples.png"
     canvas.save(path)
     return path
+
+
+def write_samples(out: Path, sched: Schedule, labels: list[str], scale: int = 2) -> Path:
+    """samples.png: originals, VQGAN, DiVAE (fast sampler), DiVAE (DDPM) as labelled rows, upscaled x`scale`."""
+    fast = grid_rows(out / "eval" / "fast" / "samples.png", sched.image_size)  # originals, cnn, diffusion
+    ddpm = grid_rows(out / "eval" / "ddpm" / "samples.png", sched.image_size)  # originals, diffusion
+    return labelled_rows([fast[0], fast[1], fast[2], ddpm[1]], labels, out / "samples.png", sched.image_size, scale)
 
 
 def _f(x, digits: int = 2) -> str:

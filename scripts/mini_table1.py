@@ -47,7 +47,7 @@ from scripts.demo import (  # noqa: E402
     shards_complete,
     train_stage,
 )
-from scripts.demo_report import pm, rel  # noqa: E402
+from scripts.demo_report import grid_rows, labelled_rows, pm, rel  # noqa: E402
 
 # Held-out photographs: two portraits; no training photo shows a person (grace_hopper ships with matplotlib).
 # Training: the demo's seven photos.
@@ -175,6 +175,23 @@ def run_ablation(run: Runner, out: Path, plan: Plan, quick: bool, rate: str, n_c
     return cells
 
 
+def write_samples(out: Path, plan: Plan, rates: list[str]) -> Path:
+    """samples.png: the first held-out crops, then per rate the CNN decoder, DiVAE (x_0 recipe, DPM-Solver++, the
+    largest fast step count, first seed) and the paper-recipe decoder on the same tokens, as labelled rows."""
+    seed, steps = plan.seeds[0], plan.fast_steps[-1]
+    rows, labels = [], []
+    for rate in rates:
+        both = grid_rows(out / "eval" / f"{rate}_dpmpp2m{plan.fast_steps[0]}_s{seed}" / "samples.png", plan.image_size)
+        fast = grid_rows(out / "eval" / f"{rate}_dpmpp2m{steps}_s{seed}" / "samples.png", plan.image_size)
+        paper = grid_rows(out / "eval" / f"{rate}_paper_dpmpp2m20" / "samples.png", plan.image_size)
+        if not rows:
+            rows, labels = [both[0]], ["held-out\noriginals"]
+        rows += [both[1], fast[1], paper[1]]
+        labels += [f"{rate} VQGAN\n(CNN decoder)", f"{rate} DiVAE\nDPM-Solver++ {steps}",
+                   f"{rate} paper recipe\nDPM-Solver++ 20"]
+    return labelled_rows(rows, labels, out / "samples.png", plan.image_size)
+
+
 def _fid(rs: list[dict]) -> str:
     fids = [r["fid"] for r in rs]
     return f"{np.mean(fids):.1f}" + (f" ({min(fids):.1f}-{max(fids):.1f})" if len(fids) > 1 else "")
@@ -229,10 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = json.loads(commands_file.read_text()) if commands_file.is_file() else []
     commands += [c for c in run.commands if c not in commands]
     commands_file.write_text(json.dumps(commands, indent=2))
-    (out / "results.md").write_text(f"# Miniature Table 1\n\n{text}\n\nCommands:\n\n```\n"
+    (out / "results.md").write_text(f"# Miniature Table 1\n\n{text}\n\n![samples](samples.png)\n\nCommands:\n\n```\n"
                                     + "\n".join(commands) + "\n```\n")
+    samples = write_samples(out, plan, args.rates)
     say(text)
-    say(f"[mini-table1] {rel(out / 'results.md')} ({(time.perf_counter() - t0) / 60:.1f} min this run)")
+    say(f"[mini-table1] {rel(out / 'results.md')}, {rel(samples)} ({(time.perf_counter() - t0) / 60:.1f} min this run)")
     return 0
 
 

@@ -16,11 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "mini_table1.py"
-
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def _run(out: Path, timeout: float) -> subprocess.CompletedProcess:
@@ -37,6 +36,8 @@ def _run(out: Path, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, "")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_mini_table1_quick_end_to_end_and_rerun(tmp_path):
     out = tmp_path / "mt1"
     first = _run(out, 900)
@@ -58,8 +59,12 @@ def test_mini_table1_quick_end_to_end_and_rerun(tmp_path):
     assert f"{rows['cnn']['psnr']:.2f} ± {rows['cnn']['psnr_sem']:.2f}" in md
     assert f"{rows['thumbnail']['psnr']:.2f}" in md and "encoder/concat" in md
     assert sum("-m trainer.train" in ln for ln in first.stdout.splitlines() if ln.startswith("$ ")) == 4
+    # samples.png: the originals, then the CNN decoder, DiVAE and the paper recipe of the one rate, 2x upscaled
+    with Image.open(out / "samples.png") as im:
+        assert im.height == 4 * (2 * 64 + 4) + 4 and im.width > 8 * 2 * 64
 
     again = _run(out, 300)
     assert again.returncode == 0, again.stdout[-4000:]
     assert not [ln for ln in again.stdout.splitlines() if ln.startswith("$ ")], "a finished step ran again"
     assert (out / "results.md").read_text() == md
+
