@@ -1,10 +1,11 @@
 """trainer.submit: submitit launch. Rank variables from submitit's JobEnvironment, CLI checks, and on the local
-Slurm cluster a 2-rank decoder job that is preempted (submitit's USR2), checkpoints, requeues through
+Slurm cluster a 2-rank decoder job that is preempted (SIGTERM, then submitit's USR2), checkpoints, requeues through
 `TrainJob.checkpoint()` and resumes from the saved step."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 import submitit
@@ -17,6 +18,7 @@ from slurm_cluster import (  # noqa: F401  (slurm_cluster is a fixture)
     start_requeued_now,
     wait_until,
 )
+from submitit.slurm.slurm import SlurmJobEnvironment
 
 from trainer.submit import TrainJob, build_executor, dist_env, parse_args
 
@@ -64,7 +66,13 @@ def decoder_inputs(tmp_path_factory) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_submitit_preempt_checkpoint_requeue_resume(slurm_cluster, decoder_inputs, tmp_path, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("arrival", ["interrupt", "usr2_after_the_stop"])
+def test_submitit_preempt_checkpoint_requeue_resume(slurm_cluster, decoder_inputs, tmp_path, monkeypatch,  # noqa: F811
+                                                    arrival):
+    """A preemption as submitit signals it: SIGTERM, then USR2. `interrupt` sends both back to back
+    (`job._interrupt()`), so a step boundary may or may not fall between them; `usr2_after_the_stop` makes that
+    race certain: the USR2 comes only after the ranks stopped and saved on the TERM alone. Either way the job
+    requeues once and resumes after the saved step."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.chdir(ROOT)
     run_dir, steps = tmp_path / "run", 16
@@ -77,19 +85,32 @@ def test_submitit_preempt_checkpoint_requeue_resume(slurm_cluster, decoder_input
     executor = build_executor(args)
     job = executor.submit(TrainJob(["--config", args.config, *overrides]))
     log = lambda: job.paths.stdout.read_text() if job.paths.stdout.exists() else ""  # noqa: E731
+
+    def detail() -> str:
+        err = job.paths.stderr.read_text() if job.paths.stderr.exists() else ""
+        return (f"job {job_fields(job.job_id)}\nlogged steps {logged_steps(run_dir)}\nstdout:\n{log()}\n"
+                f"stderr (tail):\n{err[-3000:]}")
+
     try:
         def training() -> bool:
             state = job_fields(job.job_id)["JobState"]
             assert state in ("PENDING", "RUNNING"), f"job {job.job_id} is {state} before the preemption\n{log()}"
             return len(logged_steps(run_dir)) >= 3
 
-        wait_until(training, 150, "3 logged training steps", on_timeout=log)
-        job._interrupt()  # what Slurm sends before a time limit or preemption: submitit's USR2 to every task
+        wait_until(training, 150, "3 logged training steps", on_timeout=detail)
+        if arrival == "interrupt":
+            job._interrupt()  # what submitit sends for a preemption: SIGTERM, then its USR2, to every task
+        else:
+            subprocess.run(["scancel", "--signal=TERM", job.job_id], check=True)
+            wait_until(lambda: "trainer stopped on SIGTERM and saved" in log(), 120, "the ranks to stop and save",
+                       on_timeout=detail)
+            subprocess.run(["scancel", f"--signal={SlurmJobEnvironment.USR_SIG}",
+                            job.job_id], check=True)
         wait_until(lambda: int(job_fields(job.job_id).get("Restarts", 0)) >= 1, 120, "the job to requeue",
-                   on_timeout=log)
+                   on_timeout=detail)
         start_requeued_now(job.job_id)
         wait_until(lambda: job_fields(job.job_id)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), 180,
-                   "the requeued job to finish", on_timeout=log)
+                   "the requeued job to finish", on_timeout=detail)
         assert job.results() == [0, 0]  # both ranks of the requeued run finished
     finally:
         job.cancel(check=False)

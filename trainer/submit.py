@@ -15,6 +15,11 @@ preemption signal (USR1), so all ranks checkpoint together at the next step and 
 and requeues the job. The requeued job runs the same command and resumes from `<run_dir>/latest`. A plain
 `scancel JOBID` (SIGTERM) reaches the trainer's own handler (it replaces submitit's bypass): the ranks save a
 checkpoint at the next step and the job ends with `STOP_EXIT_CODE`, not requeued (submitit's convention).
+
+A preemption as submitit signals it (`job._interrupt()`) is SIGTERM first, then USR2, two separate `scancel`
+calls. When a step boundary falls between them, the ranks have already stopped and saved on the TERM alone; so
+after a stop each task waits up to `FOLLOW_UP_WAIT_S` for the USR2, and if it comes, requeues from the checkpoint
+it just saved instead of ending the job.
 """
 
 from __future__ import annotations
@@ -24,14 +29,16 @@ import importlib
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import submitit
 from submitit.core.utils import DelayedSubmission
 
-from trainer.preemption import REQUEUE_EXIT_CODE
+from trainer.preemption import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
 
 TRAINER_SIGNAL = signal.SIGUSR1  # what trainer.preemption listens to (besides SIGTERM)
+FOLLOW_UP_WAIT_S = 20.0  # after a SIGTERM stop: how long to wait for a preemption's USR2 (under Slurm's KillWait)
 
 
 def dist_env(job_env: submitit.JobEnvironment, job_id: str | None = None) -> dict[str, str]:
@@ -82,6 +89,14 @@ class TrainJob(submitit.helpers.Checkpointable):
             code = e.code
         if code in (None, 0):
             return 0
+        if code == STOP_EXIT_CODE and not preempted:
+            print(f"[submit] rank {job_env.global_rank}: trainer stopped on SIGTERM and saved; waiting up to "
+                  f"{FOLLOW_UP_WAIT_S:.0f} s for a preemption signal", flush=True)
+            deadline = time.monotonic() + FOLLOW_UP_WAIT_S
+            while not preempted and time.monotonic() < deadline:
+                time.sleep(0.1)
+        if code == STOP_EXIT_CODE and preempted:
+            code = REQUEUE_EXIT_CODE  # SIGTERM, then submitit's signal: a preemption; the checkpoint is saved
         if code != REQUEUE_EXIT_CODE:
             raise SystemExit(code)
         print(f"[submit] rank {job_env.global_rank}: trainer checkpointed for preemption "
