@@ -40,7 +40,7 @@ demo-clean:
 demo-t2i: setup
 	$(PY) scripts/demo_t2i.py $(DEMO_T2I_ARGS)
 
-# The paper's Table 1 (and Tables 3-4) in miniature on packaged photographs: 1-2 hours on 2 CPU cores, resumable
+# The paper's Table 1 (and Tables 3-4) in miniature on packaged photographs: about 3 hours on 2 CPU cores, resumable
 # (scripts/mini_table1.py).
 mini-table1: setup
 	$(PY) scripts/mini_table1.py $(MINI_TABLE1_ARGS)

@@ -3,7 +3,8 @@
 Real prepare_folder on crops of several packaged photos, real `torchrun --nproc_per_node 2` training of a VQ, a
 decoder and the paper-recipe decoder, real `evaluation.recon_fid` runs (the CNN decoder, DPM-Solver++, DDIM, DDPM
 with all T = 1000 steps) and one cell of the injection ablation; then the table's figures are checked against their
-sources and a rerun must reuse everything.
+sources and a rerun must reuse everything. A second test checks the recorded full run
+(docs/mini_table1_results.json) against its plan, its floors and the README's table.
 """
 
 from __future__ import annotations
@@ -68,3 +69,33 @@ def test_mini_table1_quick_end_to_end_and_rerun(tmp_path):
     assert not [ln for ln in again.stdout.splitlines() if ln.startswith("$ ")], "a finished step ran again"
     assert (out / "results.md").read_text() == md
 
+
+def test_recorded_mini_table1_is_the_full_plan_and_what_the_readme_shows():
+    """docs/mini_table1_results.json is the results.json of the full `make mini-table1` whose table the README and
+    bench/RESULTS.md show: the full plan (not a shortened run), both rates, >= 1,000 held-out crops per main row,
+    every fast-sampler row over two seeds, six ablation cells, tokenizers above the equal-bits floor by >= 1 dB,
+    and the README's table must be the one the script renders from these figures."""
+    sys.path.insert(0, str(ROOT))
+    from scripts.mini_table1 import ABLATION, Plan, table
+
+    rec = json.loads((ROOT / "docs" / "mini_table1_results.json").read_text())
+    plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in rec["plan"].items()})
+    assert plan == Plan()
+    assert list(rec["rates"]) == ["f4", "f8"]
+    for rate, rows in rec["rates"].items():
+        th, cnn = rows["thumbnail"], rows["cnn"]
+        assert th["thumbnail_bits"] <= th["token_bits"]
+        assert cnn["psnr"] - th["psnr"] >= 1.0, rate
+        assert th["num_images"] == cnn["num_images"] >= 1000
+        for key in [*(f"dpmpp2m{s}" for s in plan.fast_steps), f"ddim{plan.ddim_steps}"]:
+            assert len(rows[key]) == len(plan.seeds) >= 2, (rate, key)
+            assert {r["protocol"]["seed"] for r in rows[key]} == set(plan.seeds), (rate, key)
+            assert all(r["num_images"] == cnn["num_images"] for r in rows[key]), (rate, key)
+        assert rows["ddpm1000"][0]["num_images"] == plan.ddpm_images
+    assert list(rec["ablation"]) == [f"{p}/{m}" for p, m in ABLATION] and len(ABLATION) == 6
+    assert all(r["num_images"] == plan.ablation_images for r in rec["ablation"].values())
+    readme = (ROOT / "README.md").read_text()
+    for line in table(rec, plan).splitlines():
+        if line.startswith("| "):
+            assert line in readme, line
+    assert (ROOT / "docs" / "mini_table1_samples.png").is_file()
