@@ -125,6 +125,11 @@ def evaluate(run: Runner, out: Path, ckpt: Path, data: Path, plan: Plan, name: s
     return {r["protocol"]["decoder"]: r for r in res}
 
 
+def eval_name(rate: str, row: str, seed: int | None = None) -> str:
+    """The folder under out/eval of one evaluation: `<rate>_<row key>`, and `_s<seed>` for a seeded sampler row."""
+    return f"{rate}_{row}" + ("" if seed is None else f"_s{seed}")
+
+
 def run_rate(run: Runner, out: Path, plan: Plan, rate: str, quick: bool) -> dict:
     data = out / "data"
     common = [f"data.path={rel(data / 'train')}", f"train.batch_size={plan.batch_size}"] + \
@@ -141,20 +146,20 @@ def run_rate(run: Runner, out: Path, plan: Plan, rate: str, quick: bool) -> dict
                 + [f"decoder.vq_weights={rel(vq_dir / 'divae.safetensors')}"])
     ckpt = dec_dir / "divae.safetensors"
     rows = {}
-    r = evaluate(run, out, paper_dir / "divae.safetensors", data, plan, f"{rate}_paper_dpmpp2m20", "--sampler",
+    r = evaluate(run, out, paper_dir / "divae.safetensors", data, plan, eval_name(rate, "paper_dpmpp2m20"), "--sampler",
                  "dpmpp2m", "--steps", "20")
     rows["paper_dpmpp2m20"] = [r["diffusion"]]
     for seed in plan.seeds:
         for steps in plan.fast_steps:
-            r = evaluate(run, out, ckpt, data, plan, f"{rate}_dpmpp2m{steps}_s{seed}", "--decoder",
+            r = evaluate(run, out, ckpt, data, plan, eval_name(rate, f"dpmpp2m{steps}", seed), "--decoder",
                          "both" if (seed, steps) == (plan.seeds[0], plan.fast_steps[0]) else "diffusion",
                          "--sampler", "dpmpp2m", "--steps", str(steps), "--seed", str(seed))
             rows.setdefault("cnn", r.get("cnn"))
             rows.setdefault(f"dpmpp2m{steps}", []).append(r["diffusion"])
-        r = evaluate(run, out, ckpt, data, plan, f"{rate}_ddim{plan.ddim_steps}_s{seed}", "--sampler", "ddim",
+        r = evaluate(run, out, ckpt, data, plan, eval_name(rate, f"ddim{plan.ddim_steps}", seed), "--sampler", "ddim",
                      "--steps", str(plan.ddim_steps), "--seed", str(seed))
         rows.setdefault(f"ddim{plan.ddim_steps}", []).append(r["diffusion"])
-    r = evaluate(run, out, ckpt, data, plan, f"{rate}_ddpm1000", "--sampler", "ddpm", "--num-images",
+    r = evaluate(run, out, ckpt, data, plan, eval_name(rate, "ddpm1000"), "--sampler", "ddpm", "--num-images",
                  str(plan.ddpm_images))
     rows["ddpm1000"] = [r["diffusion"]]
     floors_file = out / "eval" / f"{rate}_floors.json"
@@ -190,9 +195,9 @@ def write_samples(out: Path, plan: Plan, rates: list[str]) -> Path:
     seed, steps = plan.seeds[0], plan.fast_steps[-1]
     rows, labels = [], []
     for rate in rates:
-        both = grid_rows(out / "eval" / f"{rate}_dpmpp2m{plan.fast_steps[0]}_s{seed}" / "samples.png", plan.image_size)
-        fast = grid_rows(out / "eval" / f"{rate}_dpmpp2m{steps}_s{seed}" / "samples.png", plan.image_size)
-        paper = grid_rows(out / "eval" / f"{rate}_paper_dpmpp2m20" / "samples.png", plan.image_size)
+        both, fast, paper = (grid_rows(out / "eval" / eval_name(rate, *key) / "samples.png", plan.image_size)
+                             for key in ((f"dpmpp2m{plan.fast_steps[0]}", seed), (f"dpmpp2m{steps}", seed),
+                                         ("paper_dpmpp2m20",)))
         if not rows:
             rows, labels = [both[0]], ["held-out\noriginals"]
         rows += [both[1], fast[1], paper[1]]

@@ -104,8 +104,7 @@ def test_submitit_preempt_checkpoint_requeue_resume(slurm_cluster, decoder_input
             subprocess.run(["scancel", "--signal=TERM", job.job_id], check=True)
             wait_until(lambda: "trainer stopped on SIGTERM and saved" in log(), 120, "the ranks to stop and save",
                        on_timeout=detail)
-            subprocess.run(["scancel", f"--signal={SlurmJobEnvironment.USR_SIG}",
-                            job.job_id], check=True)
+            subprocess.run(["scancel", f"--signal={SlurmJobEnvironment.USR_SIG}", job.job_id], check=True)
         wait_until(lambda: int(job_fields(job.job_id).get("Restarts", 0)) >= 1, 120, "the job to requeue",
                    on_timeout=detail)
         start_requeued_now(job.job_id)

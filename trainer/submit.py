@@ -89,14 +89,15 @@ class TrainJob(submitit.helpers.Checkpointable):
             code = e.code
         if code in (None, 0):
             return 0
-        if code == STOP_EXIT_CODE and not preempted:
-            print(f"[submit] rank {job_env.global_rank}: trainer stopped on SIGTERM and saved; waiting up to "
-                  f"{FOLLOW_UP_WAIT_S:.0f} s for a preemption signal", flush=True)
-            deadline = time.monotonic() + FOLLOW_UP_WAIT_S
-            while not preempted and time.monotonic() < deadline:
-                time.sleep(0.1)
-        if code == STOP_EXIT_CODE and preempted:
-            code = REQUEUE_EXIT_CODE  # SIGTERM, then submitit's signal: a preemption; the checkpoint is saved
+        if code == STOP_EXIT_CODE:
+            if not preempted:
+                print(f"[submit] rank {job_env.global_rank}: trainer stopped on SIGTERM and saved; waiting up to "
+                      f"{FOLLOW_UP_WAIT_S:.0f} s for a preemption signal", flush=True)
+                deadline = time.monotonic() + FOLLOW_UP_WAIT_S
+                while not preempted and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            if preempted:
+                code = REQUEUE_EXIT_CODE  # SIGTERM, then submitit's signal: a preemption; the checkpoint is saved
         if code != REQUEUE_EXIT_CODE:
             raise SystemExit(code)
         print(f"[submit] rank {job_env.global_rank}: trainer checkpointed for preemption "
