@@ -3,7 +3,8 @@
 - a bf16 VQ engine assigns, in its training forward, the codes that an fp32 search gives on the same vectors;
 - the VQ stage's adaptive GAN weight equals torch.autograd.grad's with respect to the last layer's weight;
 - the decoder stage under a bf16 engine hands x_t to the UNet's input conv in fp32, and fine-tuning the encoder
-  leaves an EMA codebook untouched.
+  leaves an EMA codebook untouched; its LPIPS term on x_0-hat reaches the UNet;
+- the VQ stage's decoder-only mode (the fair CNN baseline) leaves the tokens' encoder and codebook untouched.
 The engines are built exactly as trainer.train builds them (task.build_models -> build_engine -> task.attach).
 """
 
@@ -153,3 +154,74 @@ def test_bf16_decoder_keeps_x_t_fp32_and_finetuning_keeps_an_ema_codebook(single
         assert torch.equal(v, frozen[k]), f"the frozen quantizer's {k} changed"
     assert not torch.equal(net.vq.encoder.conv_in.weight.detach().float(), encoder_before)  # the encoder trains
     assert metrics["qloss"] > 0
+
+
+def test_bf16_decoder_perceptual_term_reaches_the_unet(single_process_group, tmp_path):
+    """v-prediction + min-SNR + LPIPS on x_0-hat under bf16 engines: the LPIPS term has a finite, non-zero gradient
+    at x_0-hat, the VGG runs in bf16 (autocast), and one optimizer step from the same start, batch and noise moves
+    the UNet's output layer differently with the term than without it."""
+    from divae.model import DiVAE
+    from divae.vq import VQ_PRESETS
+
+    vq_cfg = VQ_PRESETS["tiny"]
+    torch.manual_seed(0)
+    vq_file = tmp_path / "vq.safetensors"
+    DiVAE(vq_cfg).save_pretrained(vq_file)
+    common = ["deepspeed.precision=bf16", f"decoder.vq_weights={vq_file}", "diffusion.model_mean_type=v",
+              "diffusion.loss_weighting=min_snr", "decoder.perceptual_images=2",
+              f"unet.cond_channels={vq_cfg.embed_dim}", f"unet.token_grid={64 // vq_cfg.downsample_factor}"]
+    batch = _photo_batch()
+    after = {}
+    for weight in (0.0, 1.0):
+        task, engines = _task([*common, f"decoder.perceptual_weight={weight}"], "decoder_tiny.yaml")
+        if weight:
+            x0 = task.images(batch)
+            t = torch.tensor([10, 500, 990, 200])
+            losses = task.diffusion.training_losses(engines["model"], x0, t,
+                                                    model_kwargs={"cond": task._cond(batch, x0)})
+            vgg_dtypes = []
+            hook = task.lpips.net[0].register_forward_hook(lambda m, a, out, seen=vgg_dtypes: seen.append(out.dtype))
+            (grad,) = torch.autograd.grad(task._perceptual(x0, losses["pred_x0"], t), losses["pred_x0"])
+            hook.remove()
+            assert vgg_dtypes == [torch.bfloat16]
+            assert torch.isfinite(grad).all() and grad[:2].abs().sum() > 0 and grad[2:].abs().sum() == 0
+        torch.manual_seed(1)
+        metrics = _train_step(task, engines, batch, 0)
+        assert torch.isfinite(metrics["loss"])
+        assert ("lpips" in metrics) == bool(weight)
+        after[weight] = task.inner("model").unet.out[-1].weight.detach().float().clone()
+    assert not torch.equal(after[0.0], after[1.0])
+
+
+def test_vq_stage_can_train_only_the_cnn_decoder_on_frozen_tokens(single_process_group, tmp_path):
+    """vq_task.train=decoder (the fair CNN baseline): after bf16 steps with L1 + LPIPS, the encoder, quant_conv
+    and the EMA codebook equal the init_from file's, so the tokens are the same, and the decoder has trained."""
+    from divae.model import DiVAE
+    from divae.vq import VQ_PRESETS
+
+    vq_cfg = VQ_PRESETS["tiny"]
+    torch.manual_seed(0)
+    vq_file = tmp_path / "vq.safetensors"
+    source = DiVAE(vq_cfg)
+    source.save_pretrained(vq_file)
+    with pytest.raises(Exception, match="checkpoint.init_from"):
+        _task(["vq_task.train=decoder"], "vq_tiny.yaml")
+    overrides = ["deepspeed.precision=bf16", "vq_task.train=decoder", f"checkpoint.init_from={vq_file}",
+                 "vq_loss.perceptual_weight=1.0", "vq_loss.disc_factor=0.0"]
+    task, engines = _task(overrides, "vq_tiny.yaml",
+                          before_engines=lambda models: task_init(models, vq_file))
+    for step in range(2):
+        _train_step(task, engines, _photo_batch(seed=step), step)
+    vq = task.inner("generator")
+    ref = source.vq.state_dict()
+    trained = [n for n, v in vq.state_dict().items() if not torch.equal(v, ref[n].to(v.dtype))]
+    assert trained and all(n.startswith(("decoder.", "post_quant_conv.")) for n in trained), trained
+    assert "decoder.conv_out.weight" in trained
+
+
+def task_init(models, path):
+    """What trainer.train does between build_models and the engines when checkpoint.init_from is set."""
+    from divae.model import read_pretrained
+
+    _, state = read_pretrained(path)
+    models["generator"].load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("vq.")})

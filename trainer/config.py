@@ -4,8 +4,8 @@
 
 Sections: train (this file), data (data_pipeline.loaders.DataConfig), optim and deepspeed (trainer.engine),
 ema (trainer.ema), checkpoint (trainer.checkpoint), logging (trainer.metrics), vq (divae.vq.VQConfig),
-vq_loss (divae.vq_loss.VQLossConfig), unet (divae.unet.UNetConfig), diffusion
-(divae.diffusion.DiffusionConfig), decoder (trainer.tasks.decoder.DecoderTaskConfig), prior
+vq_loss (divae.vq_loss.VQLossConfig), vq_task (trainer.tasks.vq.VQTaskConfig), unet (divae.unet.UNetConfig),
+diffusion (divae.diffusion.DiffusionConfig), decoder (trainer.tasks.decoder.DecoderTaskConfig), prior
 (divae.prior.PriorConfig), prior_task (trainer.tasks.prior.PriorTaskConfig). A stage reads the sections it
 needs (`Task.config_sections`) and the saved config.yaml holds only those.
 
@@ -39,6 +39,7 @@ from trainer.engine import DeepSpeedConfig, OptimConfig
 from trainer.metrics import LoggingConfig
 from trainer.tasks.decoder import DecoderTaskConfig
 from trainer.tasks.prior import PriorTaskConfig
+from trainer.tasks.vq import VQTaskConfig
 
 
 @dataclass
@@ -106,6 +107,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     vq: VQConfig = field(default_factory=VQConfig)
     vq_loss: VQLossConfig = field(default_factory=VQLossConfig)
+    vq_task: VQTaskConfig = field(default_factory=VQTaskConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     decoder: DecoderTaskConfig = field(default_factory=DecoderTaskConfig)

@@ -17,15 +17,18 @@ import torch
 
 from .gaussian_diffusion import (
     LOSS_TYPES,
+    LOSS_WEIGHTINGS,
     MEAN_TYPES,
     SCHEDULES,
     VAR_TYPES,
     GaussianDiffusion,
     LossType,
+    LossWeighting,
     MeanType,
     Schedule,
     VarType,
     get_named_beta_schedule,
+    rescale_zero_terminal_snr,
 )
 from .resample import LossSecondMomentResampler, UniformSampler, create_schedule_sampler
 from .respace import SpacedDiffusion, space_timesteps
@@ -40,30 +43,42 @@ DEFAULT_STEPS = {"ddpm": None, "ddim": 25, "dpmpp2m": 20}
 class DiffusionConfig:
     """The diffusion process of the decoder (Improved DDPM defaults, as in the paper).
 
-    steps: T, training timesteps. noise_schedule: "linear" | "cosine". model_mean_type: "epsilon" | "x0".
+    steps: T, training timesteps. noise_schedule: "linear" | "cosine".
+    zero_terminal_snr: rescale the schedule so abar_{T-1} = 0 (Lin et al. 2023; needs model_mean_type v or x0).
+    model_mean_type: "epsilon" | "x0" | "v" (what the UNet predicts; gaussian_diffusion's docstring compares them).
     model_var_type: "learned_range" (UNet must have learn_sigma=True) | "fixed_small" | "fixed_large".
     loss: "hybrid" (L_simple + vlb_weight * L_vlb, mean detached in L_vlb) | "simple" | "kl".
+    loss_weighting: the MSE term's per-timestep weight, "none" (the parameterization's own) | "min_snr"
+        (min(SNR, min_snr_gamma) on the x_0 error, Hang et al. 2023) | "truncated_snr" (max(SNR, 1)).
     schedule_sampler: how training draws t, "uniform" | "loss-second-moment" (importance sampling).
     clip_denoised: clamp x_0 predictions to [-1, 1] while sampling.
     """
 
     steps: int = 1000
     noise_schedule: Schedule = "linear"
+    zero_terminal_snr: bool = False
     model_mean_type: MeanType = "epsilon"
     model_var_type: VarType = "learned_range"
     loss: LossType = "hybrid"
     vlb_weight: float = 0.001
+    loss_weighting: LossWeighting = "none"
+    min_snr_gamma: float = 5.0
     schedule_sampler: Literal["uniform", "loss-second-moment"] = "uniform"
     clip_denoised: bool = True
 
     def __post_init__(self):
         checks = {"noise_schedule": SCHEDULES, "model_mean_type": MEAN_TYPES, "model_var_type": VAR_TYPES,
-                  "loss": LOSS_TYPES}
+                  "loss": LOSS_TYPES, "loss_weighting": LOSS_WEIGHTINGS}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"diffusion.{name}={getattr(self, name)!r}: choose one of {allowed}")
         if self.steps < 2:
             raise ValueError(f"diffusion.steps={self.steps}: need at least 2")
+        if self.zero_terminal_snr and self.model_mean_type == "epsilon":
+            raise ValueError("diffusion.zero_terminal_snr=true needs diffusion.model_mean_type v (or x0): an epsilon "
+                             "model cannot give x_0 from pure noise at the last timestep")
+        if not self.min_snr_gamma > 0:
+            raise ValueError(f"diffusion.min_snr_gamma={self.min_snr_gamma}: must be > 0")
         if self.loss == "hybrid" and self.model_var_type != "learned_range":
             raise ValueError("diffusion.loss='hybrid' trains the variance: it needs model_var_type='learned_range' "
                              "(or use loss='simple' with a fixed variance)")
@@ -78,6 +93,8 @@ def create_diffusion(cfg: DiffusionConfig, timestep_respacing: str | Sequence[in
     """A diffusion over all `cfg.steps` steps ("") or a respaced subset ("250", "ddim25", "10,15,20", or
     an explicit list of timesteps). Timestep indices into the result run 0..K-1."""
     betas = get_named_beta_schedule(cfg.noise_schedule, cfg.steps)
+    if cfg.zero_terminal_snr:
+        betas = rescale_zero_terminal_snr(betas)
     if isinstance(timestep_respacing, str):
         use = space_timesteps(cfg.steps, timestep_respacing) if timestep_respacing else range(cfg.steps)
     else:
@@ -89,6 +106,8 @@ def create_diffusion(cfg: DiffusionConfig, timestep_respacing: str | Sequence[in
         model_var_type=cfg.model_var_type,
         loss_type=cfg.loss,
         vlb_weight=cfg.vlb_weight,
+        loss_weighting=cfg.loss_weighting,
+        min_snr_gamma=cfg.min_snr_gamma,
     )
 
 
@@ -107,6 +126,7 @@ def sample(
     timestep_respacing: str | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    x_T: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate x_0 of `shape` (B, C, H, W) with a trained model; the single sampling entry point.
 
@@ -126,6 +146,7 @@ def sample(
         device type; see samplers.counter_normal) or from generators[i]. Neither: the global torch RNG.
     clip_denoised: clamp x_0 predictions to [-1, 1]; None takes diffusion_cfg.clip_denoised.
     device: where to sample; None takes the model's device (CPU for a plain function).
+    x_T: the starting noise (B, C, H, W) instead of the first draw (e.g. to compare samplers on one start).
     Returns x_0 (B, C, H, W) float32, in [-1, 1] up to the model's accuracy (not clamped).
     """
     if sampler not in SAMPLERS:
@@ -148,7 +169,9 @@ def sample(
         device = params.device if params is not None else torch.device("cpu")
     noise = NoiseSource(tuple(shape), torch.device(device), generators, None if seeds is None else list(seeds))
     clip = diffusion_cfg.clip_denoised if clip_denoised is None else clip_denoised
-    common = dict(clip_denoised=clip, model_kwargs=model_kwargs, progress=progress)
+    if x_T is not None and tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
+    common = dict(clip_denoised=clip, model_kwargs=model_kwargs, progress=progress, x_T=x_T)
 
     was_training = isinstance(model, torch.nn.Module) and model.training
     if was_training:
@@ -164,10 +187,13 @@ def sample(
             model.train()
 
 
-def _default_respacing(sampler: str, n: int, total: int) -> str:
+def _default_respacing(sampler: str, n: int, total: int) -> str | list[int]:
     """dpmpp2m: quadratic in time (dense near t = 0, far more accurate than even spacing at 10-25 steps);
     ddim: the DDIM paper's even stride from t = 0 (the paper's DDIM25) when one gives n steps; else n
-    evenly spaced steps including 0 and T - 1."""
+    evenly spaced steps including 0 and T - 1. One step is T - 1 alone: one network evaluation on pure noise
+    that returns its x_0 estimate (evenly spaced rounding would keep t = 0 and feed it noise)."""
+    if n == 1:
+        return [total - 1]
     if sampler == "dpmpp2m" and n >= 2:
         return f"quad{n}"
     if sampler == "ddim" and any(len(range(0, total, s)) == n for s in range(1, total)):
@@ -210,6 +236,7 @@ __all__ = [
     "generators_from_seeds",
     "get_named_beta_schedule",
     "quartile_losses",
+    "rescale_zero_terminal_snr",
     "sample",
     "space_timesteps",
 ]

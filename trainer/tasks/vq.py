@@ -5,9 +5,17 @@ on, the adaptive-weighted GAN term, with the discriminator's parameters frozen s
 clean; the discriminator phase then trains on the (detached) reconstruction of the same batch. Before
 disc_start the discriminator phase is skipped (no forward, no optimizer step). Codebook usage and
 perplexity are logged. The export is a VQ-only DiVAE file, the input of the decoder stage.
+
+`vq_task.train: decoder` trains only the CNN decoder (post_quant_conv + decoder) on the frozen tokens of the VQ
+export named by `checkpoint.init_from`: the encoder, quant_conv and codebook keep that file's values (the
+quantizer stays in eval mode: no EMA update, k-means or restart). This is the fair baseline of the diffusion
+decoder: the same tokens, its own loss family (taming's L1 + LPIPS, GAN optional) and the same budget.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -18,8 +26,13 @@ from divae.vq_loss import LastLayerTap, VQLoss
 from trainer.tasks.base import COMMON_SECTIONS, Task, detached
 
 
+@dataclass
+class VQTaskConfig:
+    train: Literal["all", "decoder"] = "all"  # "decoder": only the CNN decoder, on init_from's frozen tokens
+
+
 class VQTask(Task):
-    config_sections = (*COMMON_SECTIONS, "vq", "vq_loss")
+    config_sections = (*COMMON_SECTIONS, "vq", "vq_loss", "vq_task")
     phases = ("generator", "discriminator")
     ema_phases = ("generator",)
     max_zero_stage = 2  # the adaptive weight differentiates w.r.t. the full last-layer weight
@@ -39,6 +52,13 @@ class VQTask(Task):
             vq_cfg = type(vq_cfg)(**{**vq_cfg.__dict__, "grad_checkpointing": True})
         self.vq_cfg = vq_cfg
         vq = VQModel(vq_cfg)
+        self.decoder_only = cfg.vq_task.train == "decoder"
+        if self.decoder_only:
+            if not cfg.checkpoint.init_from:
+                raise ConfigError("vq_task.train=decoder trains a CNN decoder on a VQ's frozen tokens: set "
+                                  "checkpoint.init_from to that VQ's export (e.g. runs/demo/vq/divae.safetensors)")
+            for m in (vq.encoder, vq.quant_conv, vq.quantizer):
+                m.requires_grad_(False)
         self.loss_fn = VQLoss(cfg.vq_loss).to(self.device)
         disc = self.loss_fn.discriminator
         return {"generator": vq, "discriminator": disc}
@@ -57,6 +77,8 @@ class VQTask(Task):
     def loss(self, batch: dict, phase: str, step: int):
         x = self.images(batch)
         gan_on = self.loss_fn.gan_active(step)
+        if self.decoder_only:
+            self.inner("generator").quantizer.eval()  # frozen tokens: the engine's train() must not wake it
         if phase == "generator":
             self._disc_requires_grad(False)
             try:
