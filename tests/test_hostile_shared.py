@@ -226,3 +226,42 @@ def test_pruning_keeps_folders_that_are_not_checkpoints(tmp_path):
     (ck / "latest").write_text("step_00001000_keep_this_one\n")
     with pytest.raises(CheckpointError, match="not a complete step_XXXXXXXX folder"):
         select_checkpoint(ck, verify=False)
+
+
+# -- 4: one training run at a time in a run folder ----------------------------------------------------------
+_HOLD = """
+import sys, time
+from divae.utils.files import folder_lock
+with folder_lock(sys.argv[1], lambda holder: holder):
+    print("HELD", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_second_run_in_a_run_folder_is_refused_naming_the_first(two_folders, tmp_path, capsys, monkeypatch):
+    """Run A holds train.run_dir (the lock every run takes, here held by a process standing for A, so the test
+    needs no training); run B in the same folder exits 1 with one line naming A, and leaves A's checkpoint in
+    progress and `latest` alone (on main B removed A's `.tmp_step_*` and moved `latest`)."""
+    run_dir = tmp_path / "run"
+    in_progress = run_dir / "checkpoints" / ".tmp_step_00001000"
+    in_progress.mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("step_00000500\n")
+    monkeypatch.chdir(ROOT)  # configs/ paths
+    a = subprocess.Popen([PY, "-c", _HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+    try:
+        assert a.stdout.readline().strip() == "HELD"
+        from trainer.train import main as train_main
+
+        code = train_main(["--config", "configs/vq_tiny.yaml", "train.batch_size=4", "train.steps=2",
+                           "checkpoint.every=1", "logging.sample_every=0", "logging.progress=false",
+                           "logging.wandb_mode=disabled", f"data.path={two_folders[0]}", f"train.run_dir={run_dir}"])
+    finally:
+        a.kill()
+        a.wait()
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert code == 1 and len(errors) == 1 and errors[0].startswith("trainer.train: error: "), errors
+    err = errors[0]
+    assert "Traceback" not in err and not (run_dir / "error_rank0.log").exists()  # nothing written into A's folder
+    assert f"{run_dir} is in use by another training run (pid {a.pid} on " in err, err
+    assert in_progress.is_dir() and (run_dir / "checkpoints" / "latest").read_text() == "step_00000500\n"
+    assert not (run_dir / "checkpoints" / "step_00000001").exists()
