@@ -74,14 +74,17 @@ def test_crafted_prior_config_is_refused_before_any_allocation(tmp_path):
 # -- 2: index.json is checked against manifest.json -------------------------------------------------------
 def _folder(path: Path, n: int = 8, seed: int = 0) -> Path:
     """A real MDS folder of `n` photos (standard columns), written by the project's ShardWriter."""
+    import numpy as np
     from data_fixtures import encode, photos, variant
+    from PIL import Image
 
     from data_pipeline.shards import STANDARD_COLUMNS, ShardWriter
 
     ps = photos()
     with ShardWriter(str(path), STANDARD_COLUMNS, shard_size=4) as w:
         for i in range(n):
-            jpg = encode(variant(ps[(i + seed) % len(ps)], i + seed, long_side=32))
+            img = Image.fromarray(variant(ps[(i + seed) % len(ps)], i + seed)).resize((32, 32))
+            jpg = encode(np.asarray(img))
             w.write({"jpg": jpg, "label": i, "caption": f"photo {i}", "key": f"{seed}_{i:04d}", "orig_size": "32x32"})
     return path
 
@@ -265,3 +268,69 @@ def test_second_run_in_a_run_folder_is_refused_naming_the_first(two_folders, tmp
     assert f"{run_dir} is in use by another training run (pid {a.pid} on " in err, err
     assert in_progress.is_dir() and (run_dir / "checkpoints" / "latest").read_text() == "step_00000500\n"
     assert not (run_dir / "checkpoints" / "step_00000001").exists()
+
+
+# -- 6 and 11: evaluation results are of the data evaluated, and written whole ------------------------------
+def _small_extractor():
+    """A small stand-in for the Inception (the protocol under test is the same): uint8 (B,3,H,W) -> (B, 2048)."""
+    import torch
+
+    class Features(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool, self.fc = torch.nn.AdaptiveAvgPool2d(4), torch.nn.Linear(48, 2048)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.pool(x.float() / 255).flatten(1))
+
+    torch.manual_seed(0)
+    return Features().eval()
+
+
+def _evaluate(data: Path, out: Path, stop_at_once: bool = False) -> dict:
+    """evaluate_reconstructions over `data` into `out`; with `stop_at_once`, as after a SIGTERM: it raises
+    Preempted at the first batch boundary if it evaluates at all (so a test can tell an evaluation that starts
+    from one that returns finished results, without paying for the FID)."""
+    import signal
+
+    import torch
+
+    from evaluation.data import open_dataset
+    from evaluation.recon_fid import ReconEvalConfig, StopFlag, evaluate_reconstructions
+
+    def blur(images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(images.float(), 3, 1, 1).round().byte()
+
+    stop = StopFlag()
+    stop.received = signal.SIGTERM if stop_at_once else None
+    return evaluate_reconstructions(open_dataset(data), blur, extractor=_small_extractor(),
+                                    cfg=ReconEvalConfig(batch_size=4, num_show=2), out_dir=out,
+                                    protocol={"data": str(data), "decoder": "blur"}, label="blur", stop=stop)
+
+
+def test_other_data_at_the_same_path_is_evaluated_again_and_a_torn_result_is_redone(two_folders, tmp_path):
+    from evaluation.recon_fid import Preempted
+
+    mine, other = two_folders
+    data, out = tmp_path / "val", tmp_path / "eval"
+    shutil.copytree(mine, data)
+    a = _evaluate(data, out)  # finished: results.json and samples.npz, each written whole
+    assert json.loads((out / "results.json").read_text())["psnr"] == a["psnr"]
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert _evaluate(data, out, stop_at_once=True)["psnr"] == a["psnr"]  # the same data: reused, not redone
+
+    # a results.json cut short (a kill mid-write on main, where every rerun then failed on it): evaluated again
+    text = (out / "results.json").read_text()
+    (out / "results.json").write_text(text[: len(text) // 2])
+    with pytest.raises(Preempted):
+        _evaluate(data, out, stop_at_once=True)
+    (out / "results.json").write_text(text)
+    shutil.rmtree(out / "partial")
+
+    # another data set at the same path, the same output folder: main returned a's figures for it
+    shutil.rmtree(data)
+    shutil.copytree(other, data)
+    with pytest.raises(Preempted):
+        _evaluate(data, out, stop_at_once=True)
+    saved = json.loads((out / "partial" / "rank00000-of-00001.json").read_text())["fingerprint"]
+    assert json.loads(saved)["data_manifest_sha256"] != a["protocol"]["data_manifest_sha256"]

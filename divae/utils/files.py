@@ -1,4 +1,5 @@
-"""File helpers shared by every package (torch-free): hashing, and the one lock on a folder a run writes."""
+"""File helpers shared by every package (torch-free): hashing, write-then-rename, and the one lock on a folder
+a run writes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import IO
 
 LOCK = ".lock"  # the lock file of a folder that one run at a time writes (see `folder_lock`)
 
@@ -21,6 +23,25 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Write-then-rename: the body writes into a temporary file beside `path`, which replaces `path` (flushed
+    and fsynced) only when the body ends without error. A kill at any moment leaves the old file or the new
+    one, never a part of one; a failed body leaves no temporary file."""
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 class FolderBusy(RuntimeError):
