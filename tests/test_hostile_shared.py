@@ -334,3 +334,25 @@ def test_other_data_at_the_same_path_is_evaluated_again_and_a_torn_result_is_red
         _evaluate(data, out, stop_at_once=True)
     saved = json.loads((out / "partial" / "rank00000-of-00001.json").read_text())["fingerprint"]
     assert json.loads(saved)["data_manifest_sha256"] != a["protocol"]["data_manifest_sha256"]
+
+
+# -- 9: `python -m trainer.checkpoint inspect` is bounded whatever trainer_state.json says -------------------
+@pytest.mark.parametrize("global_batch", [10**10, 2 * 1000003, 1e10, -4])
+def test_inspect_of_a_crafted_global_batch_ends_at_once(tmp_path, capsys, global_batch):
+    from trainer.checkpoint import STATE_FILE
+    from trainer.checkpoint_tool import main
+
+    ck = _checkpoints(tmp_path, steps=(4,))
+    meta = {"step": 4, "samples_seen": 16, "world_size": 2, "zero_stage": 2, "micro_batch": 4,
+            "grad_accum": 1, "global_batch": global_batch, "engines": ["generator"], "elastic": ["generator"],
+            "data_format": "mds"}
+    (ck / "step_00000004" / STATE_FILE).write_text(json.dumps(meta))
+    result: dict[str, int] = {}
+    t = threading.Thread(target=lambda: result.update(code=main(["inspect", str(tmp_path)])), daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "inspect loops over the global batch"
+    out = capsys.readouterr().out
+    assert result["code"] == 0 and "resumes on      2 ranks" in out, out
+    if global_batch == 2 * 1000003:  # a real (if odd) batch: its small divisors are still listed
+        assert "any rank count dividing the global batch 2000006: 1, 2 (counts above 4096 not listed)" in out, out
