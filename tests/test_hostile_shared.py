@@ -356,3 +356,69 @@ def test_inspect_of_a_crafted_global_batch_ends_at_once(tmp_path, capsys, global
     assert result["code"] == 0 and "resumes on      2 ranks" in out, out
     if global_batch == 2 * 1000003:  # a real (if odd) batch: its small divisors are still listed
         assert "any rank count dividing the global batch 2000006: 1, 2 (counts above 4096 not listed)" in out, out
+
+
+# -- 3: node locks: two users on one node -------------------------------------------------------------------
+_NODE_LOCK = """
+import os, sys, time
+from data_pipeline.node_lock import default_lock_path, registration_lock
+uid = int(sys.argv[2])  # the interpreter lives under /root here: start as root, then become the user
+os.setgid(uid)
+os.setuid(uid)
+if sys.argv[1] == "hold":  # the other user: plants a 0600 file at the old shared path, then holds its own lock
+    fd = os.open(os.path.join(os.environ["TMPDIR"], "divae_streaming_registration.lock"), os.O_CREAT | os.O_RDWR, 0o600)
+    with registration_lock(attempt_s=0.05, timeout_s=5):
+        print("HELD", default_lock_path(), flush=True)
+        time.sleep(120)
+t = time.monotonic()
+try:
+    with registration_lock(attempt_s=0.05, timeout_s=5):
+        print("TOOK", default_lock_path(), round(time.monotonic() - t, 2), flush=True)
+except Exception as e:
+    print(f"ERR {type(e).__name__}: {e}", flush=True)
+"""
+
+
+def _as_user(uid: int, what: str, tmpdir: Path) -> subprocess.Popen:
+    env = {**_env(), "TMPDIR": str(tmpdir), "HOME": str(tmpdir)}
+    env.pop("XDG_RUNTIME_DIR", None)
+    return subprocess.Popen([PY, "-c", _NODE_LOCK, what, str(uid)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="two users on one node: switching uid needs root (CI runs as root)")
+def test_another_user_on_the_node_can_neither_stall_nor_redirect_the_node_lock():
+    """Users 65534 and 65533 (and 65532) on one node, /tmp shared (mode 1777). On main the lock was one file in
+    /tmp: the other user's pre-created 0600 file stopped training with a PermissionError, its held lock stalled
+    it, and a planted link was followed. Now each user locks in its own 0700 folder, and a folder another user
+    planted under a user's name (here a link) is refused in one line, nothing created where it points."""
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix="divae_two_users_"))
+    try:
+        shared.chmod(0o1777)
+        target = shared / "target"
+        target.mkdir()
+        (shared / "divae-65532").symlink_to(target)
+        os.lchown(shared / "divae-65532", 65534, 65534)
+        os.chown(target, 65534, 65534)
+        other = _as_user(65534, "hold", shared)
+        try:
+            assert other.stdout.readline().split()[0] == "HELD", other.stderr.read()
+            me, squatted = _as_user(65533, "take", shared), _as_user(65532, "take", shared)
+            out_me, err_me = me.communicate(timeout=120)
+            out_sq, err_sq = squatted.communicate(timeout=120)
+        finally:
+            other.kill()
+            other.wait()
+        took = out_me.split()
+        assert took[:2] == ["TOOK", str(shared / "divae-65533" / "divae_streaming_registration.lock")], out_me + err_me
+        assert float(took[2]) < 2.0  # not stalled by the other user's lock
+        st = os.lstat(shared / "divae-65533")
+        assert st.st_uid == 65533 and st.st_mode & 0o777 == 0o700
+        lines = out_sq.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("ERR LockFolderError: "), out_sq + err_sq
+        assert "is a link owned by uid 65534" in lines[0] and "XDG_RUNTIME_DIR" in lines[0], lines
+        assert list(target.iterdir()) == []  # nothing created through the planted link
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
