@@ -422,3 +422,54 @@ def test_another_user_on_the_node_can_neither_stall_nor_redirect_the_node_lock()
         assert list(target.iterdir()) == []  # nothing created through the planted link
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+# -- 11: a tokenizer with another pipeline is refused; a caption that is not UTF-8 is one line ----------------
+@pytest.fixture(scope="module")
+def t2i_models(tmp_path_factory) -> tuple[Path, Path]:
+    from t2i_fixtures import make_models
+
+    return make_models(tmp_path_factory.mktemp("t2i"), ["a red square", "a blue circle", "two green dots"])
+
+
+def test_tokenizer_with_another_pipeline_is_refused_before_it_is_compiled(t2i_models, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from divae.generate import cli
+    from divae.prior_io import load_prior
+    from divae.text_tokenizer import TextTokenizer
+
+    prior, divae = t2i_models
+    with safe_open(str(prior), framework="pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tok = json.loads(meta["text_tokenizer"])
+    assert TextTokenizer.from_json(meta["text_tokenizer"]).vocab_size > 256  # train()'s own pipeline loads
+    edits = {"regex": ("normalizer", lambda t: t["normalizer"]["normalizers"][2]["pattern"].update(Regex="(a|aa)*$")),
+             "pre_tokenizer": ("pre_tokenizer", lambda t: t.update(pre_tokenizer={"type": "Whitespace"})),
+             "no_normalizer": ("normalizer", lambda t: t.update(normalizer=None))}
+    for name, (part, edit) in edits.items():
+        crafted = json.loads(json.dumps(tok))
+        edit(crafted)
+        with pytest.raises(ValueError, match=f"has another {part} than the one TextTokenizer.train builds"):
+            TextTokenizer.from_json(json.dumps(crafted))
+        path = tmp_path / f"{name}.safetensors"
+        save_file(state, str(path), metadata=dict(meta, text_tokenizer=json.dumps(crafted)))
+        with pytest.raises(ValueError, match=f"has another {part}"):
+            load_prior(path)
+    assert cli(["--prior", str(path), "--divae", str(divae), "--caption", "a cat", "--out", str(tmp_path / "o"),
+                "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--prior: tokenizer JSON has another normalizer" in err, err
+
+
+def test_caption_that_is_not_utf8_is_one_line(t2i_models, tmp_path, capsys):
+    from divae.generate import cli
+
+    prior, divae = t2i_models
+    caption = b"caf\xe9".decode("utf-8", "surrogateescape")  # what Python makes of a Latin-1 argv byte
+    assert cli(["--prior", str(prior), "--divae", str(divae), "--caption", "a cat", "--caption", caption,
+                "--out", str(tmp_path / "o"), "--device", "cpu", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--caption number 2 is not UTF-8 text (byte 0xe9" in err, err
+    assert not (tmp_path / "o" / "index.json").exists()
