@@ -473,3 +473,40 @@ def test_caption_that_is_not_utf8_is_one_line(t2i_models, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--caption number 2 is not UTF-8 text (byte 0xe9" in err, err
     assert not (tmp_path / "o" / "index.json").exists()
+
+
+# -- 8: read_devkit reads only what it needs, bounded -------------------------------------------------------
+def test_devkit_with_a_huge_member_is_read_in_bounded_memory(tmp_path):
+    import io
+    import tarfile
+    import tracemalloc
+
+    from data_fixtures import WNIDS_BY_ID, make_devkit
+
+    from data_pipeline.prepare_imagenet import MAX_DEVKIT_MEMBER_BYTES, read_devkit
+
+    devkit = make_devkit(str(tmp_path / "devkit.tar.gz"), WNIDS_BY_ID, [1, 2, 3])
+    with tarfile.open(devkit) as src:  # the real devkit members, then a member of zeros (a few KB compressed)
+        members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
+    zeros = MAX_DEVKIT_MEMBER_BYTES + (16 << 20)
+    big = tmp_path / "big.tar.gz"
+    with tarfile.open(big, "w:gz", compresslevel=1) as tf:
+        for m, data in members:
+            tf.addfile(m, io.BytesIO(data))
+        info = tarfile.TarInfo("ILSVRC2012_devkit_t12/data/zeros.bin")
+        info.size = zeros
+
+        class Zeros:  # streamed: never the whole member in memory while writing the test file either
+            def read(self, n: int = 1 << 20) -> bytes:
+                return bytes(min(n, 1 << 20))
+
+        tf.addfile(info, Zeros())
+    assert big.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        got = read_devkit(str(big))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == read_devkit(devkit)
+    assert peak < 16 << 20, f"read_devkit held {peak >> 20} MiB"  # main read the whole member
