@@ -261,7 +261,7 @@ def test_second_run_in_a_run_folder_is_refused_naming_the_first(two_folders, tmp
     finally:
         a.kill()
         a.wait()
-    errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if "trainer.train: error" in ln]
     assert code == 1 and len(errors) == 1 and errors[0].startswith("trainer.train: error: "), errors
     err = errors[0]
     assert "Traceback" not in err and not (run_dir / "error_rank0.log").exists()  # nothing written into A's folder
