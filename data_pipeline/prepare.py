@@ -26,13 +26,11 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import fcntl
 import glob
 import hashlib
 import json
 import multiprocessing as mp
 import os
-import socket
 import sys
 import tarfile
 import time
@@ -62,12 +60,12 @@ from data_pipeline.sources import (
     read_item_bytes,
 )
 from divae.utils.cli import UsageError, run_cli, writable_dir
+from divae.utils.files import FolderBusy, folder_lock
 
 PARTIAL = ".partial"
-LOCK = ".lock"
 
 
-class OutputBusy(RuntimeError):
+class OutputBusy(FolderBusy):
     """Another run holds the lock on the output folder (exit 1)."""
 
 
@@ -231,41 +229,11 @@ def _ordered_map(tagged: Iterable[tuple[int, Item]], cfg: ImageConfig, workers: 
         ex.shutdown(wait=True, cancel_futures=True)
 
 
-@contextlib.contextmanager
-def out_lock(out_dir: str) -> Iterator[None]:
-    """Hold an exclusive lock on `out_dir` (flock on `out_dir/.lock`, released by the kernel even after
-    SIGKILL). A second holder gets OutputBusy naming the first (pid, host, start time, command). The lock
-    file is removed on release; a holder re-checks after locking that the file it locked is still the one
-    at the path, so removal cannot let two runs in."""
-    path = os.path.join(out_dir, LOCK)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown holder"
-            finally:
-                os.close(fd)
-            raise OutputBusy(f"{out_dir} is being written by another prepare run ({holder}): wait for it to "
-                             "finish, or choose another --out") from None
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)  # the previous holder removed that file as we locked it: lock the new one
-    try:
-        info = (f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                f"{' '.join(sys.argv)[:300]}")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info.encode("utf-8", "replace"), 0)
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(path)
-        os.close(fd)
+def out_lock(out_dir: str) -> contextlib.AbstractContextManager[None]:
+    """Hold the lock on `out_dir` (`divae.utils.files.folder_lock`); a second run gets OutputBusy naming
+    the first (pid, host, start time, command)."""
+    return folder_lock(out_dir, lambda holder: f"{out_dir} is being written by another prepare run ({holder}): "
+                       "wait for it to finish, or choose another --out", OutputBusy)
 
 
 class _Keys:

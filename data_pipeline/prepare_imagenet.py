@@ -36,6 +36,7 @@ from data_pipeline.prepare import (
     validate_common,
 )
 from data_pipeline.sources import (
+    TOO_LARGE,
     UNSAFE,
     Item,
     folder_items,
@@ -51,6 +52,9 @@ WNID = re.compile(r"^n\d{8}$")
 VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})")
 
 
+MAX_DEVKIT_MEMBER_BYTES = 64 << 20  # meta.mat is ~2 MB, the ground truth ~0.3 MB: a larger member is not the devkit
+
+
 def read_devkit(devkit: str) -> tuple[list[str], list[str]]:
     """Devkit (the .tar.gz or its extracted folder) -> (wnids of the leaf synsets in ILSVRC2012_ID order,
     val ground-truth wnids in val-image order)."""
@@ -58,17 +62,25 @@ def read_devkit(devkit: str) -> tuple[list[str], list[str]]:
 
     files: dict[str, bytes] = {}
     wanted = ("data/meta.mat", "data/ILSVRC2012_validation_ground_truth.txt")
+    too_big = (f"devkit {devkit!r}: {{}} is larger than {MAX_DEVKIT_MEMBER_BYTES >> 20} MiB, which no "
+               "ILSVRC2012_devkit_t12 file is; pass the real devkit")
     if os.path.isdir(devkit):
         for root, _, names in os.walk(devkit):
             for n in names:
                 rel = os.path.join(root, n).replace(os.sep, "/")
                 if rel.endswith(wanted):
                     with open(os.path.join(root, n), "rb") as f:
-                        files[wanted[0] if rel.endswith(wanted[0]) else wanted[1]] = f.read()
-    elif os.path.isfile(devkit):
-        for m, data, bad in iter_tar(path=devkit):
-            if bad is None and m.name.endswith(wanted):
-                files[wanted[0] if m.name.endswith(wanted[0]) else wanted[1]] = data
+                        data = f.read(MAX_DEVKIT_MEMBER_BYTES + 1)
+                    if len(data) > MAX_DEVKIT_MEMBER_BYTES:
+                        raise UsageError(too_big.format(rel))
+                    files[wanted[0] if rel.endswith(wanted[0]) else wanted[1]] = data
+    elif os.path.isfile(devkit):  # members over the cap are passed over unread
+        for m, data, bad in iter_tar(path=devkit, max_member_bytes=MAX_DEVKIT_MEMBER_BYTES):
+            if m.name.endswith(wanted):
+                if bad is not None and bad.startswith(TOO_LARGE):
+                    raise UsageError(too_big.format(m.name))
+                if bad is None:
+                    files[wanted[0] if m.name.endswith(wanted[0]) else wanted[1]] = data
     else:
         raise FileNotFoundError(f"--devkit {devkit!r} does not exist")
     for w in wanted:

@@ -26,9 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from data_pipeline.integrity import ShardError
+
 STANDARD_COLUMNS = {"jpg": "bytes", "label": "int", "caption": "str", "key": "str", "orig_size": "str"}
 FORMATS = ("mds", "wds")
 MANIFEST = "manifest.json"
+INDEX = "index.json"  # the MDS shard list mosaicml-streaming reads (checked against the manifest)
 
 
 # The common MDS encodings, done here so that the prepare CLIs need not import streaming (and torch, ~10 s).
@@ -200,7 +203,7 @@ def finalize(out_dir: str, fmt: str, columns: dict[str, str], shards: list[dict]
     """
     shards = [s for s in shards if s["samples"] > 0]
     if fmt == "mds":
-        write_json_atomic(os.path.join(out_dir, "index.json"),
+        write_json_atomic(os.path.join(out_dir, INDEX),
                           {"version": 2, "shards": [s["mds"] for s in shards]})
     obj = {"format": fmt, "columns": dict(columns), "num_samples": sum(s["samples"] for s in shards),
            "shards": [{k: s[k] for k in ("basename", "samples", "bytes", "sha256")} for s in shards],
@@ -227,7 +230,55 @@ def load_manifest(path: str) -> dict:
         if not is_mds_encoding_safe(enc):
             raise ShardFolderError(f"{mpath}: column {name!r} has encoding {enc!r}, which unpickles or is unknown; "
                              "refusing to read it (only data encodings such as bytes, str, int, json are read)")
+    if m.get("format") == "mds":
+        check_index(path, m)
     return m
+
+
+MAX_INDEX_BYTES = 64 << 20  # index.json of 100k shards is ~60 MB; a larger one is not ours
+
+
+def check_index(path: str, manifest: dict) -> None:
+    """Check `<path>/index.json` (what mosaicml-streaming reads) against the folder's manifest: the same shards
+    in the same order, each with the manifest's file name, bytes and sample count, the manifest's columns and
+    encodings, uncompressed, no second file. The manifest's names are confined to the folder and its sizes and
+    hashes are what readers check, so an index that agrees with it can be trusted too; raises ShardFolderError
+    naming the first difference."""
+    ipath = os.path.join(path, INDEX)
+    try:
+        with open(ipath, "rb") as f:
+            raw = f.read(MAX_INDEX_BYTES + 1)
+        if len(raw) > MAX_INDEX_BYTES:
+            raise ValueError(f"larger than {MAX_INDEX_BYTES >> 20} MiB")
+        entries = json.loads(raw)["shards"]
+        if not isinstance(entries, list):
+            raise ValueError("'shards' is not a list")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ShardFolderError(f"{ipath} is missing or unreadable ({type(e).__name__}: {e}); prepare the folder "
+                               "again") from None
+    want = [_index_view(_mds_config(manifest["columns"]), s) for s in manifest.get("shards", [])]
+    if len(entries) != len(want):
+        raise ShardFolderError(f"{ipath} lists {len(entries)} shards, {MANIFEST} {len(want)}; refusing to read the "
+                               "folder (index.json was edited or belongs to another folder): prepare it again")
+    for i, (entry, w) in enumerate(zip(entries, want)):
+        have = _index_view(entry if isinstance(entry, dict) else {}, None)
+        diff = sorted(k for k in w if have.get(k) != w[k])
+        if diff:
+            raise ShardFolderError(f"{ipath}: shard {i} has {diff[0]}={have.get(diff[0])!r}, {MANIFEST} says "
+                                   f"{w[diff[0]]!r}; refusing to read the folder (index.json was edited or belongs "
+                                   "to another folder): prepare it again")
+
+
+def _index_view(entry: dict, shard: dict | None) -> dict:
+    """The fields of an index.json shard entry that decide which file is read and how (from the entry itself,
+    or, with `shard`, what the manifest's `shard` implies for an entry of `entry`'s config)."""
+    raw = entry.get("raw_data") if shard is None else {"basename": shard["basename"], "bytes": shard["bytes"]}
+    raw = raw if isinstance(raw, dict) else {}
+    return {"raw_data.basename": raw.get("basename"), "raw_data.bytes": raw.get("bytes"),
+            "samples": entry.get("samples") if shard is None else shard["samples"],
+            "column_names": entry.get("column_names"), "column_encodings": entry.get("column_encodings"),
+            "column_sizes": entry.get("column_sizes"), "format": entry.get("format"),
+            "compression": entry.get("compression"), "zip_data": entry.get("zip_data")}
 
 
 def is_mds_encoding_safe(enc: str) -> bool:
@@ -239,9 +290,10 @@ def is_mds_encoding_safe(enc: str) -> bool:
     return is_mds_encoding(enc) and safe_fn(enc)
 
 
-class ShardFolderError(ValueError):
+class ShardFolderError(ShardError, ValueError):
     """A shard folder whose manifest or index cannot be trusted: a file name outside the folder, an encoding
-    that would run code, a compressed shard larger than declared."""
+    that would run code, a compressed shard larger than declared, an index.json that disagrees with the
+    manifest. A ShardError, so every command line reports it in one line (exit 1)."""
 
 
 def check_shard_name(name: Any, where: str) -> str:

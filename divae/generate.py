@@ -66,7 +66,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def read_captions(args: argparse.Namespace) -> list[str]:
+    """The captions of --caption (each) and --captions (one per line), all UTF-8 text; a UsageError otherwise."""
     caps = list(args.caption)
+    for i, c in enumerate(caps):
+        try:
+            c.encode("utf-8")
+        except UnicodeEncodeError as e:  # argv bytes that are not UTF-8 arrive as lone surrogates
+            bad = c[e.start].encode("utf-8", "surrogateescape")
+            raise UsageError(f"--caption number {i + 1} is not UTF-8 text (byte 0x{bad.hex()} at character "
+                             f"{e.start}); pass captions as UTF-8") from None
     if args.captions:
         path = path_arg(args.captions, "--captions")
         try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -112,10 +112,13 @@ class DiVAE(nn.Module):
     def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> DiVAE:
         """Load a file written by `save_pretrained` (no pickle: safetensors only). Returns it in eval mode."""
         cfg, state = read_pretrained(path)
-        check_config_size(path, cfg, state)  # before anything is allocated for the config
-        model = cls(from_dict(VQConfig, cfg["vq"]),
-                    from_dict(UNetConfig, cfg["unet"]) if cfg.get("unet") else None,
-                    from_dict(DiffusionConfig, cfg["diffusion"]) if cfg.get("diffusion") else None)
+        def build() -> DiVAE:
+            return cls(from_dict(VQConfig, cfg["vq"]),
+                       from_dict(UNetConfig, cfg["unet"]) if cfg.get("unet") else None,
+                       from_dict(DiffusionConfig, cfg["diffusion"]) if cfg.get("diffusion") else None)
+
+        check_config_size(path, build, state)  # before anything is allocated for the config
+        model = build()
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{path}: weights do not match its config: missing {missing[:5]}, "
@@ -154,9 +157,11 @@ def read_pretrained(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return json.loads(meta["divae_config"]), state
 
 
-def check_config_size(path: str | Path, cfg: dict, state: dict[str, torch.Tensor]) -> None:
+def check_config_size(path: str | Path, build: Callable[[], nn.Module], state: dict[str, torch.Tensor]) -> None:
     """Refuse a file whose config (metadata, untrusted) describes another model than the tensors it holds,
-    before any memory is allocated for that model: the model is built on the meta device, its submodules
+    before any memory is allocated for that model. The one pre-build check of every model file the project
+    loads (`DiVAE.from_pretrained`, `divae.prior_io.load_prior`): `build()` constructs the model from the
+    file's config; it is called here on the meta device, its submodules
     counted as they are registered (at most 4 per tensor in the file, so a config asking for millions of
     layers stops at once), and its state-dict keys and shapes compared with the file's. What the file holds
     is bounded by its size (safetensors checks that), so the model built afterwards is too."""
@@ -172,9 +177,7 @@ def check_config_size(path: str | Path, cfg: dict, state: dict[str, torch.Tensor
     handle = nn.modules.module.register_module_module_registration_hook(count_modules)
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            meta = DiVAE(from_dict(VQConfig, cfg["vq"]),
-                         from_dict(UNetConfig, cfg["unet"]) if cfg.get("unet") else None,
-                         from_dict(DiffusionConfig, cfg["diffusion"]) if cfg.get("diffusion") else None)
+            meta = build()
     finally:
         handle.remove()
     want = {k: tuple(v.shape) for k, v in meta.state_dict().items()}

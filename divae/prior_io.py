@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from divae.model import check_config_size
 from divae.prior import PriorConfig, PriorModel
 from divae.utils.config import from_dict, to_dict
 
@@ -60,6 +61,8 @@ def load_prior(path: str | Path, device: torch.device | str = "cpu",
         raise ValueError(f"{path} is not a prior checkpoint (metadata format={meta.get('format')!r}, expected "
                          f"{PRIOR_FORMAT!r} with prior_config and text_tokenizer)")
     cfg = replace(from_dict(PriorConfig, json.loads(meta["prior_config"])), **overrides)
+    state = load_file(str(path), device="cpu")  # bounded by the file's size (safetensors checks it)
+    check_config_size(path, lambda: PriorModel(cfg), state)  # before anything is allocated for the config
     model = PriorModel(cfg)
-    model.load_state_dict(load_file(str(path), device="cpu"))
+    model.load_state_dict(state)
     return model.to(device).eval(), TextTokenizer.from_json(meta["text_tokenizer"])

@@ -14,6 +14,7 @@ which `divae.prior.PriorConfig` assumes; the empty caption "" is `[BOS][EOS]`, t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -28,6 +29,34 @@ DEFAULT_MAX_LENGTH = 64
 def _normalizer() -> normalizers.Normalizer:
     return normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase(),
                                  normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()])
+
+
+def _with_pipeline(tok: Tokenizer) -> Tokenizer:
+    """`tok` with the one text pipeline of every caption tokenizer: normalizer, byte-level pre-tokenizer and
+    decoder, [BOS] ... [EOS] template."""
+    tok.normalizer = _normalizer()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A {EOS}", special_tokens=[(BOS, 1), (EOS, 2)])
+    return tok
+
+
+PIPELINE_KEYS = ("normalizer", "pre_tokenizer", "decoder", "post_processor")
+
+
+def check_pipeline(obj: object) -> None:
+    """Refuse a tokenizer JSON (parsed, untrusted: it travels inside prior checkpoints) whose pipeline is not the
+    one `TextTokenizer.train` builds, or whose model is not a BPE, before the `tokenizers` library compiles any
+    of it (a crafted normalizer regex can panic in Rust, which no `except Exception` catches)."""
+    want = json.loads(_with_pipeline(Tokenizer(models.BPE())).to_str())
+    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict) or obj["model"].get("type") != "BPE":
+        raise ValueError("not a byte-level BPE tokenizer JSON (no BPE model); train one with TextTokenizer.train "
+                         "/ python -m data_pipeline.train_tokenizer")
+    diff = [k for k in PIPELINE_KEYS if obj.get(k) != want[k]]
+    if diff:
+        raise ValueError(f"tokenizer JSON has another {diff[0]} than the one TextTokenizer.train builds "
+                         f"({str(obj.get(diff[0]))[:120]}); refusing it: retrain it with "
+                         "python -m data_pipeline.train_tokenizer")
 
 
 class TextTokenizer:
@@ -52,12 +81,7 @@ class TextTokenizer:
         if vocab_size < 256 + len(SPECIAL_TOKENS):
             raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least "
                              f"{256 + len(SPECIAL_TOKENS)} (256 bytes + 3 special tokens)")
-        tok = Tokenizer(models.BPE())
-        tok.normalizer = _normalizer()
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{BOS} $A {EOS}", special_tokens=[(BOS, 1), (EOS, 2)])
+        tok = _with_pipeline(Tokenizer(models.BPE()))
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                       special_tokens=list(SPECIAL_TOKENS), show_progress=show_progress,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -99,6 +123,12 @@ class TextTokenizer:
 
     @classmethod
     def from_json(cls, text: str) -> TextTokenizer:
+        """The tokenizer of `to_json`'s text; a ValueError for a JSON whose pipeline is not `train`'s."""
+        try:
+            obj = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"tokenizer JSON is not JSON ({e})") from None
+        check_pipeline(obj)
         tok = Tokenizer.from_str(text)
         trunc = tok.truncation
         return cls(tok, trunc["max_length"] if trunc else DEFAULT_MAX_LENGTH)

@@ -26,12 +26,14 @@ Outputs in `out_dir`: results.json (figures + protocol), results.md (Table 1 for
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import os
 import signal
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,7 +45,9 @@ import torch.distributed as dist
 from PIL import Image
 
 from data_pipeline.images import SkipImage
+from divae.utils.files import atomic_file
 from divae.utils.logging import get_logger
+from evaluation.data import manifest_bytes
 from evaluation.fid import FeatureStats, frechet_distance, load_stats, save_stats
 from evaluation.inception import FEATURE_DIM, INPUT_SIZE
 from evaluation.metrics import CodebookCounter, psnr, ssim, to_unit_range
@@ -195,17 +199,37 @@ def _save_partial(acc: _Accumulator, path: Path, fingerprint: str) -> None:
     os.replace(tmp, progress)
 
 
+MAX_RESULTS_BYTES = 16 << 20  # results.json holds figures and a list of skipped items: kilobytes
+
+
 def _finished_results(out: Path, fingerprint: str) -> dict | None:
-    """The results of a finished evaluation with this protocol in `out`, with its samples; else None."""
-    if not (out / "results.json").is_file() or not (out / "samples.npz").is_file():
+    """The results of a finished evaluation with this protocol in `out`, with its samples; else None. Files
+    that cannot be read (written by hand, or by a version that did not write them atomically and was killed
+    mid-write) are not results: the evaluation runs again and replaces them, with a warning."""
+    res, npz = out / "results.json", out / "samples.npz"
+    if not res.is_file() or not npz.is_file():
         return None
-    done = json.loads((out / "results.json").read_text())
-    if not isinstance(done, dict) or json.dumps(done.get("protocol"), sort_keys=True, default=str) != fingerprint:
+    try:
+        if res.stat().st_size > MAX_RESULTS_BYTES:
+            raise ValueError(f"larger than {MAX_RESULTS_BYTES >> 20} MiB")
+        done = json.loads(res.read_text())
+        if not isinstance(done, dict) or json.dumps(done.get("protocol"), sort_keys=True, default=str) != fingerprint:
+            return None
+        with np.load(npz, allow_pickle=False) as z:
+            done["_samples"] = {int(i): (torch.from_numpy(o), torch.from_numpy(r))
+                                for i, o, r in zip(z["index"], z["original"], z["reconstruction"])}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        log.warning("%s or %s is unreadable (%s: %s): evaluating again", res, npz, type(e).__name__, e)
         return None
-    with np.load(out / "samples.npz", allow_pickle=False) as z:
-        done["_samples"] = {int(i): (torch.from_numpy(o), torch.from_numpy(r))
-                            for i, o, r in zip(z["index"], z["original"], z["reconstruction"])}
     return done
+
+
+def data_sha256(dataset: object) -> str | None:
+    """sha256 of the dataset's manifest (`evaluation.data.manifest_bytes`: for shards it holds every shard's
+    sha256, so another data set at the same path has another hash), or None for a dataset without one."""
+    if getattr(dataset, "manifest", None) is None:
+        return None
+    return hashlib.sha256(manifest_bytes(dataset)).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -253,6 +277,7 @@ def evaluate_reconstructions(
     mine = shard_indices(n_total, rank, world)
 
     protocol = dict(protocol or {})
+    protocol["data_manifest_sha256"] = data_sha256(dataset)  # finished results and partial sums are of this data
     if not cfg.paired:
         lpips = None
     protocol.update(num_images=n_total, world_size=world, batch_size=cfg.batch_size, ssim=cfg.ssim and cfg.paired,
@@ -467,18 +492,20 @@ def evaluate_reconstructions(
     if out is not None:
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
             order = sorted(samples)
             orig = torch.stack([samples[i][0] for i in order]) if order else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
             rec = torch.stack([samples[i][1] for i in order]) if order else orig
+            # each file whole or not at all (write-then-rename), results.json last: it marks the results done
+            with atomic_file(out / "samples.npz") as f:
+                np.savez(f, index=np.array(order, dtype=np.int64), original=orig.numpy(), reconstruction=rec.numpy())
+            with atomic_file(out / "results.json", "w") as f:
+                f.write(json.dumps(results, indent=2, default=str))
             if report is not None:
                 report(results, samples, out)
             else:
                 write_results_md([results], out / "results.md")
                 if order:
                     save_grid([orig, rec], out / "samples.png")
-            np.savez(out / "samples.npz", index=np.array(order, dtype=np.int64), original=orig.numpy(),
-                     reconstruction=rec.numpy())
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         if partial is not None and partial.is_file():  # results are written; the partial sums are spent

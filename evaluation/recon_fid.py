@@ -37,6 +37,7 @@ from divae.utils.cli import (
     run_cli,
     writable_dir,
 )
+from divae.utils.files import atomic_file
 from divae.utils.logging import get_logger
 from evaluation.data import manifest_bytes, open_dataset
 from evaluation.fid import reference_stats_path
@@ -217,8 +218,9 @@ def _run(args: argparse.Namespace, dataset, stop: StopFlag) -> list[dict] | int:
         all_results.append(res)
     if len(decoders) > 1 and rank_and_world()[0] == 0:
         write_results_md(all_results, out / "results.md")
-        (out / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "_samples"}
-                                                      for r in all_results], indent=2, default=str))
+        with atomic_file(out / "results.json", "w") as f:
+            f.write(json.dumps([{k: v for k, v in r.items() if k != "_samples"} for r in all_results], indent=2,
+                               default=str))
         s = [r["_samples"] for r in all_results]
         order = sorted(s[0])
         if order:

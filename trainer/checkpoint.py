@@ -23,7 +23,8 @@ Before the rename, the ranks hash the checkpoint's files (each a share) into `ma
 (`select_checkpoint`) checks the size and sha256 of every file of the checkpoint `latest` names against it
 (the ranks again split the hashing); a damaged checkpoint (a truncated or altered file, e.g. after a disk
 fault or a copy that stopped half-way) is passed over with a one-line warning naming the file, and the
-newest intact older checkpoint is used. Checkpoints written before manifests existed are used unverified.
+newest intact older checkpoint is used. A missing or malformed manifest, or one naming a file outside the
+folder or not a regular file, is damage too (a checkpoint written before manifests: checkpoint.verify=false).
 
 Per-rank files are loaded with `torch.load(weights_only=True)`. DeepSpeed loads its own files with full
 unpickling: resume only from run folders you wrote (share the safetensors export, not the checkpoint).
@@ -42,7 +43,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,8 +97,18 @@ class WorldSizeError(CheckpointError, ConfigError):
     """Resuming with another number of ranks than wrote the checkpoint (a usage error: exit 2)."""
 
 
+STEP_RE = re.compile(r"step_\d{8}")  # a checkpoint folder's name (fullmatch): nothing else is pruned or resumed
+
+
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """The checkpoint folders under `root`, oldest first: directories (not links) named exactly `step_XXXXXXXX`,
+    so a hand-made copy such as `step_00001000_keep_this_one` is neither pruned nor resumed."""
+    return sorted(p for p in Path(root).glob("step_*") if STEP_RE.fullmatch(p.name) and p.is_dir()
+                  and not p.is_symlink())
 
 
 # -- RNG ----------------------------------------------------------------------------------------------------
@@ -278,33 +291,72 @@ def write_manifest(folder: Path, rank: int) -> None:
 
 def damaged_file(path: Path) -> str | None:
     """Collective check of checkpoint folder `path` against its manifest: None when every file has its
-    recorded size and sha256 (or the folder has no manifest: written before manifests), else one line
-    naming the first bad file. The ranks split the hashing and agree on the answer."""
+    recorded size and sha256, else one line naming the first problem. A missing, unreadable or malformed
+    manifest is damage (nothing says what the folder should hold), and so is a manifest naming a file outside
+    the folder or one that is not a regular file (a link, a device, a pipe: never opened). The ranks split the
+    hashing and agree on the answer."""
     path = Path(path)
     rank, world = rank_and_world()
-    problems = []
-    try:
-        files = json.loads((path / MANIFEST).read_text())["files"]
-    except FileNotFoundError:
-        files = None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        problems.append(f"{path / MANIFEST} is unreadable ({one_line(e)})")
-        files = {}
-    for i, (name, want) in enumerate(sorted((files or {}).items())):
+    files, problem = read_manifest(path)
+    problems = [problem] if problem else []
+    for i, (name, want) in enumerate(sorted(files.items())):
         f = path / name
         try:
-            size = f.stat().st_size
+            st = os.lstat(f)
         except OSError:
             problems.append(f"{f} is missing")
             continue
-        if size != want["bytes"]:
-            problems.append(f"{f} has {size} bytes, the manifest says {want['bytes']}")
+        if not stat.S_ISREG(st.st_mode) or not _inside(path, f):
+            problems.append(f"{f} is not a regular file inside the checkpoint folder")
+        elif st.st_size != want["bytes"]:
+            problems.append(f"{f} has {st.st_size} bytes, the manifest says {want['bytes']}")
         elif i % world == rank and sha256_file(f) != want["sha256"]:
             problems.append(f"{f} differs from the manifest (sha256)")
     found = sorted({p for part in all_gather_object(problems) for p in part})
-    if files is None and not found:
-        log.info("checkpoint %s has no %s (written before manifests): not verified", path, MANIFEST)
     return found[0] if found else None
+
+
+MAX_MANIFEST_BYTES = 16 << 20  # a checkpoint's manifest lists tens to thousands of files: kilobytes
+
+
+def read_manifest(path: Path) -> tuple[dict[str, dict], str | None]:
+    """({name: {"bytes", "sha256"}}, None) from checkpoint folder `path`'s manifest, or ({}, one line saying
+    why it cannot be used): missing, not a regular file, too large, not JSON, or malformed (see `_entry_problem`)."""
+    mpath = Path(path) / MANIFEST
+    try:
+        st = os.lstat(mpath)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MANIFEST_BYTES:
+            return {}, f"{mpath} is not a regular file of at most {MAX_MANIFEST_BYTES >> 20} MiB"
+        files = json.loads(mpath.read_bytes())["files"]
+    except FileNotFoundError:
+        return {}, (f"{mpath} is missing, so the checkpoint cannot be verified (one written before manifests "
+                    "resumes with checkpoint.verify=false)")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return {}, f"{mpath} is unreadable ({type(e).__name__}: {one_line(e)})"
+    if not isinstance(files, dict) or not files:
+        return {}, f"{mpath} is malformed ('files' is {type(files).__name__}, not a mapping of file names)"
+    for name, want in files.items():
+        bad = _entry_problem(name, want)
+        if bad:
+            return {}, f"{mpath} is malformed ({bad})"
+    return files, None
+
+
+def _entry_problem(name: object, want: object) -> str | None:
+    """Why a manifest entry cannot be checked, or None: its name must be a relative path inside the folder
+    (no absolute path, no `..`, normalized), its value {"bytes": int >= 0, "sha256": 64 hex digits}."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or os.path.normpath(name) != name \
+            or ".." in name.split("/") or "\x00" in name:
+        return f"file name {name!r} is not a path inside the checkpoint folder"
+    if not isinstance(want, dict) or type(want.get("bytes")) is not int or want["bytes"] < 0 \
+            or not isinstance(want.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", want["sha256"]):
+        return f"entry {name!r} is {str(want)[:80]!r}, not {{'bytes': int, 'sha256': hex}}"
+    return None
+
+
+def _inside(folder: Path, f: Path) -> bool:
+    """Whether `f`, every link resolved, is inside `folder` (a linked sub-folder could point anywhere)."""
+    return os.path.realpath(f).startswith(os.path.realpath(folder) + os.sep)
 
 
 def select_checkpoint(root: Path, verify: bool = True) -> Path | None:
@@ -319,7 +371,7 @@ def select_checkpoint(root: Path, verify: bool = True) -> Path | None:
             raise
         log.warning("%s", e)
         latest = None
-    older = sorted((p for p in root.glob("step_*") if (p / STATE_FILE).is_file()), reverse=True)
+    older = [p for p in reversed(checkpoint_dirs(root)) if (p / STATE_FILE).is_file()]
     if latest is None and not older:
         return None
     if not verify:
@@ -343,7 +395,7 @@ def select_checkpoint(root: Path, verify: bool = True) -> Path | None:
 def prune(root: Path, keep_last: int) -> None:
     """Delete complete checkpoints beyond the newest `keep_last` (never the one `latest` names)."""
     latest = read_latest(root)
-    done = sorted(p for p in root.glob("step_*") if p.is_dir())
+    done = checkpoint_dirs(root)
     for old in done[:-keep_last]:
         if latest is None or old.name != latest.name:
             shutil.rmtree(old, ignore_errors=True)
@@ -355,11 +407,12 @@ def read_latest(root: Path) -> Path | None:
     f = Path(root) / LATEST
     if not f.is_file():
         return None
-    name = f.read_text().strip()
+    name = f.read_text()[:64].strip()
     path = Path(root) / name
-    if not (path / STATE_FILE).is_file():
-        raise CheckpointError(f"{f} names {name!r} but {path / STATE_FILE} does not exist; the checkpoint folder "
-                              f"was modified by hand. Point {f} at a complete step_* folder or delete it.")
+    if not STEP_RE.fullmatch(name) or not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"{f} names {name!r}, which is not a complete step_XXXXXXXX folder beside it (no "
+                              f"{STATE_FILE}); the checkpoint folder was modified by hand. Point {f} at a complete "
+                              "step_* folder or delete it.")
     return path
 
 

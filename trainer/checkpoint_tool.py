@@ -88,9 +88,16 @@ def _resumes_on(meta: dict[str, Any], path: Path) -> str:
         why = str(e).split(", and ", 1)[-1].split(". Either")[0]
         if "cannot be split" not in why:
             return f"{n} ranks only ({why})"
-    gb = meta["global_batch"]
-    return f"{n} ranks as written, or elastically any rank count dividing the global batch {gb}: " + ", ".join(
-        str(m) for m in range(1, gb + 1) if gb % m == 0)
+    return f"{n} ranks as written, or elastically {_rank_counts(meta['global_batch'])}"
+
+
+def _rank_counts(gb: Any) -> str:
+    """The rank counts that divide the global batch `gb` (read from trainer_state.json, so bounded whatever it
+    says: 1e10 used to be a loop until killed)."""
+    if type(gb) is not int or not 1 <= gb <= elastic.MAX_GLOBAL_BATCH:
+        return f"no other rank count (the global batch {gb!r} in {ckpt.STATE_FILE} is not a plausible batch size)"
+    more = f" (counts above {elastic.MAX_LISTED_RANKS} not listed)" if gb > elastic.MAX_LISTED_RANKS else ""
+    return f"any rank count dividing the global batch {gb}: {', '.join(map(str, elastic.rank_counts(gb)))}{more}"
 
 
 def inspect(path: str | Path, config: str | None = None, overrides: list[str] | None = None) -> str:

@@ -169,15 +169,27 @@ def restore(engine, folder: Path, engine_name: str) -> dict[str, Any]:
 
 
 # -- batch, RNG, data ---------------------------------------------------------------------------------------
+MAX_GLOBAL_BATCH = 1 << 24  # samples per optimizer step: far above any run, low enough that the loops below are short
+MAX_LISTED_RANKS = 4096  # the rank counts listed as ways to resume
+
+
+def rank_counts(global_batch: int, limit: int = MAX_LISTED_RANKS) -> list[int]:
+    """The rank counts up to `limit` that divide `global_batch` (a bounded loop whatever the number)."""
+    return [n for n in range(1, min(global_batch, limit) + 1) if global_batch % n == 0]
+
+
 def batch_split(global_batch: int, micro: int, world_size: int) -> tuple[int, int]:
     """(micro-batch, accumulation) that keep `global_batch` on `world_size` ranks: the largest micro-batch
     <= `micro` (what fit in memory) with global_batch = micro x accumulation x world_size. A ConfigError that
     lists the rank counts that work when there is none."""
+    if not all(type(v) is int and 1 <= v <= MAX_GLOBAL_BATCH for v in (global_batch, micro, world_size)):
+        raise ConfigError(f"global batch {global_batch!r}, micro-batch {micro!r} and world size {world_size!r} must "
+                          f"be integers in [1, {MAX_GLOBAL_BATCH}] (a damaged or hand-edited trainer_state.json?)")
     if global_batch % world_size == 0:
         for m in range(min(micro, global_batch // world_size), 0, -1):
             if global_batch % (m * world_size) == 0:
                 return m, global_batch // (m * world_size)
-    ok = [n for n in range(1, global_batch + 1) if global_batch % n == 0]
+    ok = rank_counts(global_batch)
     works = ", ".join(map(str, ok[:12])) + (", ..." if len(ok) > 12 else "")
     raise ConfigError(f"train.batch_size={global_batch} (the run's global batch) cannot be split over {world_size} "
                       f"rank(s) (rank counts that can: {works}); relaunch with one of those, or start a new run with "

@@ -12,11 +12,13 @@ cancelled (SIGTERM) and saved, 1 error, 2 bad config.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -27,6 +29,7 @@ import torch
 from data_pipeline.integrity import ShardError
 from divae.utils.cli import one_line, rank_emit, report
 from divae.utils.config import ConfigError, dump_config
+from divae.utils.files import FolderBusy, folder_lock
 from divae.utils.logging import get_logger
 from trainer import checkpoint as ckpt
 from trainer import elastic
@@ -34,7 +37,15 @@ from trainer.config import TrainConfig, load_train_config
 from trainer.ema import EMA
 from trainer.engine import build_engine, engine_lr, grad_norm
 from trainer.flops import Throughput
-from trainer.launch import DistInfo, all_reduce_max, all_reduce_sum, barrier, cleanup, init_distributed
+from trainer.launch import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    cleanup,
+    init_distributed,
+)
 from trainer.metrics import RunLogger, WindowMeter, new_wandb_id, peak_memory_mb
 from trainer.preemption import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, Preemption
 from trainer.preemption import install as install_signal_handlers
@@ -97,11 +108,40 @@ class Batches:
         raise RuntimeError("the data loader yields no batch: is the dataset smaller than one global batch?")
 
 
+class RunFolderBusy(FolderBusy):
+    """Another training run holds train.run_dir (exit 1)."""
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path, dist: DistInfo) -> Iterator[None]:
+    """Rank 0 holds the lock on `run_dir` for the whole run (`divae.utils.files.folder_lock`, the lock prepare
+    holds on --out), so a second run in the same folder cannot remove the first's checkpoint in progress or
+    move its `latest`: every rank of the second run raises RunFolderBusy naming the holder (pid, host)."""
+    with contextlib.ExitStack() as stack:
+        busy = None
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                stack.enter_context(folder_lock(run_dir, lambda holder: (
+                    f"{run_dir} is in use by another training run ({holder}): wait for it to end or stop it, or "
+                    "choose another train.run_dir"), RunFolderBusy))
+            except RunFolderBusy as e:
+                busy = str(e)
+        busy = next((b for b in all_gather_object(busy) if b), None)  # every rank fails, with the same line
+        if busy is not None:
+            raise RunFolderBusy(busy)
+        yield
+
+
 def train(cfg: TrainConfig, dist: DistInfo) -> int:
+    """Run (or resume) the configured stage, holding the run-folder lock throughout. Returns the exit code."""
+    with run_folder_lock(Path(cfg.train.run_dir), dist):
+        return _train(cfg, dist)
+
+
+def _train(cfg: TrainConfig, dist: DistInfo) -> int:
     run_dir = Path(cfg.train.run_dir)
     ckpt_root = run_dir / "checkpoints"
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     barrier()
     task_cls = TASKS[cfg.train.stage]
     if cfg.deepspeed.zero_stage > task_cls.max_zero_stage:
@@ -383,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     install_signal_handlers()  # first: a USR1/TERM that arrives while the models are built is kept
     args = parse_args(argv)
     fail = partial(report, prog="trainer.train", debug=args.debug, emit=rank_emit,
-                   runtime=(ckpt.CheckpointError, ShardError, BadStepsError, PeerFailure))
+                   runtime=(ckpt.CheckpointError, ShardError, BadStepsError, PeerFailure, FolderBusy))
     try:
         cfg = load_train_config(args.config, args.overrides)
         check_inputs(cfg)  # paths, before any work
@@ -396,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the CLI boundary
         e = peer_failure(e)  # a collective broken by another rank's death or failure
         watchdog.fail(f"rank {dist.rank} failed: {one_line(e)}")  # the other ranks end now
-        code = fail(e, traceback_file=Path(cfg.train.run_dir) / f"error_rank{dist.rank}.log")
+        own = not isinstance(e, FolderBusy)  # a busy run folder is another run's: write nothing into it
+        code = fail(e, traceback_file=Path(cfg.train.run_dir) / f"error_rank{dist.rank}.log" if own else None)
         watchdog.exit(code)
         return code
     watchdog.stop()
