@@ -4,7 +4,10 @@
     python -m data_pipeline.prepare_cc --tsv cc3m_local.tsv --out data/cc3m256
 
 --source: img2dataset output, a folder of webdataset tars (read in sorted order) with `{key}.jpg`,
-`{key}.txt` (caption) and `{key}.json` per sample; the img2dataset key is kept. --tsv: lines of
+`{key}.txt` (caption) and `{key}.json` per sample; the img2dataset key is kept. Only the members used are read
+(`.jpg`/`.jpeg` up to --max-file-mb, `.txt` up to 1 MiB); others (`.json`, or `sample.000001.jpg`, whose key is
+`sample` and extension `000001.jpg`) are passed over unread, so memory is bounded per sample whatever the tar
+holds. A key with two images or two captions is skipped ("duplicate member"). --tsv: lines of
 `caption<TAB>image path` (relative paths are relative to the TSV's folder); the key is the 0-based line
 number, 9 digits (img2dataset's scheme); the TSV is read as UTF-8 (invalid bytes in a caption become U+FFFD,
 in a path they name the file's bytes). Captions: whitespace collapsed, empty ones skipped ("empty caption"),
@@ -27,10 +30,13 @@ from data_pipeline.prepare import (
     run_prepare,
     validate_common,
 )
-from data_pipeline.sources import Item, iter_tar, max_bytes, tar_skip
+from data_pipeline.sources import NOT_WANTED, Item, iter_tar, max_bytes, tar_skip
 
 EMPTY_CAPTION = "empty caption"
 NO_IMAGE = "missing image"
+DUPLICATE = "duplicate member"
+MAX_CAPTION_BYTES = 1 << 20  # a caption is cut to --max-caption-chars anyway; a .txt member larger is skipped unread
+WANTED = {"jpg": "jpg", "jpeg": "jpg", "txt": "txt"}  # member extension -> what the sample uses it as
 
 
 def clean_caption(text: str, max_chars: int) -> str:
@@ -41,13 +47,48 @@ def clean_caption(text: str, max_chars: int) -> str:
     return text
 
 
-def _finish(key: str, files: dict[str, bytes], max_chars: int) -> Item:
-    cap = clean_caption(files.get("txt", b"").decode("utf-8", "replace"), max_chars)
-    if "jpg" not in files:
-        return Item(key=key, skip=NO_IMAGE, detail="no .jpg member")
-    if not cap:
-        return Item(key=key, skip=EMPTY_CAPTION)
-    return Item(key=key, data=files["jpg"], caption=cap)
+def _split(name: str) -> tuple[str, str]:
+    """webdataset's rule: (key, extension) = the member's base name cut at its first dot."""
+    k, _, ext = os.path.basename(name).partition(".")
+    return k, ext.lower()
+
+
+def _wanted(name: str) -> bool | int:
+    """iter_tar's `wanted`: images (capped by --max-file-mb), captions (capped at MAX_CAPTION_BYTES), nothing else."""
+    use = WANTED.get(_split(name)[1])
+    return False if use is None else (MAX_CAPTION_BYTES if use == "txt" else True)
+
+
+class _Sample:
+    """The members of one key: only the wanted ones' bytes are held (at most one image and one caption)."""
+
+    def __init__(self, key: str):
+        self.key, self.files, self.names = key, {}, {}
+        self.passed, self.first_passed, self.duplicate = 0, "", ""
+
+    def add(self, name: str, data: bytes) -> None:
+        use = WANTED[_split(name)[1]]
+        if use in self.names:  # a second image or caption: which one is the sample's is unknowable
+            self.duplicate = self.duplicate or f"two .{use} members: {self.names[use]!r} and {name!r}"
+            self.files.clear()  # hold nothing more for a key that will be skipped
+            return
+        self.names[use] = name
+        if not self.duplicate:
+            self.files[use] = data
+
+    def finish(self, max_chars: int) -> Item:
+        if self.duplicate:
+            return Item(key=self.key, skip=DUPLICATE, detail=self.duplicate)
+        cap = clean_caption(self.files.get("txt", b"").decode("utf-8", "replace"), max_chars)
+        if "jpg" not in self.files:
+            detail = "no .jpg member"
+            if self.passed:
+                detail += (f"; {self.passed} member(s) of other kinds passed over unread, e.g. {self.first_passed!r} "
+                           f"(a sample's members are <key>.jpg and <key>.txt, the key ending at the first dot)")
+            return Item(key=self.key, skip=NO_IMAGE, detail=detail)
+        if not cap:
+            return Item(key=self.key, skip=EMPTY_CAPTION)
+        return Item(key=self.key, data=self.files["jpg"], caption=cap)
 
 
 def wds_tars(folder: str) -> list[str]:
@@ -63,21 +104,26 @@ def wds_tars(folder: str) -> list[str]:
 
 
 def wds_items(folder: str, max_chars: int, max_member_bytes: int | None = None) -> Iterator[Item]:
+    """Items of the tars in `folder`. Memory is one sample's wanted members at most (module docstring)."""
     for t in wds_tars(folder):
-        key, files = None, {}
-        for m, data, bad in iter_tar(path=os.path.join(folder, t), max_member_bytes=max_member_bytes):
-            if bad is not None:
+        cur: _Sample | None = None
+        for m, data, bad in iter_tar(path=os.path.join(folder, t), max_member_bytes=max_member_bytes,
+                                     wanted=_wanted):
+            if bad is not None and bad != NOT_WANTED:  # unsafe or too large: listed on its own
                 yield tar_skip(f"{t}/{m.name}", bad)
                 continue
-            base = os.path.basename(m.name)
-            k, _, ext = base.partition(".")
-            if k != key:
-                if key is not None:
-                    yield _finish(key, files, max_chars)
-                key, files = k, {}
-            files[ext.lower() if ext.lower() != "jpeg" else "jpg"] = data
-        if key is not None:
-            yield _finish(key, files, max_chars)
+            k = _split(m.name)[0]
+            if cur is None or k != cur.key:
+                if cur is not None:
+                    yield cur.finish(max_chars)
+                cur = _Sample(k)
+            if bad == NOT_WANTED:
+                cur.passed += 1
+                cur.first_passed = cur.first_passed or m.name
+            else:
+                cur.add(m.name, data)
+        if cur is not None:
+            yield cur.finish(max_chars)
 
 
 def tsv_items(path: str, max_chars: int) -> Iterator[Item]:

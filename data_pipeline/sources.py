@@ -26,7 +26,7 @@ import os
 import posixpath
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -35,6 +35,7 @@ UNSAFE = "unsafe tar member"
 UNSAFE_PATH = "unsafe path"
 SYMLINK = "symlink"
 TOO_LARGE = "file too large"
+NOT_WANTED = "not wanted"  # iter_tar: a member its caller has no use for, passed over unread
 DEFAULT_MAX_FILE_MB = 256
 
 
@@ -124,11 +125,14 @@ def _too_large(size: int, cap: int | None) -> str | None:
 
 
 def iter_tar(fileobj: IO[bytes] | None = None, path: str | None = None, max_member_bytes: int | None = None,
+             wanted: Callable[[str], bool | int] | None = None,
              ) -> Iterator[tuple[tarfile.TarInfo, bytes | None, str | None]]:
     """Stream a tar (path or file object): (member, bytes or None, skip reason or None) per non-dir member.
 
     Unsafe members (reason: see `unsafe_reason`) and members over `max_member_bytes` (reason starts with
-    TOO_LARGE) are not read; the stream moves past them without holding their bytes."""
+    TOO_LARGE) are not read; the stream moves past them without holding their bytes. With `wanted` (called
+    with the member's name), a member it answers False for is not read either (reason NOT_WANTED), and an
+    int answer is that member's own byte cap (a member over it: TOO_LARGE, as over `max_member_bytes`)."""
     tf = tarfile.open(name=path, fileobj=fileobj, mode="r|*")
     try:
         for m in tf:
@@ -138,7 +142,13 @@ def iter_tar(fileobj: IO[bytes] | None = None, path: str | None = None, max_memb
             if reason is not None:
                 yield m, None, reason
                 continue
+            want = True if wanted is None else wanted(m.name)
+            if want is False:
+                yield m, None, NOT_WANTED
+                continue
             big = _too_large(m.size, max_member_bytes)
+            if big is None and want is not True and m.size > want:
+                big = f"{m.size} bytes > {want} bytes, the cap for this kind of member"
             if big is not None:
                 yield m, None, f"{TOO_LARGE}: {big}"
                 continue

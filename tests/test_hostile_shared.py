@@ -510,3 +510,54 @@ def test_devkit_with_a_huge_member_is_read_in_bounded_memory(tmp_path):
         tracemalloc.stop()
     assert got == read_devkit(devkit)
     assert peak < 16 << 20, f"read_devkit held {peak >> 20} MiB"  # main read the whole member
+
+
+# -- 7: prepare_cc holds one sample's wanted members at most -----------------------------------------------
+def test_cc_tar_of_members_sharing_a_key_is_read_in_bounded_memory(tmp_path):
+    import io
+    import tarfile
+    import tracemalloc
+
+    from data_fixtures import encode, photos
+
+    from data_pipeline import prepare_cc
+
+    src = tmp_path / "cc"
+    src.mkdir()
+    jpg = encode(photos()[0])
+    mib, n = 1 << 20, 64
+    with tarfile.open(src / "00000.tar", "w") as tf:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+        add("000000000.jpg", jpg), add("000000000.txt", b"a red bus"), add("000000000.json", b"{}")
+        for i in range(n):  # the attack: one key ("sample"), n extensions ("000000.jpg", ...), 1 MiB each
+            add(f"sample.{i:06d}.jpg", bytes([i]) * mib)
+        add("dup.jpg", jpg), add("dup.jpeg", b"\xff" * mib), add("dup.txt", b"two images")
+        add("long.jpg", jpg), add("long.txt", b"a " * (mib // 2 + 1))  # a caption over 1 MiB
+        add("000000001.jpg", jpg), add("000000001.txt", b"a cat")
+    tracemalloc.start()
+    try:
+        items = list(prepare_cc.wds_items(str(src), 512, 256 * mib))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * mib, f"prepare_cc held {peak / mib:.0f} MiB for a tar of {n} 1 MiB members of one key"
+    got = {(it.key, it.skip): it for it in items}
+    assert [(it.key, it.skip) for it in items] == [
+        ("000000000", None), ("sample", "missing image"), ("dup", "duplicate member"),
+        ("00000.tar/long.txt", "file too large"), ("long", "empty caption"), ("000000001", None)]
+    assert got["000000000", None].data == jpg and got["000000000", None].caption == "a red bus"
+    assert f"{n} member(s) of other kinds passed over unread, e.g. 'sample.000000.jpg'" in \
+        got["sample", "missing image"].detail
+    assert "'dup.jpg' and 'dup.jpeg'" in got["dup", "duplicate member"].detail
+    assert f"> {prepare_cc.MAX_CAPTION_BYTES} bytes" in got["00000.tar/long.txt", "file too large"].detail
+
+    # What the user sees: the two good samples written, the rest listed with their reasons in manifest.json.
+    m = prepare_cc.main(["--source", str(src), "--out", str(tmp_path / "out"), "--size", "32", "--workers", "0",
+                         "--no-progress"])
+    assert m["counts"]["written"] == 2
+    assert m["counts"]["skipped_by_reason"] == {"duplicate member": 1, "empty caption": 1, "file too large": 1,
+                                                "missing image": 1}
