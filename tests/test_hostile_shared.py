@@ -360,30 +360,57 @@ def test_inspect_of_a_crafted_global_batch_ends_at_once(tmp_path, capsys, global
 
 # -- 3: node locks: two users on one node -------------------------------------------------------------------
 _NODE_LOCK = """
-import os, sys, time
+import os, signal, sys, time
 from data_pipeline.node_lock import default_lock_path, registration_lock
-uid = int(sys.argv[2])  # the interpreter lives under /root here: start as root, then become the user
-os.setgid(uid)
-os.setuid(uid)
-if sys.argv[1] == "hold":  # the other user: plants a 0600 file at the old shared path, then holds its own lock
-    fd = os.open(os.path.join(os.environ["TMPDIR"], "divae_streaming_registration.lock"), os.O_CREAT | os.O_RDWR, 0o600)
-    with registration_lock(attempt_s=0.05, timeout_s=5):
-        print("HELD", default_lock_path(), flush=True)
+# One import (most of the cost) for the three users: each is a child forked from here that becomes its user
+# (the interpreter lives under /root: start as root, then switch).
+
+
+def as_user(uid, body):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            with os.fdopen(w, "w") as out:
+                body(out)
+        except BaseException as e:
+            print(f"CHILD {uid} {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        finally:
+            os._exit(0)
+    os.close(w)
+    return pid, os.fdopen(r)
+
+
+def hold(out):  # the other user: plants a 0600 file at the old shared path, then holds its own lock
+    os.open(os.path.join(os.environ["TMPDIR"], "divae_streaming_registration.lock"), os.O_CREAT | os.O_RDWR, 0o600)
+    with registration_lock(attempt_s=0.05, timeout_s=1):
+        print("HELD", default_lock_path(), file=out, flush=True)
         time.sleep(120)
-t = time.monotonic()
+
+
+def take(out):
+    t = time.monotonic()
+    try:
+        with registration_lock(attempt_s=0.05, timeout_s=1):
+            print("TOOK", default_lock_path(), round(time.monotonic() - t, 2), file=out, flush=True)
+    except Exception as e:
+        print(f"ERR {type(e).__name__}: {e}", file=out, flush=True)
+
+
+holder, held = as_user(65534, hold)
 try:
-    with registration_lock(attempt_s=0.05, timeout_s=5):
-        print("TOOK", default_lock_path(), round(time.monotonic() - t, 2), flush=True)
-except Exception as e:
-    print(f"ERR {type(e).__name__}: {e}", flush=True)
+    print(held.readline().strip() or "NOT HELD", flush=True)
+    takers = [as_user(uid, take) for uid in (65533, 65532)]  # the two at once, while 65534 holds its lock
+    for pid, r in takers:
+        print(r.read().strip() or "NOTHING", flush=True)
+        os.waitpid(pid, 0)
+finally:
+    os.kill(holder, signal.SIGKILL)
+    os.waitpid(holder, 0)
 """
-
-
-def _as_user(uid: int, what: str, tmpdir: Path) -> subprocess.Popen:
-    env = {**_env(), "TMPDIR": str(tmpdir), "HOME": str(tmpdir)}
-    env.pop("XDG_RUNTIME_DIR", None)
-    return subprocess.Popen([PY, "-c", _NODE_LOCK, what, str(uid)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="two users on one node: switching uid needs root (CI runs as root)")
@@ -402,23 +429,21 @@ def test_another_user_on_the_node_can_neither_stall_nor_redirect_the_node_lock()
         (shared / "divae-65532").symlink_to(target)
         os.lchown(shared / "divae-65532", 65534, 65534)
         os.chown(target, 65534, 65534)
-        other = _as_user(65534, "hold", shared)
-        try:
-            assert other.stdout.readline().split()[0] == "HELD", other.stderr.read()
-            me, squatted = _as_user(65533, "take", shared), _as_user(65532, "take", shared)
-            out_me, err_me = me.communicate(timeout=120)
-            out_sq, err_sq = squatted.communicate(timeout=120)
-        finally:
-            other.kill()
-            other.wait()
+        env = {**_env(), "TMPDIR": str(shared), "HOME": str(shared)}
+        env.pop("XDG_RUNTIME_DIR", None)
+        r = subprocess.run([PY, "-c", _NODE_LOCK], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        lines = r.stdout.strip().splitlines()
+        assert r.returncode == 0 and len(lines) == 3, r.stdout + r.stderr
+        held, out_me, out_sq = lines
+        assert held.split()[0] == "HELD", r.stdout + r.stderr
         took = out_me.split()
-        assert took[:2] == ["TOOK", str(shared / "divae-65533" / "divae_streaming_registration.lock")], out_me + err_me
-        assert float(took[2]) < 2.0  # not stalled by the other user's lock
+        mine = shared / "divae-65533" / "divae_streaming_registration.lock"
+        assert took[:2] == ["TOOK", str(mine)], out_me + r.stderr
+        assert float(took[2]) < 1.0  # not stalled by the other user's lock (a shared one: an error after 1 s)
         st = os.lstat(shared / "divae-65533")
         assert st.st_uid == 65533 and st.st_mode & 0o777 == 0o700
-        lines = out_sq.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("ERR LockFolderError: "), out_sq + err_sq
-        assert "is a link owned by uid 65534" in lines[0] and "XDG_RUNTIME_DIR" in lines[0], lines
+        assert out_sq.startswith("ERR LockFolderError: "), out_sq + r.stderr
+        assert "is a link owned by uid 65534" in out_sq and "XDG_RUNTIME_DIR" in out_sq, out_sq
         assert list(target.iterdir()) == []  # nothing created through the planted link
     finally:
         shutil.rmtree(shared, ignore_errors=True)
