@@ -4,6 +4,7 @@ fallback that replaces it. Real files on disk, written by the project's own writ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,6 +23,75 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
+# One interpreter, started once for the module, that has imported torch, streaming and the modules under test
+# (most of a fresh process's cost); each script runs in a process forked from it, with its own argv, environment
+# and output, as `python -c script argv...` would (it never ran torch before forking: no thread pools to lose).
+_PRELOADED = r"""
+import json, os, sys, tempfile, traceback
+import data_pipeline.node_lock, divae.prior_io  # noqa: F401
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            fd = os.open(job["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.environ.clear()
+            os.environ.update(job["env"])
+            tempfile.tempdir = None  # gettempdir() follows the script's TMPDIR
+            sys.argv = ["-c", *job["argv"]]
+            exec(compile(job["code"], "<script>", "exec"), {"__name__": "__main__"})
+            status = 0
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+class _Interpreter:
+    def __init__(self, tmp: Path):
+        self.tmp, self.n = tmp, 0
+        self.p = subprocess.Popen([PY, "-c", _PRELOADED], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  env=_env(), cwd=ROOT, start_new_session=True)
+
+    def run(self, code: str, *argv: str, env: dict[str, str] | None = None, timeout: float = 120) -> tuple[int, str]:
+        """(exit status, stdout and stderr) of `python -c code argv...` (a run past `timeout` fails the test)."""
+        import select
+
+        self.n += 1
+        out = self.tmp / f"script{self.n}.out"
+        self.p.stdin.write(json.dumps({"code": code, "argv": list(argv), "env": env or _env(), "out": str(out)}) + "\n")
+        self.p.stdin.flush()
+        if not select.select([self.p.stdout], [], [], timeout)[0]:
+            self.close()
+            pytest.fail(f"script still running after {timeout} s: {out.read_text()[-2000:]}")
+        line = self.p.stdout.readline()
+        assert line, "the preloaded interpreter died"
+        return int(line), out.read_text()
+
+    def close(self) -> None:
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.p.pid, signal.SIGKILL)
+        self.p.wait()
+
+
+@pytest.fixture(scope="module")
+def interpreter(tmp_path_factory):
+    it = _Interpreter(tmp_path_factory.mktemp("scripts"))
+    yield it
+    it.close()
+
+
 # -- 1: a crafted prior file is refused before anything is allocated --------------------------------------
 _LOAD_PRIOR = """
 import sys
@@ -35,10 +105,8 @@ for path in sys.argv[1:]:
 """
 
 
-def test_crafted_prior_config_is_refused_before_any_allocation(tmp_path):
+def test_crafted_prior_config_is_refused_before_any_allocation(tmp_path, interpreter):
     """A 30 KB prior whose config asks for dim=65536 and a 65536-token vocabulary (17 GB on main)."""
-    import resource
-
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -58,13 +126,11 @@ def test_crafted_prior_config_is_refused_before_any_allocation(tmp_path):
     save_file(state, str(crafted), metadata=dict(meta, prior_config=json.dumps(big)))
     assert crafted.stat().st_size < 100_000
 
-    def cap():  # a safety net only (the crafted config asks for 17 GB): the refusal must come far below it
-        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
-
-    r = subprocess.run([PY, "-c", _LOAD_PRIOR, str(ok), str(crafted)], capture_output=True, text=True,
-                       timeout=120, preexec_fn=cap, env=_env(), cwd=ROOT)
-    lines = r.stdout.strip().splitlines()
-    assert r.returncode == 0 and len(lines) == 2, (r.stdout, r.stderr[-2000:])
+    # a safety net only (the crafted config asks for 17 GB): the refusal must come far below it
+    cap = f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({8 << 30}, {8 << 30}))\n"
+    code, out = interpreter.run(cap + _LOAD_PRIOR, str(ok), str(crafted))
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 2, out[-2000:]
     out = dict(zip(("ok", "crafted"), lines))
     assert out["ok"] == "LOADED"
     assert out["crafted"].startswith("ValueError: ") and "refusing to build it" in out["crafted"], out["crafted"]
@@ -414,7 +480,7 @@ finally:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="two users on one node: switching uid needs root (CI runs as root)")
-def test_another_user_on_the_node_can_neither_stall_nor_redirect_the_node_lock():
+def test_another_user_on_the_node_can_neither_stall_nor_redirect_the_node_lock(interpreter):
     """Users 65534 and 65533 (and 65532) on one node, /tmp shared (mode 1777). On main the lock was one file in
     /tmp: the other user's pre-created 0600 file stopped training with a PermissionError, its held lock stalled
     it, and a planted link was followed. Now each user locks in its own 0700 folder, and a folder another user
@@ -431,18 +497,18 @@ def test_another_user_on_the_node_can_neither_stall_nor_redirect_the_node_lock()
         os.chown(target, 65534, 65534)
         env = {**_env(), "TMPDIR": str(shared), "HOME": str(shared)}
         env.pop("XDG_RUNTIME_DIR", None)
-        r = subprocess.run([PY, "-c", _NODE_LOCK], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-        lines = r.stdout.strip().splitlines()
-        assert r.returncode == 0 and len(lines) == 3, r.stdout + r.stderr
+        code, out = interpreter.run(_NODE_LOCK, env=env)
+        lines = [ln for ln in out.splitlines() if ln.split()[:1] in (["HELD"], ["TOOK"], ["ERR"], ["NOTHING"])]
+        assert code == 0 and len(lines) == 3, out
         held, out_me, out_sq = lines
-        assert held.split()[0] == "HELD", r.stdout + r.stderr
+        assert held.split()[0] == "HELD", out
         took = out_me.split()
         mine = shared / "divae-65533" / "divae_streaming_registration.lock"
-        assert took[:2] == ["TOOK", str(mine)], out_me + r.stderr
+        assert took[:2] == ["TOOK", str(mine)], out
         assert float(took[2]) < 1.0  # not stalled by the other user's lock (a shared one: an error after 1 s)
         st = os.lstat(shared / "divae-65533")
         assert st.st_uid == 65533 and st.st_mode & 0o777 == 0o700
-        assert out_sq.startswith("ERR LockFolderError: "), out_sq + r.stderr
+        assert out_sq.startswith("ERR LockFolderError: "), out
         assert "is a link owned by uid 65534" in out_sq and "XDG_RUNTIME_DIR" in out_sq, out_sq
         assert list(target.iterdir()) == []  # nothing created through the planted link
     finally:
