@@ -66,8 +66,14 @@ class Plan:
         per = w / (gpus if zero >= 3 else 1) + g / (gpus if zero >= 2 else 1) + opt / (gpus if zero >= 1 else 1)
         return self.params * (per + ema) + 4 * self.frozen_params
 
+    def peak_bytes(self, micro: int, zero: int, gpus: int, ckpt: bool) -> float:
+        """Predicted peak device bytes per GPU of a step at micro-batch `micro` (what bench/gpu_check.sh
+        compares with the measured peak)."""
+        return self.state_bytes(zero, gpus) + self.fixed + micro * (self.act_ckpt if ckpt else self.act)
+
     def max_micro_batch(self, usable: float, zero: int, gpus: int, ckpt: bool) -> int:
-        free = usable - self.state_bytes(zero, gpus) - self.fixed
+        """The largest micro-batch whose `peak_bytes` fits in `usable` bytes."""
+        free = usable - self.peak_bytes(0, zero, gpus, ckpt)
         return max(int(free // (self.act_ckpt if ckpt else self.act)), 0)
 
 
@@ -269,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         out["plan"] = {**plan.__dict__, "state_gib": [plan.state_bytes(z, args.gpus) / GiB for z in range(4)],
                        "max_micro": [plan.max_micro_batch(usable, z, args.gpus, False) for z in range(4)],
                        "max_micro_ckpt": [plan.max_micro_batch(usable, z, args.gpus, True) for z in range(4)]}
+        per = args.gpus * plan.grad_accum
+        if plan.batch % per == 0:  # the config's own micro-batch: its predicted peak
+            out["plan"]["peak_gib_config"] = plan.peak_bytes(plan.batch // per, cfg.deepspeed.zero_stage, args.gpus,
+                                                             plan.checkpointing) / GiB
     if args.recipe:
         table, rows = recipe_table(args.gpus, args.gpu, mfu, usd)
         print("\n## The paper's recipe (Table 1)\n\n" + table)

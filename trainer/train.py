@@ -179,6 +179,12 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
                 task.export(str(folder / name), weights, info)
             return [name for name, _, _ in exports]
 
+        if not cfg.checkpoint.state:  # weights only, straight into the run folder (no resumable state)
+            if dist.is_main and cfg.checkpoint.export:
+                export_fn(run_dir)
+            barrier()
+            return
+
         meta = {"step": at_step, "samples_seen": samples_seen, "world_size": dist.world_size,
                 "zero_stage": cfg.deepspeed.zero_stage, "stage": cfg.train.stage, "wandb_id": wandb_id,
                 "engines": list(engines), "optimizer_steps": {n: int(e.global_steps) for n, e in engines.items()},
