@@ -11,8 +11,9 @@ wall time, GPU-hours and cost at a stated MFU. `--recipe` adds the cost of the p
 decoder f16/f8, the prior, and the 50k-image DDPM-1000 reconstruction FID of each decoder) as one table.
 
 Memory model per trained parameter (DeepSpeed bf16, `grad_accum_dtype` fp32, client AdamW): bf16 weights 2 B,
-fp32 gradients 4 B, fp32 master weights + Adam moments 12 B, fp32 EMA 4 B (kept whole on every rank); ZeRO-1
-shards the 12 B, ZeRO-2 also the gradients, ZeRO-3 also the weights. fp32 runs: 4 + 4 + 8 + 4 B. Frozen helpers
+fp32 gradients 4 B, fp32 master weights + Adam moments 12 B, fp32 EMA of the master weights 4 B; ZeRO-1
+shards the 12 B and the EMA (trainer.ema keeps it like the master weights), ZeRO-2 also the gradients, ZeRO-3
+also the weights. fp32 runs: 4 + 4 + 8 + 4 B. Frozen helpers
 (the decoder stage's VQ, the VQ stage's LPIPS) are fp32. Usable memory: 92% of the card less 1.5 GiB (CUDA
 context, allocator fragmentation, communication buckets). These are estimates: `bench/gpu_check.sh` measures.
 """
@@ -63,8 +64,8 @@ class Plan:
     def state_bytes(self, zero: int, gpus: int) -> float:
         """Weights, gradients, optimizer and EMA bytes per GPU under ZeRO stage `zero` (+ frozen helpers)."""
         w, g, opt, ema = (2, 4, 12, 4) if self.bf16 else (4, 4, 8, 4)
-        per = w / (gpus if zero >= 3 else 1) + g / (gpus if zero >= 2 else 1) + opt / (gpus if zero >= 1 else 1)
-        return self.params * (per + ema) + 4 * self.frozen_params
+        per = w / (gpus if zero >= 3 else 1) + g / (gpus if zero >= 2 else 1) + (opt + ema) / (gpus if zero >= 1 else 1)
+        return self.params * per + 4 * self.frozen_params
 
     def peak_bytes(self, micro: int, zero: int, gpus: int, ckpt: bool) -> float:
         """Predicted peak device bytes per GPU of a step at micro-batch `micro` (what bench/gpu_check.sh

@@ -129,7 +129,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
                                   world_size=dist.world_size, grad_clip=cfg.train.grad_clip, total_steps=total)
                for name in task.phases}
     task.attach(engines)
-    emas = {n: EMA(engines[n].module.inner, cfg.ema, cfg.deepspeed.zero_stage)
+    emas = {n: EMA(engines[n].module.inner, cfg.ema, engine=engines[n])  # of the fp32 master weights, sharded
             for n in task.ema_phases if cfg.ema.enabled}
     throughput = Throughput.for_run(cfg, task, dist.device)  # FLOPs per sample, once (fake tensors, no memory)
     loader = build_loader(cfg, dist)
@@ -164,9 +164,10 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
 
     def save(at_step: int) -> None:
         export_ema = cfg.checkpoint.export_ema and bool(emas)
+        ema_states = {n: e.state_dict() for n, e in emas.items()}  # a collective (the EMA is sharded): once
         exports = []  # (file name, {phase: state dict}, weights info) of each export
         if export_ema:
-            exports.append((task.export_name, {n: e.state_dict() for n, e in emas.items()},
+            exports.append((task.export_name, ema_states,
                             {"kind": "ema", "step": at_step, "decay": cfg.ema.decay, "warmup": cfg.ema.warmup,
                              "updates": next(iter(emas.values())).num_updates}))
         if cfg.checkpoint.export and (not export_ema or cfg.checkpoint.export_raw):  # a collective under ZeRO-3
@@ -195,7 +196,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
         rng = ckpt.rng_state()
         rank_state = {"rng": rng, "loader": loader.state_dict(), "task": task.state_dict()}
         ckpt.save(ckpt_root, at_step, rank=dist.rank, engines=engines, rank_state=rank_state, meta=meta,
-                  config_yaml=config_yaml, ema={n: e.state_dict() for n, e in emas.items()},
+                  config_yaml=config_yaml, ema=ema_states,
                   export_fn=export_fn if cfg.checkpoint.export else None, keep_last=cfg.checkpoint.keep_last)
         # Saving must not move the RNG streams (the export builds modules, whose init draws random
         # numbers): the run continues from exactly the state a resume restores.
