@@ -16,7 +16,8 @@ outer `timeout` (`TOTAL_LIMIT_S`, 8 minutes), so each step ends by its own limit
 4. train_decoder_f16: 20 steps of a 1-GPU ZeRO-2 bf16 `trainer.train` run of configs/decoder_f16.yaml at its
    preset micro-batch (8: 256 images over the default 16 GPUs x grad_accum 2): MFU, images/s and peak memory
    from its metrics.jsonl; the peak against step 3's prediction is the planner's error (`memory.ratio`). Its
-   only save is the weights-only export (`checkpoint.state=false`: no multi-GB optimizer state). In the dry
+   only save is the weights-only export (`checkpoint.state=false`: no multi-GB optimizer state); a
+   torch.profiler Chrome trace of its last step lands in <work>/decoder_run/profile/. In the dry
    run the measured peak is the process's resident memory, so its ratio means nothing;
 5. recon_fid: `evaluation.recon_fid` on a few of those images with the exported decoder (DPM-Solver++ 10 steps).
 
@@ -146,6 +147,7 @@ def train_overrides(work: Path, dry: bool) -> tuple[str, list[str], int]:
             "train.grad_accum=1", "deepspeed.zero_stage=2", "deepspeed.precision=bf16",
             f"logging.every={1 if dry else 5}", "logging.sample_every=0", "logging.progress=false",
             "logging.wandb_mode=disabled", "checkpoint.every=0", "checkpoint.state=false",
+            f"logging.profile_every={steps}", "logging.profile_steps=1",  # a Chrome trace of the last step
             f"data.num_workers={0 if dry else 8}"]
     if dry:
         over.append("unet.cond_channels=32")  # vq_tiny's embed_dim
@@ -202,6 +204,7 @@ def collect(name: str, work: Path, results: dict, micro: int) -> None:
         results["train"] = {k: m.get(k) for k in ("step", "images_per_s_per_gpu", "tflops_per_gpu", "mfu",
                                                   "flops_per_sample", "peak_mem_mb", "step_time", "loss")}
         results["train"]["micro_batch"] = micro
+        results["train"]["profile_traces"] = sorted(str(p) for p in (work / "decoder_run" / "profile").glob("*.json"))
         results["train_mfu"] = m.get("mfu")
         results["memory"] = memory_vs_plan(work / "plan.json", results["train"])
     elif name == "recon_fid":

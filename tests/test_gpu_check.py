@@ -56,6 +56,7 @@ def test_gpu_check_cpu_dry_run_writes_every_figure(tmp_path):
     assert t["step"] == 3 and t["micro_batch"] == 2 and t["images_per_s_per_gpu"] > 0 and t["mfu"] is None
     assert abs(t["tflops_per_gpu"] * 1e12 - t["flops_per_sample"] * t["images_per_s_per_gpu"]) < 1e-6 * 1e12
     assert r["memory"]["planned_peak_gib"] > 0 and r["memory"]["ratio"] > 0
+    assert [Path(p).name for p in t["profile_traces"]] == ["step_00000003_rank00000.json"]  # logging.profile_every
     run = work / "decoder_run"  # small checkpoints: the weights-only export, no optimizer state
     assert (run / gpu_check.EXPORT).is_file() and not (run / "checkpoints").exists()
     assert r["recon_fid"]  # the evaluation's results.json, read back

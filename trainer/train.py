@@ -39,6 +39,7 @@ from trainer.metrics import RunLogger, WindowMeter, new_wandb_id, peak_memory_mb
 from trainer.preemption import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, Preemption
 from trainer.preemption import install as install_signal_handlers
 from trainer.preflight import check_batch, check_inputs
+from trainer.profiling import StepProfiler, oom_snapshot
 from trainer.tasks import TASKS
 from trainer.tasks.base import host_means
 from trainer.watchdog import PeerFailure, PeerWatchdog, peer_failure
@@ -203,6 +204,8 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
         ckpt.set_rng_state(rng)
 
     exit_code = 0
+    profiler = StepProfiler(cfg.logging.profile_every, cfg.logging.profile_steps, run_dir / "profile", dist.rank,
+                            dist.device, step)
     while step < total:
         t_step = time.perf_counter()
         data_wait = 0.0
@@ -240,6 +243,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
                     micro_metrics.setdefault(key, []).append(v)
         step_metrics = host_means(micro_metrics)  # one host sync for every metric of the step
         step += 1
+        profiler.step(step)
         samples_seen += global_batch
         if bad_keys:
             bad_in_a_row += 1
@@ -283,6 +287,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
                         "(not requeueing)", step, STOP_EXIT_CODE)
             exit_code = STOP_EXIT_CODE
             break
+    profiler.close()
     logger.close()
     return exit_code
 
@@ -399,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     dist = init_distributed()
     watchdog = PeerWatchdog.start()
     try:
-        code = train(cfg, dist)
+        with oom_snapshot(cfg.logging.memory_snapshot_on_oom, Path(cfg.train.run_dir), dist.rank, dist.device):
+            code = train(cfg, dist)
     except Exception as e:  # noqa: BLE001 - the CLI boundary
         e = peer_failure(e)  # a collective broken by another rank's death or failure
         watchdog.fail(f"rank {dist.rank} failed: {one_line(e)}")  # the other ranks end now
