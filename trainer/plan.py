@@ -33,7 +33,7 @@ import torch
 
 from divae.utils.config import ConfigError
 from trainer.config import TrainConfig, load_train_config
-from trainer.flops import CARDS, _saved_bytes, stage_flops, stage_parts, trace
+from trainer.flops import CARDS, _saved_bytes, cuda_saved_bytes, stage_flops, stage_parts
 
 GiB = 2**30
 DEFAULT_MFU = 0.35  # conservative; a measured figure (bench/gpu_check.sh's results) replaces it
@@ -113,21 +113,21 @@ def _param_counts(cfg: TrainConfig, vq_cfg) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def _checkpoint_inputs(counter: list[int], largest: list[int]) -> Iterator[None]:
+def _checkpoint_inputs(counter: list[int], largest: list[int], seen: dict) -> Iterator[None]:
     """Non-reentrant checkpointing keeps each block's inputs outside autograd's saved tensors: count them, and
-    the largest block's own activations (recomputed, alive during that block's backward)."""
+    the largest block's own activations (recomputed, alive during that block's backward). `seen` is shared
+    with the trace's saved-tensor count: a block input that an op outside the blocks also saves is one tensor,
+    counted once."""
     import divae.prior
     import divae.unet
     import divae.vq
 
     mods = (divae.unet, divae.vq, divae.prior)
     originals = [m.checkpoint for m in mods]
-    seen: set[int] = set()
-
     def counting(fn, *args, **kwargs):
         for a in args:
             if isinstance(a, torch.Tensor) and id(a) not in seen:
-                seen.add(id(a))
+                seen[id(a)] = a  # held: ids stay unique for the whole trace
                 counter[0] += a.numel() * a.element_size()
         with _saved_bytes() as inner:
             fn(*args)  # the block without checkpointing, on fake tensors: its activation bytes
@@ -144,15 +144,16 @@ def _checkpoint_inputs(counter: list[int], largest: list[int]) -> Iterator[None]
 
 
 def activation_bytes(cfg: TrainConfig, ckpt: bool) -> tuple[float, float]:
-    """(bytes per sample, fixed bytes) saved for backward, from traces at batch 1 and 2."""
+    """(bytes per sample, fixed bytes) saved for backward on a CUDA device (trainer.flops.cuda_saved_bytes:
+    CUDA's autocast rules on fake CUDA tensors, bf16 trained weights), from traces at batch 1 and 2."""
     bf16 = cfg.deepspeed.precision == "bf16"
     sizes = []
     for b in (1, 2):
         build, step = stage_parts(cfg, ckpt, b)
-        extra, largest = [0], [0]
-        with _checkpoint_inputs(extra, largest) if ckpt else contextlib.nullcontext():
-            t = trace(build, step, backward=False, bf16=bf16)
-        sizes.append(t.saved_bytes + extra[0] + largest[0])
+        extra, largest, seen = [0], [0], {}
+        with _checkpoint_inputs(extra, largest, seen) if ckpt else contextlib.nullcontext():
+            saved = cuda_saved_bytes(build, step, bf16, seen)
+        sizes.append(saved + extra[0] + largest[0])
     per = sizes[1] - sizes[0]
     return float(per), float(max(sizes[0] - per, 0))
 
