@@ -4,8 +4,9 @@
     python -m trainer.plan --recipe --gpus 32 --gpu h100-sxm        # the paper's whole Table 1 recipe
 
 Per config: parameters, FLOPs per sample (trainer.flops: fake tensors), activation memory per sample with and
-without activation checkpointing (the bytes autograd saves for backward, traced on fake tensors in the
-config's precision; with checkpointing plus one block's activations, recomputed during backward), the
+without activation checkpointing (the bytes autograd saves for backward as a CUDA device holds them: fake
+CUDA tensors under CUDA's autocast op lists, `trainer.flops.cuda_saved_bytes`; with checkpointing the blocks'
+inputs, each tensor once, plus one block's activations, recomputed during backward), the
 model + gradient + optimizer + EMA bytes per GPU under ZeRO 0-3, the largest micro-batch that fits, and steps/s,
 wall time, GPU-hours and cost at a stated MFU. `--recipe` adds the cost of the paper's recipe (VQ f16/f8,
 decoder f16/f8, the prior, and the 50k-image DDPM-1000 reconstruction FID of each decoder) as one table.
