@@ -9,8 +9,9 @@ failing step is recorded and the next one runs. The limits plus `START_ALLOWANCE
 outer `timeout` (`TOTAL_LIMIT_S`, 8 minutes), so each step ends by its own limit, never by the outer one:
 0. setup: 256 px MDS shards from the photographs in scikit-image and a randomly initialised vq_f16 export;
 1. pytest_gpu: tests/test_gpu_unet.py (on CPU its `gpu` tests are deselected by conftest, the rest run);
-2. unet_step: `bench/unet_step.py` at paper scale (decoder_f16, batch 8), bf16 and fp32 (torch's TF32
-   defaults): ms/image, peak memory, MFU; fp32 time over bf16 time (`fp32_over_bf16_time`) is the speed-up a
+2. unet_step: `bench/unet_step.py` at paper scale (decoder_f16, batch 4: fp32 activations are about twice
+   bf16's, 4.77 GiB per image, and batch 8 in fp32 would not leave an 80 GB card a safe margin), bf16 and fp32
+   (torch's TF32 defaults): ms/image, peak memory, MFU; fp32 time over bf16 time (`fp32_over_bf16_time`) is the speed-up a
    bf16 evaluation gets too (sampling runs the same UNet, forward only);
 3. plan: `trainer.plan` for the run of step 4 (1 GPU, ZeRO-2, its micro-batch): the predicted peak memory;
 4. train_decoder_f16: 20 steps of a 1-GPU ZeRO-2 bf16 `trainer.train` run of configs/decoder_f16.yaml at its
@@ -169,7 +170,7 @@ def _steps(dry: bool, work: Path, card: str) -> list[tuple[str, list[str], tuple
     """The command of every step of SCHEDULE, in its order (steps 3 and 4 share the run's overrides)."""
     config, over, _ = train_overrides(work, dry)
     unet = ["--presets", "tiny", "--device", "cpu", "--batch", "2", "--steps", "1", "--warmup", "0"] if dry else \
-        ["--presets", "decoder_f16", "--device", "cuda", "--batch", "8", "--steps", "5", "--warmup", "2"]
+        ["--presets", "decoder_f16", "--device", "cuda", "--batch", "4", "--steps", "5", "--warmup", "2"]
     fid = ["--num-images", "2", "--batch-size", "2", "--decoder", "diffusion", "--steps", "2", "--no-lpips",
            "--no-ssim"] if dry else ["--num-images", "16", "--batch-size", "8", "--decoder", "both", "--steps", "10"]
     cmds = {
