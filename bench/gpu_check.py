@@ -10,9 +10,9 @@ outer `timeout` (`TOTAL_LIMIT_S`, 8 minutes), so each step ends by its own limit
 0. setup: 256 px MDS shards from the photographs in scikit-image and a randomly initialised vq_f16 export;
 1. pytest_gpu: tests/test_gpu_unet.py (on CPU its `gpu` tests are deselected by conftest, the rest run);
 2. unet_step: `bench/unet_step.py` at paper scale (decoder_f16, batch 4: fp32 activations are about twice
-   bf16's, 4.77 GiB per image, and batch 8 in fp32 would not leave an 80 GB card a safe margin), bf16 and fp32
-   (torch's TF32 defaults): ms/image, peak memory, MFU; fp32 time over bf16 time (`fp32_over_bf16_time`) is the speed-up a
-   bf16 evaluation gets too (sampling runs the same UNet, forward only);
+   bf16's 4.77 GiB per image, and batch 8 in fp32 would leave an 80 GB card no safe margin), bf16 and fp32
+   (torch's TF32 defaults): ms/image, peak memory, MFU; fp32 time over bf16 time (`fp32_over_bf16_time`) is
+   the speed-up a bf16 evaluation gets too (sampling runs the same UNet, forward only);
 3. plan: `trainer.plan` for the run of step 4 (1 GPU, ZeRO-2, its micro-batch): the predicted peak memory;
 4. train_decoder_f16: 20 steps of a 1-GPU ZeRO-2 bf16 `trainer.train` run of configs/decoder_f16.yaml at its
    preset micro-batch (8: 256 images over the default 16 GPUs x grad_accum 2): MFU, images/s and peak memory
