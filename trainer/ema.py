@@ -71,13 +71,19 @@ def _z3_fragment(name: str, p: nn.Parameter) -> Fragment | None:
     return Fragment(name, start, local.view(-1).narrow(0, 0, numel), p) if numel else None
 
 
+def is_sharded(engine) -> bool:
+    """True when `engine`'s optimizer partitions the master weights over the ranks (ZeRO >= 1; DeepSpeed's
+    BF16_Optimizer, which bf16 ZeRO-1 uses)."""
+    return engine is not None and (engine.zero_optimization_stage() >= 1
+                                   or type(engine.optimizer).__name__ == "BF16_Optimizer")
+
+
 def master_fragments(model: nn.Module, engine=None) -> list[Fragment]:
     """This rank's pieces of the fp32 master weights of `model`'s trained parameters. `engine`: the DeepSpeed
     engine training `model` (None: the module's own parameters are the master weights)."""
     opt = getattr(engine, "optimizer", None)
-    zero = engine.zero_optimization_stage() if engine is not None else 0
     unfused = _unfused_masters(opt)
-    sharded = zero >= 1 or type(opt).__name__ == "BF16_Optimizer"
+    sharded = is_sharded(engine)
     out = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -154,7 +160,7 @@ class EMA:
         flat = torch.zeros(sum(s.numel() for s in self.shapes.values()), dtype=torch.float32, device=device)
         for f, s in zip(self.fragments, self.shadow):
             flat.narrow(0, offsets[f.name] + f.start, s.numel()).copy_(s)
-        if dist.is_initialized() and dist.get_world_size() > 1 and self._sharded():
+        if dist.is_initialized() and dist.get_world_size() > 1 and is_sharded(self.engine):
             dist.all_reduce(flat)  # every element lives on exactly one rank, zeros elsewhere
         out = {n: flat.narrow(0, offsets[n], shape.numel()).view(shape).clone() for n, shape in self.shapes.items()}
         with self._gathered_frozen():
@@ -162,10 +168,6 @@ class EMA:
             out.update({n: params[n].detach().float().clone() for n in self.frozen})
         out.update(self.buffers)
         return out
-
-    def _sharded(self) -> bool:
-        return self.engine is not None and (self.engine.zero_optimization_stage() >= 1
-                                            or type(self.engine.optimizer).__name__ == "BF16_Optimizer")
 
     def _gathered_frozen(self):
         if self.zero3 and self.frozen:
