@@ -181,9 +181,14 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
                 task.export(str(folder / name), weights, info)
             return [name for name, _, _ in exports]
 
-        if not cfg.checkpoint.state:  # weights only, straight into the run folder (no resumable state)
+        if not cfg.checkpoint.state:  # weights only, into the run folder (no resumable state)
+            rng = ckpt.rng_state()
             if dist.is_main and cfg.checkpoint.export:
-                export_fn(run_dir)
+                tmp = run_dir / ".export_tmp"
+                tmp.mkdir(exist_ok=True)
+                for name in export_fn(tmp):  # whole files only: a kill mid-write leaves the previous export
+                    os.replace(tmp / name, run_dir / name)
+            ckpt.set_rng_state(rng)  # as below: saving does not move the RNG streams
             barrier()
             return
 
