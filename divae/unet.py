@@ -38,6 +38,7 @@ from divae.unet_blocks import (
     EdgeGroupNorm,
     EdgeLinear,
     Fp32Edge,
+    LowPrecisionGroupNorm,
     ResBlock,
     Upsample,
     norm_groups,
@@ -64,6 +65,8 @@ class UNetConfig:
     use_checkpoint: activation checkpointing of every block (saves memory, costs one more forward).
     attn_backend: "auto" | "sdpa" | "xformers", see divae.attention.
     fp32_edges: run the input conv, the timestep MLP and the output layer in float32 (see the module doc).
+    bf16_norms: the blocks' GroupNorms run in the autocast dtype with float32 statistics
+        (unet_blocks.LowPrecisionGroupNorm) instead of CUDA autocast's float32; off by default.
     """
 
     image_size: int = 64
@@ -87,6 +90,7 @@ class UNetConfig:
     use_checkpoint: bool = False
     attn_backend: str = "auto"
     fp32_edges: bool = True
+    bf16_norms: bool = False
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
@@ -194,6 +198,9 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(EdgeGroupNorm(norm_groups(ch), ch), nn.SiLU(),
                                  zero_module(EdgeConv2d(ch, out_ch, 3, padding=1)))
         self.set_fp32_edges(cfg.fp32_edges)
+        for m in self.modules():
+            if isinstance(m, LowPrecisionGroupNorm):
+                m.low_precision = cfg.bf16_norms
 
     @property
     def conditional(self) -> bool:

@@ -43,7 +43,7 @@ from evaluation.data import manifest_bytes, open_dataset
 from evaluation.fid import reference_stats_path
 from evaluation.inception import load_inception, resolve_inception_weights, sha256_file
 from evaluation.metrics import to_uint8, to_unit_range
-from evaluation.precision import PRECISIONS, measured_precision_effect, sampling_precision
+from evaluation.precision import PRECISIONS, measured_precision_effect, resolve_precision, sampling_precision
 from evaluation.protocol import (  # noqa: F401 - re-exported: the library entry points of the protocol
     Preempted,
     ReconEvalConfig,
@@ -108,8 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="images per rank between partial saves (0: never)")
     p.add_argument("--save-every-min", type=minutes, default=10.0,
                    help="minutes between partial saves, at the next batch boundary (0: never)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="decoding precision: fp32 (the reference), bf16 (autocast), tf32 (CUDA matmul/conv)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="decoding precision: fp32 (the reference), bf16 (autocast, TF32 for its fp32 parts), tf32 "
+                        "(CUDA matmul/conv); default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--pg-timeout-min", type=minutes, default=120.0,
                    help="collective timeout of the process group, minutes")
     p.add_argument("--num-show", type=int_at_least(0), default=8, help="images in samples.png")
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> list[dict] | int:
 
 def _run(args: argparse.Namespace, dataset, stop: StopFlag) -> list[dict] | int:
     device = init_distributed(60 * args.pg_timeout_min, engines=False).device
+    args.precision = resolve_precision(args.precision, device)  # bf16 on CUDA, fp32 on CPU unless asked
     from divae.model import DiVAE
 
     model = DiVAE.from_pretrained(args.checkpoint).to(device).eval().requires_grad_(False)

@@ -54,7 +54,7 @@ from evaluation.data import manifest_bytes
 from evaluation.fid import reference_stats_path
 from evaluation.inception import load_inception, resolve_inception_weights, sha256_file
 from evaluation.metrics import to_uint8
-from evaluation.precision import PRECISIONS, sampling_precision
+from evaluation.precision import PRECISIONS, resolve_precision, sampling_precision
 from evaluation.protocol import (
     Preempted,
     ReconEvalConfig,
@@ -237,7 +237,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int_at_least(0), default=1024,
                    help="captions per rank between partial saves (0: never)")
     p.add_argument("--save-every-min", type=minutes, default=10.0, help="minutes between partial saves (0: never)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="sampling precision")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="sampling precision (default bf16 on CUDA, fp32 on CPU: evaluation.precision)")
     p.add_argument("--pg-timeout-min", type=minutes, default=120.0, help="collective timeout, minutes")
     p.add_argument("--num-show", type=int_at_least(0), default=8, help="captions in samples.png")
     p.add_argument("--save-images", default=None,
@@ -336,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict | int:
 
 def _run(args: argparse.Namespace, pairs: CaptionPairs, stop: StopFlag) -> dict | int:
     device = init_distributed(60 * args.pg_timeout_min, engines=False).device
+    args.precision = resolve_precision(args.precision, device)  # bf16 on CUDA, fp32 on CPU unless asked
     from divae.model import DiVAE
     from divae.prior_io import load_prior
 

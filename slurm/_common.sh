@@ -9,9 +9,11 @@
 #
 # Environment knobs (all optional):
 #   DIVAE_VENV            virtualenv to activate (default: <repo>/.venv when it exists)
-#   NPROC_PER_NODE        ranks per node (default: GPUs allocated on the node, else 1 = CPU); "cpus": one rank
-#                         per CPU the job holds on the node (CPU runs: a requeued job given fewer CPUs then
-#                         runs on fewer ranks, and resumes elastically, README "Elastic resume")
+#   NPROC_PER_NODE        ranks per node (default: SLURM_GPUS_ON_NODE, the GPUs allocated on the node; on a node
+#                         without GPUs 1 = CPU; a node with GPUs whose count Slurm does not give is refused,
+#                         divae_nproc); "cpus": one rank per CPU the job holds on the node (CPU runs: a requeued
+#                         job given fewer CPUs then runs on fewer ranks, and resumes elastically, README
+#                         "Elastic resume")
 #   MASTER_PORT           rendezvous port (default: 20000 + job id % 20000)
 #   DIVAE_LAUNCHER        torchrun (default) | srun (one srun task per rank, no torchrun)
 #   DIVAE_MAX_REQUEUES    stop requeueing after this many restarts (default 50)
@@ -19,10 +21,22 @@
 #   DIVAE_RESIGNAL_S      after a USR1, repeat it to the step every this many seconds until the step ends, for
 #                         ranks still starting up when it came (default 10)
 #   OMP_NUM_THREADS       default: CPUs of the task / ranks per node
+#   DIVAE_INIT_TIMEOUT_S  seconds the ranks wait for each other at start-up (default 300; trainer/launch.py), apart
+#                         from the collective timeout (30 min training, --pg-timeout-min evaluation)
+#   DIVAE_NCCL_DUMP_DIR   where NCCL's flight recorder writes each rank's last collectives when a collective times
+#                         out (default <submit dir>/nccl_dumps/<job id>; trainer/launch.py sets the TORCH_NCCL_*)
+#
+# Rendezvous: the first host of SLURM_JOB_NODELIST (`scontrol show hostnames`) is the c10d endpoint, and every
+# torchrun passes its own Slurm node name as --local-addr, so the MASTER_ADDR the ranks (and the watchdog)
+# connect to is a name from the node list, not the rank-0 agent's getfqdn(), which may not resolve elsewhere.
 
 # Exit code of a preempted rank and the marker file it leaves in the run folder (trainer/preemption.py).
 DIVAE_REQUEUE_EXIT_CODE=75
 DIVAE_REQUEUE_MARKER=REQUEUE
+
+# torchrun wrapped for the step: ignores USR1 (see divae_train) and gives its node's Slurm name as --local-addr.
+DIVAE_TORCHRUN=(bash -c 'trap "" USR1; exec "$1" --local-addr="${SLURMD_NODENAME:-$(hostname)}" "${@:2}"'
+                torchrun-ignoring-usr1 torchrun)
 
 divae_log() { echo "[divae $(date +%H:%M:%S) ${SLURM_JOB_ID:-nojob}] $*"; }
 divae_die() { echo "[divae] error: $*" >&2; exit 2; }
@@ -40,6 +54,31 @@ divae_activate() {
     if ! python -c 'import importlib.util as u, sys; sys.exit(u.find_spec("trainer") is None)' 2>/dev/null; then
         export PYTHONPATH=$DIVAE_ROOT${PYTHONPATH:+:$PYTHONPATH}
     fi
+}
+
+# divae_nproc: ranks per node (NPROC_PER_NODE, else SLURM_GPUS_ON_NODE, else 1 on a node without GPUs); refuses,
+# in one line, a node with GPUs whose count Slurm does not give (one rank would silently use one GPU of them).
+divae_nproc() {
+    local n=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
+    [[ $n == cpus ]] && n=${SLURM_CPUS_ON_NODE:-1}
+    if [[ -z $n || $n == 0 ]]; then
+        if [[ -n $(nvidia-smi -L 2>/dev/null | grep '^GPU') ]]; then
+            divae_die "cannot tell how many GPUs per node this job holds (SLURM_GPUS_ON_NODE unset on a node with GPUs): submit with --gpus-per-node=N or set NPROC_PER_NODE"
+        fi
+        n=1  # a CPU node
+    fi
+    [[ $n =~ ^[0-9]+$ && $n -gt 0 ]] || divae_die "NPROC_PER_NODE=$n: need a positive number of ranks or 'cpus'"
+    echo "$n"
+}
+
+# divae_dist_env: the rendezvous variables of the step (MASTER_ADDR from the node list, MASTER_PORT) and the
+# NCCL flight-recorder dump folder.
+divae_dist_env() {
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    [[ -n $MASTER_ADDR ]] || divae_die "scontrol show hostnames '$SLURM_JOB_NODELIST' gave no host"
+    export MASTER_ADDR
+    export MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
+    export DIVAE_NCCL_DUMP_DIR=${DIVAE_NCCL_DUMP_DIR:-${SLURM_SUBMIT_DIR:-$PWD}/nccl_dumps/$SLURM_JOB_ID}
 }
 
 # The run folder the trainer will use (where it leaves the REQUEUE marker), resolved by the trainer's
@@ -61,16 +100,12 @@ divae_train() {
     shift
     divae_activate
 
-    local nnodes=${SLURM_NNODES:-1}
-    local nproc=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
-    [[ $nproc == cpus ]] && nproc=${SLURM_CPUS_ON_NODE:-1}
-    [[ $nproc =~ ^[0-9]+$ && $nproc -gt 0 ]] || nproc=1
+    local nnodes=${SLURM_NNODES:-1} nproc
+    nproc=$(divae_nproc) || exit 2
     local cpus=${SLURM_CPUS_PER_TASK:-1}
     local cpus_per_rank=$(( cpus / nproc > 0 ? cpus / nproc : 1 ))
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$cpus_per_rank}
-    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-    export MASTER_ADDR
-    export MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
+    divae_dist_env
     # Seconds torchrun gives its ranks to checkpoint after a SIGTERM before it SIGKILLs them.
     export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${DIVAE_SHUTDOWN_TIMEOUT:-100}
 
@@ -80,8 +115,7 @@ divae_train() {
         torchrun)
             step=(srun --kill-on-bad-exit=1 --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1
                   --cpus-per-task="$cpus"
-                  bash -c 'trap "" USR1; exec "$@"' torchrun-ignoring-usr1
-                  torchrun --nnodes="$nnodes" --nproc_per_node="$nproc" --rdzv_backend=c10d
+                  "${DIVAE_TORCHRUN[@]}" --nnodes="$nnodes" --nproc_per_node="$nproc" --rdzv_backend=c10d
                   --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID"
                   -m trainer.train --config "$config" "$@") ;;
         srun)
@@ -175,13 +209,10 @@ divae_eval() {
 
     local nnodes nproc cpus out args i step rc
     nnodes=${SLURM_NNODES:-1}
-    nproc=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
-    [[ $nproc =~ ^[0-9]+$ && $nproc -gt 0 ]] || nproc=1
+    nproc=$(divae_nproc) || exit 2
     cpus=${SLURM_CPUS_PER_TASK:-1}
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / nproc > 0 ? cpus / nproc : 1 ))}
-    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-    export MASTER_ADDR
-    export MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
+    divae_dist_env
 
     out=$default_out  # --out as the module parses it (the last one wins); the REQUEUE marker is written there
     args=("$@")
@@ -192,8 +223,7 @@ divae_eval() {
     rm -f "$out/$DIVAE_REQUEUE_MARKER"
 
     step=(srun --kill-on-bad-exit=1 --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --cpus-per-task="$cpus"
-          bash -c 'trap "" USR1; exec "$@"' torchrun-ignoring-usr1
-          torchrun --nnodes="$nnodes" --nproc_per_node="$nproc" --rdzv_backend=c10d
+          "${DIVAE_TORCHRUN[@]}" --nnodes="$nnodes" --nproc_per_node="$nproc" --rdzv_backend=c10d
           --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID"
           -m "$module" "$@")
     divae_log "restart ${SLURM_RESTART_COUNT:-0}: $nnodes node(s) x $nproc rank(s), master $MASTER_ADDR:$MASTER_PORT"

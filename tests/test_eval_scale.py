@@ -91,6 +91,23 @@ def test_bf16_decoding_runs_under_autocast_and_stays_close(inputs):  # noqa: F81
         pass
 
 
+def test_evaluation_is_bf16_on_cuda_and_fp32_on_cpu_by_default():
+    from evaluation.precision import resolve_precision, sampling_precision
+
+    assert resolve_precision(None, "cuda") == "bf16" and resolve_precision(None, torch.device("cuda", 1)) == "bf16"
+    assert resolve_precision(None, "cpu") == "fp32"
+    assert resolve_precision("fp32", "cuda") == "fp32" and resolve_precision("tf32", "cpu") == "tf32"  # as asked
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp16", "cuda")
+    flags = (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")
+    before = [getattr(m, a) for m, a in flags]
+    with sampling_precision("bf16", "cpu"):  # bf16: its fp32 parts (edges, sampler) on TF32 tensor cores
+        assert all(getattr(m, a) for m, a in flags)
+    with sampling_precision("fp32", "cpu"):  # fp32: the exact reference
+        assert not any(getattr(m, a) for m, a in flags)
+    assert [getattr(m, a) for m, a in flags] == before
+
+
 def test_time_based_and_signal_saves_in_process(tmp_path):
     from evaluation.protocol import Preempted, StopFlag
 

@@ -102,10 +102,49 @@ def test_overlap_comm_and_gradient_communication_dtype():
     assert zero(True, zero_stage=1)["zero_optimization"]["overlap_comm"] is False
     assert zero(False, zero_stage=2)["zero_optimization"]["overlap_comm"] is False  # gloo: nothing to overlap
     assert zero(True, zero_stage=2, overlap_comm=False)["zero_optimization"]["overlap_comm"] is False
-    assert "communication_data_type" not in zero(True)  # fp32: the accumulation dtype
+    assert zero(True)["communication_data_type"] == "fp32"  # explicit: DeepSpeed would reduce in bf16
     assert zero(True, grad_comm_dtype="bf16")["communication_data_type"] == "bf16"
     with pytest.raises(ValueError, match="grad_comm_dtype"):
         DeepSpeedConfig(grad_comm_dtype="fp16")
+
+
+@contextlib.contextmanager
+def reduced_dtypes():
+    """The dtypes of the floating tensors all-reduced or reduce-scattered (torch.distributed) while open."""
+    import torch.distributed as td
+
+    seen: list[torch.dtype] = []
+    saved = {n: getattr(td, n) for n in ("all_reduce", "reduce_scatter_tensor")}
+
+    def wrap(name, fn):
+        def spied(*args, **kwargs):
+            t = (args[1] if len(args) > 1 else kwargs.get("input")) if name == "reduce_scatter_tensor" else \
+                (args[0] if args else kwargs.get("tensor"))
+            if t.is_floating_point():
+                seen.append(t.dtype)
+            return fn(*args, **kwargs)
+        return spied
+
+    for name, fn in saved.items():
+        setattr(td, name, wrap(name, fn))
+    try:
+        yield seen
+    finally:
+        for name, fn in saved.items():
+            setattr(td, name, fn)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_gradients_are_reduced_in_the_dtype_the_config_states(single_process_group, stage):  # noqa: F811
+    """Real bf16 ZeRO-1/2 engines: fp32 reduction by default (DeepSpeed alone would use bf16), bf16 by choice."""
+    for asked, dtype in ((None, torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        engine = _engine(DeepSpeedConfig(zero_stage=stage, precision="bf16", grad_comm_dtype=asked))
+        assert engine.communication_data_type == dtype, (stage, asked)
+        loss = engine(torch.randn(2, 3, 8, 8)).float().pow(2).mean()
+        with reduced_dtypes() as seen:  # the gradient reduction runs in backward (ZeRO-2 hooks, ZeRO-1 at its end)
+            engine.backward(loss)
+        engine.step()
+        assert seen and set(seen) == {dtype}, (stage, asked, seen)
 
 
 def test_cuda_math_switches():

@@ -79,6 +79,9 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: bool = True  # resume from <run_dir>/checkpoints/latest when present
     export: bool = True  # write divae.safetensors (weights only) with every checkpoint
+    # False: a save writes only the weights-only export(s) into the run folder, no engine, optimizer or EMA
+    # state (MBs instead of GBs; the run cannot resume from it). For benchmarks (bench/gpu_check.sh).
+    state: bool = True
     export_ema: bool = True  # export the EMA weights (else the raw trained weights)
     export_raw: bool = False  # with an EMA export, also write the raw weights beside it (<name>.raw.safetensors)
     init_from: str = ""  # DiVAE file to initialise the trained model from when starting fresh (no checkpoint)

@@ -13,6 +13,13 @@ model's forward, state-dict keys unchanged) off by default; ZeRO's `overlap_comm
 `grad_comm_dtype` fp32 by default (gradients reduced in the fp32 accumulation dtype, as torchtitan's and
 Megatron's defaults; "bf16" halves the bytes at the cost of a lossy sum over many ranks).
 
+Gradient reduction dtype: `ds_config` always writes DeepSpeed's `communication_data_type` (`reduction_dtype`):
+left out, DeepSpeed reduces in the model's dtype, bf16 (its engines report `communication_data_type=bfloat16`
+under ZeRO-1 and ZeRO-2). The trade-off, measured on CPU (1M N(0, 1e-3) bf16 gradients per rank, the mean
+against the exact one): a bf16 ring sum, rounded at each of the N-1 hops, is off by 0.37% (relative L2) on 8
+ranks, 0.50% on 16, 0.96% on 64; an fp32 sum rounded once to bf16 by 0.17% whatever N. fp32 sends twice the
+bytes of bf16.
+
 Every engine wraps its module in `CastIO`: floating inputs are cast to the engine's compute dtype (bf16)
 unless the module says it casts them itself (`casts_own_inputs = True`, e.g. the diffusion decoder, whose
 UNet keeps x_t in float32 for its input conv), the forward runs under autocast (models make fp32 tensors
@@ -60,7 +67,7 @@ class DeepSpeedConfig:
     activation_checkpointing: bool = False  # recompute activations in backward (sets the models' switch)
     reduce_bucket_size: int = 50_000_000  # elements; ZeRO communication bucket
     overlap_comm: bool | None = None  # None: on for ZeRO >= 2 on CUDA (comm overlaps backward), off on CPU
-    grad_comm_dtype: Literal["fp32", "bf16"] | None = None  # None: the accumulation dtype (fp32 under ZeRO >= 1)
+    grad_comm_dtype: Literal["fp32", "bf16"] | None = None  # gradient reduction dtype; None: fp32 (`reduction_dtype`)
     tf32: bool = True  # CUDA: TF32 tensor cores for fp32 matmuls and cuDNN convolutions (the fp32 edges)
     cudnn_benchmark: bool = True  # CUDA: autotune convolution algorithms (fixed shapes in training)
     channels_last: bool = False  # NHWC image inputs (convs then run NHWC): faster convs on tensor cores
@@ -135,6 +142,14 @@ class CastIO(nn.Module):
         return _cast(out, torch.float32)
 
 
+def reduction_dtype(ds: DeepSpeedConfig) -> Literal["fp32", "bf16"]:
+    """The dtype gradients are reduced (all-reduced / reduce-scattered) in across ranks: `grad_comm_dtype`,
+    fp32 when unset; always fp32 for fp32 training (bf16 reduction of fp32 gradients is not offered)."""
+    if ds.precision == "fp32":
+        return "fp32"
+    return ds.grad_comm_dtype or "fp32"
+
+
 def ds_config(ds: DeepSpeedConfig, micro_batch: int, grad_accum: int, world_size: int, grad_clip: float,
               optim: OptimConfig, use_cuda: bool) -> dict:
     """The DeepSpeed JSON config for one engine. Never an "optimizer" section: the client AdamW is the one
@@ -159,8 +174,7 @@ def ds_config(ds: DeepSpeedConfig, micro_batch: int, grad_accum: int, world_size
         # DeepSpeed 0.19 has no ZeRO-0 path with bf16 weights and fp32 accumulation (it raises); there
         # gradients accumulate in bf16, fine for a few micro-batches.
         cfg["data_types"] = {"grad_accum_dtype": "fp32" if ds.zero_stage > 0 else "bf16"}
-    if ds.grad_comm_dtype is not None:
-        cfg["communication_data_type"] = ds.grad_comm_dtype
+    cfg["communication_data_type"] = reduction_dtype(ds)  # explicit: DeepSpeed's default is the model's dtype
     return cfg
 
 

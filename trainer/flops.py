@@ -110,9 +110,10 @@ _CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _c
 
 
 @contextlib.contextmanager
-def _saved_bytes() -> Iterator[list[int]]:
-    """Sum of the bytes of every tensor autograd saves for backward (each tensor object once)."""
-    total, seen = [0], {}
+def _saved_bytes(seen: dict | None = None) -> Iterator[list[int]]:
+    """Sum of the bytes of every tensor autograd saves for backward (each tensor object once; `seen`: ids
+    already counted elsewhere, shared, e.g. the block inputs activation checkpointing keeps)."""
+    total, seen = [0], ({} if seen is None else seen)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in seen and not isinstance(t, torch.nn.Parameter):
@@ -137,6 +138,56 @@ def trace(build: Callable[[], Any], step: Callable[[Any], torch.Tensor], backwar
             if backward:
                 loss.float().backward()
     return Trace(int(fc.get_total_flops()), int(saved[0]))
+
+
+class _FlashAttention(torch.overrides.TorchFunctionMode):
+    """SDPA without a mask as the flash kernel, which an A100/H100 runs for bf16 (a fake CUDA device cannot
+    choose: it would take the math path, which saves the whole attention matrix)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and kwargs.get("attn_mask") is None and len(args) == 3 \
+                and not kwargs.get("dropout_p"):
+            q, k, v = (a.to(torch.bfloat16) for a in args)
+            return torch.ops.aten._scaled_dot_product_flash_attention(
+                q, k, v, 0.0, bool(kwargs.get("is_causal", False)), scale=kwargs.get("scale"))[0]
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_bf16_autocast() -> Iterator[None]:
+    """CUDA's bf16 autocast without a GPU, for fake CUDA tensors: the "cuda" autocast state is set directly
+    (torch.autocast refuses without CUDA), so CUDA's own op lists apply (convolutions and matmuls in bf16;
+    group_norm, layer_norm, softmax and the losses in float32), and mask-free SDPA runs the flash kernel."""
+    saved = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", torch.bfloat16)
+    torch.autocast_increment_nesting()
+    try:
+        with _FlashAttention():
+            yield
+    finally:
+        if torch.autocast_decrement_nesting() == 0:
+            torch.clear_autocast_cache()
+        torch.set_autocast_enabled("cuda", saved[0])
+        torch.set_autocast_dtype("cuda", saved[1])
+
+
+def cuda_saved_bytes(build: Callable[[], Any], step: Callable[[Any], torch.Tensor], bf16: bool,
+                     seen: dict | None = None) -> int:
+    """Bytes autograd saves for backward in `step(build())` as a CUDA device runs it, traced on fake CUDA
+    tensors (no GPU, no memory): with `bf16`, the trained parameters in bf16 (DeepSpeed's module copy; frozen
+    ones stay float32) under `cuda_bf16_autocast`. `seen`: see `_saved_bytes`."""
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):
+        models = build()
+        if bf16:
+            for m in models if isinstance(models, tuple) else (models,):
+                for p in (m.parameters() if m is not None else ()):
+                    if p.requires_grad:
+                        p.data = p.data.to(torch.bfloat16)
+        with _saved_bytes(seen) as saved, cuda_bf16_autocast() if bf16 else contextlib.nullcontext():
+            step(models)
+    return int(saved[0])
 
 
 # ---- per-stage steps ---------------------------------------------------------------------------------------

@@ -15,6 +15,12 @@ CUDA_VISIBLE_DEVICES, e.g. `--gpus-per-task=1` or `--gpu-bind=single:1`): see `c
 On CPU, DeepSpeed's shared-memory all-reduce extension (`deepspeed_shm_comm`, a ~30 s g++ build on a cold
 cache) is switched off: DeepSpeed only uses it for `inference_all_reduce`, never in training, where every
 collective goes through torch.distributed (gloo). `DIVAE_DS_SHM_COMM=1` keeps DeepSpeed's default.
+
+Two timeouts: start-up (`DIVAE_INIT_TIMEOUT_S`, default 300 s) bounds the rendezvous and a first barrier, so a
+rank that never comes up fails the job in minutes; then the group's timeout is raised to the collective
+timeout (30 min in training) for the run. On NCCL the flight recorder is on (`flight_recorder_env`): each
+rank keeps its last 2000 collectives and dumps them to `$DIVAE_NCCL_DUMP_DIR` (default ./nccl_dumps) as
+nccl_trace_rank_<r> when a collective times out (read them with torch's `torchfrtrace`).
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -32,6 +40,8 @@ from divae.utils.logging import get_logger
 
 log = get_logger(__name__)
 _DEVICE = torch.device("cpu")  # where small collectives run (the rank's device after init_distributed)
+INIT_TIMEOUT_ENV, DEFAULT_INIT_TIMEOUT_S = "DIVAE_INIT_TIMEOUT_S", 300.0
+NCCL_DUMP_ENV = "DIVAE_NCCL_DUMP_DIR"
 
 
 @dataclass(frozen=True)
@@ -124,11 +134,36 @@ def cuda_device_index(local_rank: int, visible: int) -> int:
                        "rank per visible GPU, or bind one GPU per task")
 
 
+def flight_recorder_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The NCCL flight-recorder variables to export, those `env` does not set already: a ring of the last 2000
+    collectives per rank, dumped to <$DIVAE_NCCL_DUMP_DIR or ./nccl_dumps>/nccl_trace_rank_<rank> on a timeout."""
+    dump = Path(env.get(NCCL_DUMP_ENV) or "nccl_dumps").resolve()
+    want = {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+            "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": f"{dump}/nccl_trace_rank_"}
+    return {k: v for k, v in want.items() if k not in env}
+
+
+def init_timeout_s(env: Mapping[str, str], timeout_s: float) -> float:
+    """Seconds the ranks have to find each other at start-up: $DIVAE_INIT_TIMEOUT_S (default 300), at most
+    the collective timeout `timeout_s`."""
+    return min(float(env.get(INIT_TIMEOUT_ENV) or DEFAULT_INIT_TIMEOUT_S), timeout_s)
+
+
+def _init_group(backend: str, world: int, timeout_s: float) -> None:
+    """init_process_group with the short start-up timeout, a barrier under it (every rank is up), then the
+    collective timeout `timeout_s` for the rest of the run (the group's and its store's)."""
+    torch.distributed.init_process_group(backend, timeout=timedelta(seconds=init_timeout_s(os.environ, timeout_s)))
+    if world > 1:
+        torch.distributed.barrier()
+    torch.distributed.set_timeout(timedelta(seconds=timeout_s))
+    torch.distributed.distributed_c10d._get_default_store().set_timeout(timedelta(seconds=timeout_s))
+
+
 def init_distributed(timeout_s: float = 1800, *, engines: bool = True) -> DistInfo:
     """Detect the launcher, export the rendezvous variables, pick device and backend, and initialise
-    torch.distributed with a `timeout_s` collective timeout. `engines=True` (training): through DeepSpeed, also
-    for one process (DeepSpeed engines need a group). `engines=False` (evaluation): plain torch.distributed, and
-    no group at all for a single process."""
+    torch.distributed with a `timeout_s` collective timeout (start-up: `init_timeout_s`). `engines=True`
+    (training): DeepSpeed's communication on that group, also for one process (DeepSpeed engines need a group).
+    `engines=False` (evaluation): plain torch.distributed, and no group at all for a single process."""
     found = detect_env()
     launcher = found.pop("LAUNCHER")
     for k, v in found.items():
@@ -138,20 +173,21 @@ def init_distributed(timeout_s: float = 1800, *, engines: bool = True) -> DistIn
     if torch.cuda.is_available():
         device, backend = torch.device("cuda", cuda_device_index(local_rank, torch.cuda.device_count())), "nccl"
         torch.cuda.set_device(device)
+        os.environ.update(flight_recorder_env(os.environ))
+        Path(os.environ["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"]).parent.mkdir(parents=True, exist_ok=True)
     else:
         device, backend = torch.device("cpu"), "gloo"
         if "OMP_NUM_THREADS" not in os.environ:
             # Several ranks on one box fight over the cores: a 6x slow-down on 2 cores without this.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
         _skip_shm_comm_build()
-    if not torch.distributed.is_initialized():
-        if engines:
-            import deepspeed
+    if not torch.distributed.is_initialized() and (engines or world > 1):
+        _init_group(backend, world, timeout_s)
+    if engines:  # DeepSpeed's communication backend on the group made above
+        import deepspeed
 
-            deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
-                                       auto_mpi_discovery=False, verbose=False)
-        elif world > 1:
-            torch.distributed.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
+                                   auto_mpi_discovery=False, verbose=False)
     global _DEVICE
     _DEVICE = device
     info = DistInfo(rank, world, local_rank, local_world, device, backend, launcher)

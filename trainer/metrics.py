@@ -36,6 +36,19 @@ class LoggingConfig:
     progress: bool = True  # tqdm bar on rank 0
     sample_every: int = 1000  # steps between PNG sample grids (0: never)
     num_samples: int = 8  # images per grid row (per rank batch is the upper bound)
+    # torch.profiler Chrome trace of the last `profile_steps` optimizer steps of every `profile_every` (0: off),
+    # per rank, in <run_dir>/profile/ (trainer.profiling.StepProfiler)
+    profile_every: int = 0
+    profile_steps: int = 2
+    # CUDA only: record the allocator's history and write <run_dir>/oom_snapshot_rank<r>.pickle on out-of-memory
+    # (open it in https://pytorch.org/memory_viz; trainer.profiling.oom_snapshot); recording costs a little speed
+    memory_snapshot_on_oom: bool = False
+
+    def __post_init__(self) -> None:
+        if self.profile_every < 0 or self.profile_steps < 1 or (self.profile_every and
+                                                                self.profile_every <= self.profile_steps):
+            raise ValueError(f"need profile_every 0 (off) or > profile_steps >= 1, got {self.profile_every} and "
+                             f"{self.profile_steps}")
 
 
 def new_wandb_id() -> str:

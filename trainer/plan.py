@@ -4,15 +4,17 @@
     python -m trainer.plan --recipe --gpus 32 --gpu h100-sxm        # the paper's whole Table 1 recipe
 
 Per config: parameters, FLOPs per sample (trainer.flops: fake tensors), activation memory per sample with and
-without activation checkpointing (the bytes autograd saves for backward, traced on fake tensors in the
-config's precision; with checkpointing plus one block's activations, recomputed during backward), the
+without activation checkpointing (the bytes autograd saves for backward as a CUDA device holds them: fake
+CUDA tensors under CUDA's autocast op lists, `trainer.flops.cuda_saved_bytes`; with checkpointing the blocks'
+inputs, each tensor once, plus one block's activations, recomputed during backward), the
 model + gradient + optimizer + EMA bytes per GPU under ZeRO 0-3, the largest micro-batch that fits, and steps/s,
 wall time, GPU-hours and cost at a stated MFU. `--recipe` adds the cost of the paper's recipe (VQ f16/f8,
 decoder f16/f8, the prior, and the 50k-image DDPM-1000 reconstruction FID of each decoder) as one table.
 
 Memory model per trained parameter (DeepSpeed bf16, `grad_accum_dtype` fp32, client AdamW): bf16 weights 2 B,
-fp32 gradients 4 B, fp32 master weights + Adam moments 12 B, fp32 EMA 4 B (kept whole on every rank); ZeRO-1
-shards the 12 B, ZeRO-2 also the gradients, ZeRO-3 also the weights. fp32 runs: 4 + 4 + 8 + 4 B. Frozen helpers
+fp32 gradients 4 B, fp32 master weights + Adam moments 12 B, fp32 EMA of the master weights 4 B; ZeRO-1
+shards the 12 B and the EMA (trainer.ema keeps it like the master weights), ZeRO-2 also the gradients, ZeRO-3
+also the weights. fp32 runs: 4 + 4 + 8 + 4 B. Frozen helpers
 (the decoder stage's VQ, the VQ stage's LPIPS) are fp32. Usable memory: 92% of the card less 1.5 GiB (CUDA
 context, allocator fragmentation, communication buckets). These are estimates: `bench/gpu_check.sh` measures.
 """
@@ -32,7 +34,7 @@ import torch
 
 from divae.utils.config import ConfigError
 from trainer.config import TrainConfig, load_train_config
-from trainer.flops import CARDS, _saved_bytes, stage_flops, stage_parts, trace
+from trainer.flops import CARDS, _saved_bytes, cuda_saved_bytes, stage_flops, stage_parts
 
 GiB = 2**30
 DEFAULT_MFU = 0.35  # conservative; a measured figure (bench/gpu_check.sh's results) replaces it
@@ -63,11 +65,17 @@ class Plan:
     def state_bytes(self, zero: int, gpus: int) -> float:
         """Weights, gradients, optimizer and EMA bytes per GPU under ZeRO stage `zero` (+ frozen helpers)."""
         w, g, opt, ema = (2, 4, 12, 4) if self.bf16 else (4, 4, 8, 4)
-        per = w / (gpus if zero >= 3 else 1) + g / (gpus if zero >= 2 else 1) + opt / (gpus if zero >= 1 else 1)
-        return self.params * (per + ema) + 4 * self.frozen_params
+        per = w / (gpus if zero >= 3 else 1) + g / (gpus if zero >= 2 else 1) + (opt + ema) / (gpus if zero >= 1 else 1)
+        return self.params * per + 4 * self.frozen_params
+
+    def peak_bytes(self, micro: int, zero: int, gpus: int, ckpt: bool) -> float:
+        """Predicted peak device bytes per GPU of a step at micro-batch `micro` (what bench/gpu_check.sh
+        compares with the measured peak)."""
+        return self.state_bytes(zero, gpus) + self.fixed + micro * (self.act_ckpt if ckpt else self.act)
 
     def max_micro_batch(self, usable: float, zero: int, gpus: int, ckpt: bool) -> int:
-        free = usable - self.state_bytes(zero, gpus) - self.fixed
+        """The largest micro-batch whose `peak_bytes` fits in `usable` bytes."""
+        free = usable - self.peak_bytes(0, zero, gpus, ckpt)
         return max(int(free // (self.act_ckpt if ckpt else self.act)), 0)
 
 
@@ -106,21 +114,21 @@ def _param_counts(cfg: TrainConfig, vq_cfg) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def _checkpoint_inputs(counter: list[int], largest: list[int]) -> Iterator[None]:
+def _checkpoint_inputs(counter: list[int], largest: list[int], seen: dict) -> Iterator[None]:
     """Non-reentrant checkpointing keeps each block's inputs outside autograd's saved tensors: count them, and
-    the largest block's own activations (recomputed, alive during that block's backward)."""
+    the largest block's own activations (recomputed, alive during that block's backward). `seen` is shared
+    with the trace's saved-tensor count: a block input that an op outside the blocks also saves is one tensor,
+    counted once."""
     import divae.prior
     import divae.unet
     import divae.vq
 
     mods = (divae.unet, divae.vq, divae.prior)
     originals = [m.checkpoint for m in mods]
-    seen: set[int] = set()
-
     def counting(fn, *args, **kwargs):
         for a in args:
             if isinstance(a, torch.Tensor) and id(a) not in seen:
-                seen.add(id(a))
+                seen[id(a)] = a  # held: ids stay unique for the whole trace
                 counter[0] += a.numel() * a.element_size()
         with _saved_bytes() as inner:
             fn(*args)  # the block without checkpointing, on fake tensors: its activation bytes
@@ -137,15 +145,16 @@ def _checkpoint_inputs(counter: list[int], largest: list[int]) -> Iterator[None]
 
 
 def activation_bytes(cfg: TrainConfig, ckpt: bool) -> tuple[float, float]:
-    """(bytes per sample, fixed bytes) saved for backward, from traces at batch 1 and 2."""
+    """(bytes per sample, fixed bytes) saved for backward on a CUDA device (trainer.flops.cuda_saved_bytes:
+    CUDA's autocast rules on fake CUDA tensors, bf16 trained weights), from traces at batch 1 and 2."""
     bf16 = cfg.deepspeed.precision == "bf16"
     sizes = []
     for b in (1, 2):
         build, step = stage_parts(cfg, ckpt, b)
-        extra, largest = [0], [0]
-        with _checkpoint_inputs(extra, largest) if ckpt else contextlib.nullcontext():
-            t = trace(build, step, backward=False, bf16=bf16)
-        sizes.append(t.saved_bytes + extra[0] + largest[0])
+        extra, largest, seen = [0], [0], {}
+        with _checkpoint_inputs(extra, largest, seen) if ckpt else contextlib.nullcontext():
+            saved = cuda_saved_bytes(build, step, bf16, seen)
+        sizes.append(saved + extra[0] + largest[0])
     per = sizes[1] - sizes[0]
     return float(per), float(max(sizes[0] - per, 0))
 
@@ -269,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         out["plan"] = {**plan.__dict__, "state_gib": [plan.state_bytes(z, args.gpus) / GiB for z in range(4)],
                        "max_micro": [plan.max_micro_batch(usable, z, args.gpus, False) for z in range(4)],
                        "max_micro_ckpt": [plan.max_micro_batch(usable, z, args.gpus, True) for z in range(4)]}
+        per = args.gpus * plan.grad_accum
+        if plan.batch % per == 0:  # the config's own micro-batch: its predicted peak
+            out["plan"]["peak_gib_config"] = plan.peak_bytes(plan.batch // per, cfg.deepspeed.zero_stage, args.gpus,
+                                                             plan.checkpointing) / GiB
     if args.recipe:
         table, rows = recipe_table(args.gpus, args.gpu, mfu, usd)
         print("\n## The paper's recipe (Table 1)\n\n" + table)

@@ -50,6 +50,7 @@ from trainer.metrics import RunLogger, WindowMeter, new_wandb_id, peak_memory_mb
 from trainer.preemption import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, Preemption
 from trainer.preemption import install as install_signal_handlers
 from trainer.preflight import check_batch, check_inputs
+from trainer.profiling import StepProfiler, oom_snapshot
 from trainer.tasks import TASKS
 from trainer.tasks.base import host_means
 from trainer.watchdog import PeerFailure, PeerWatchdog, peer_failure
@@ -169,7 +170,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
                                   world_size=dist.world_size, grad_clip=cfg.train.grad_clip, total_steps=total)
                for name in task.phases}
     task.attach(engines)
-    emas = {n: EMA(engines[n].module.inner, cfg.ema, cfg.deepspeed.zero_stage)
+    emas = {n: EMA(engines[n].module.inner, cfg.ema, engine=engines[n])  # of the fp32 master weights, sharded
             for n in task.ema_phases if cfg.ema.enabled}
     throughput = Throughput.for_run(cfg, task, dist.device)  # FLOPs per sample, once (fake tensors, no memory)
     loader = build_loader(cfg, dist)
@@ -204,9 +205,10 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
 
     def save(at_step: int) -> None:
         export_ema = cfg.checkpoint.export_ema and bool(emas)
+        ema_states = {n: e.state_dict() for n, e in emas.items()}  # a collective (the EMA is sharded): once
         exports = []  # (file name, {phase: state dict}, weights info) of each export
         if export_ema:
-            exports.append((task.export_name, {n: e.state_dict() for n, e in emas.items()},
+            exports.append((task.export_name, ema_states,
                             {"kind": "ema", "step": at_step, "decay": cfg.ema.decay, "warmup": cfg.ema.warmup,
                              "updates": next(iter(emas.values())).num_updates}))
         if cfg.checkpoint.export and (not export_ema or cfg.checkpoint.export_raw):  # a collective under ZeRO-3
@@ -219,6 +221,17 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
                 task.export(str(folder / name), weights, info)
             return [name for name, _, _ in exports]
 
+        if not cfg.checkpoint.state:  # weights only, into the run folder (no resumable state)
+            rng = ckpt.rng_state()
+            if dist.is_main and cfg.checkpoint.export:
+                tmp = run_dir / ".export_tmp"
+                tmp.mkdir(exist_ok=True)
+                for name in export_fn(tmp):  # whole files only: a kill mid-write leaves the previous export
+                    os.replace(tmp / name, run_dir / name)
+            ckpt.set_rng_state(rng)  # as below: saving does not move the RNG streams
+            barrier()
+            return
+
         meta = {"step": at_step, "samples_seen": samples_seen, "world_size": dist.world_size,
                 "zero_stage": cfg.deepspeed.zero_stage, "stage": cfg.train.stage, "wandb_id": wandb_id,
                 "engines": list(engines), "optimizer_steps": {n: int(e.global_steps) for n, e in engines.items()},
@@ -229,13 +242,15 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
         rng = ckpt.rng_state()
         rank_state = {"rng": rng, "loader": loader.state_dict(), "task": task.state_dict()}
         ckpt.save(ckpt_root, at_step, rank=dist.rank, engines=engines, rank_state=rank_state, meta=meta,
-                  config_yaml=config_yaml, ema={n: e.state_dict() for n, e in emas.items()},
+                  config_yaml=config_yaml, ema=ema_states,
                   export_fn=export_fn if cfg.checkpoint.export else None, keep_last=cfg.checkpoint.keep_last)
         # Saving must not move the RNG streams (the export builds modules, whose init draws random
         # numbers): the run continues from exactly the state a resume restores.
         ckpt.set_rng_state(rng)
 
     exit_code = 0
+    profiler = StepProfiler(cfg.logging.profile_every, cfg.logging.profile_steps, run_dir / "profile", dist.rank,
+                            dist.device, step)
     while step < total:
         t_step = time.perf_counter()
         data_wait = 0.0
@@ -273,6 +288,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
                     micro_metrics.setdefault(key, []).append(v)
         step_metrics = host_means(micro_metrics)  # one host sync for every metric of the step
         step += 1
+        profiler.step(step)
         samples_seen += global_batch
         if bad_keys:
             bad_in_a_row += 1
@@ -316,6 +332,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
                         "(not requeueing)", step, STOP_EXIT_CODE)
             exit_code = STOP_EXIT_CODE
             break
+    profiler.close()
     logger.close()
     return exit_code
 
@@ -432,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     dist = init_distributed()
     watchdog = PeerWatchdog.start()
     try:
-        code = train(cfg, dist)
+        with oom_snapshot(cfg.logging.memory_snapshot_on_oom, Path(cfg.train.run_dir), dist.rank, dist.device):
+            code = train(cfg, dist)
     except Exception as e:  # noqa: BLE001 - the CLI boundary
         e = peer_failure(e)  # a collective broken by another rank's death or failure
         watchdog.fail(f"rank {dist.rank} failed: {one_line(e)}")  # the other ranks end now
