@@ -9,7 +9,8 @@ For each decoder, on the first `--n` held-out crops (PNG files) and their tokens
 - samples at each sampler:steps in --samplers (e.g. ddim:1 is one network evaluation from pure noise, a one-shot
   regression; dpmpp2m:20 the demo's sampler): PSNR and LPIPS, so a decoder whose advantage comes from denoising
   shows it (better with more steps), one that ignores x_t does not;
-- the VQ's CNN decoder on the same tokens and crops, the baseline.
+- the VQ's CNN decoder on the same tokens and crops, the baseline (a VQ-only export, such as the fair CNN
+  baseline of `vq_task.train=decoder`, gets this row alone).
 Each figure is a mean over crops with its standard error. Prints a Markdown table; --json writes the numbers.
 """
 
@@ -76,10 +77,12 @@ def diagnose(name: str, path: str, crops: torch.Tensor, ts: list[int], samplers:
     model = DiVAE.from_pretrained(path).eval()
     idx = torch.cat([model.encode(crops[i:i + batch]) for i in range(0, len(crops), batch)])
     z_q = model.vq.embed(idx)
-    res: dict = {"decoder": name, "path": path, "diffusion": model.diffusion_cfg.__dict__}
+    res: dict = {"decoder": name, "path": path, "x0_by_t": {}, "samples": {}}
     res["cnn"] = scores(model.vq.decode(z_q).clamp(-1, 1), crops, lpips)
+    if model.unet is None:  # a VQ export (e.g. the fair CNN baseline): its CNN decoder only
+        return res
+    res["diffusion"] = model.diffusion_cfg.__dict__
     res["x0_by_t"] = {t: scores(one_step_x0(model, crops, z_q, t, seed=t), crops, None) for t in ts}
-    res["samples"] = {}
     for sampler, steps in samplers:
         x = torch.cat([sample(model.unet, model.diffusion_cfg, crops[i:i + batch].shape, sampler=sampler,
                               steps=steps, model_kwargs={"cond": z_q[i:i + batch]},
@@ -90,10 +93,12 @@ def diagnose(name: str, path: str, crops: torch.Tensor, ts: list[int], samplers:
 
 def table(results: list[dict]) -> str:
     f = lambda ms, d=2: f"{ms[0]:.{d}f} ± {ms[1]:.{d}f}"  # noqa: E731
-    ts = list(results[0]["x0_by_t"])
+    ts = next((list(r["x0_by_t"]) for r in results if r["x0_by_t"]), [])
     lines = ["| decoder | x_0-hat PSNR at t = " + " / ".join(map(str, ts)) + " | colour error at t = "
              + " / ".join(map(str, ts)) + " |", "|---|---|---|"]
     for r in results:
+        if not r["x0_by_t"]:
+            continue
         lines.append(f"| {r['decoder']} | " + " / ".join(f"{v['psnr'][0]:.1f}" for v in r["x0_by_t"].values())
                      + " | " + " / ".join(f"{v['colour'][0]:.1f}" for v in r["x0_by_t"].values()) + " |")
     lines += ["", "| decoder | reconstruction | PSNR (dB) | LPIPS |", "|---|---|---|---|"]
