@@ -1,9 +1,10 @@
 """Where a diffusion decoder learns: the diagnostic of DESIGN.md section 6c for one or more decoder exports.
 
     python bench/decoder_diagnostic.py --decoders x0=runs/demo/decoder/divae.safetensors v=runs/v/divae.safetensors \
-        --crops runs/demo/data/photos/eval/astronaut --n 48
+        --crops runs/demo/data/eval --n 48
 
-For each decoder, on the first `--n` held-out crops (PNG files) and their tokens from the decoder's own VQ:
+For each decoder, on the first `--n` held-out crops (the evaluation's shards, or PNG files) and their tokens from
+the decoder's own VQ:
 - the one-step estimate x_0-hat from (x_t, t, z_q) at t in --t: PSNR (dB) and the colour error (mean absolute
   error of each crop's average colour, in 8-bit levels): where the parameterization has learned;
 - samples at each sampler:steps in --samplers (e.g. ddim:1 is one network evaluation from pure noise, a one-shot
@@ -31,15 +32,21 @@ sys.path.insert(0, str(ROOT))
 from divae.diffusion import create_diffusion, sample  # noqa: E402
 from divae.lpips import LPIPS  # noqa: E402
 from divae.model import DiVAE  # noqa: E402
+from evaluation.data import open_dataset  # noqa: E402
 from evaluation.metrics import psnr, to_uint8  # noqa: E402
 
 
-def load_crops(folder: Path, n: int) -> torch.Tensor:
-    """The first n PNG crops of `folder` (sorted) as float (n, 3, H, W) in [-1, 1]."""
-    files = sorted(folder.glob("*.png"))[:n]
-    if not files:
-        raise SystemExit(f"no PNG crops in {folder}")
-    ims = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+def load_crops(path: Path, n: int) -> torch.Tensor:
+    """The first n crops as float (n, 3, H, W) in [-1, 1]: from shards (a folder with manifest.json, decoded as
+    `evaluation.recon_fid` reads them) or the sorted PNG files of a folder."""
+    if (path / "manifest.json").is_file():
+        data = open_dataset(path)
+        ims = np.stack([np.asarray(data[i]["image"]) for i in range(min(n, len(data)))])
+    else:
+        files = sorted(path.glob("*.png"))[:n]
+        if not files:
+            raise SystemExit(f"no PNG crops in {path}")
+        ims = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
     return torch.from_numpy(ims).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
@@ -113,7 +120,7 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--decoders", nargs="+", required=True, help="name=path of decoder exports (divae.safetensors)")
-    p.add_argument("--crops", default="runs/demo/data/photos/eval/astronaut", help="folder of held-out PNG crops")
+    p.add_argument("--crops", default="runs/demo/data/eval", help="held-out shards (manifest.json) or PNG folder")
     p.add_argument("--n", type=int, default=48)
     p.add_argument("--t", default="50,200,500,800,950")
     p.add_argument("--samplers", default="ddim:1,ddim:2,dpmpp2m:20", help="sampler:steps, comma-separated")

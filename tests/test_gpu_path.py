@@ -93,6 +93,19 @@ def test_trained_engine_steps_the_client_adamw_under_bf16(single_process_group, 
     assert "fused" not in adamw_kwargs(OptimConfig(), on_cuda=False)
 
 
+def test_a_zero3_engine_leaves_torch_linear_alone(single_process_group):  # noqa: F811
+    """DeepSpeed's default ZeRO-3 set-up replaces F.linear for the rest of the process; a later bf16 autocast
+    nn.Linear would then save its fp32 input (seen: the CUDA planner's traces in the same pytest process)."""
+    import torch.nn.functional as F
+
+    before = F.linear
+    module = nn.Sequential(nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 4))
+    engine = _engine(DeepSpeedConfig(zero_stage=3, precision="bf16"), module)
+    engine.backward(engine(torch.randn(2, 8)).float().pow(2).mean())
+    engine.step()
+    assert F.linear is before and torch.nn.functional.linear is before
+
+
 # ---- item 3: throughput switches ------------------------------------------------------------------------
 def test_overlap_comm_and_gradient_communication_dtype():
     def zero(use_cuda, **kw):

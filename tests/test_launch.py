@@ -88,6 +88,7 @@ def test_after_start_up_the_group_has_the_collective_timeout(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("DIVAE_INIT_TIMEOUT_S", "20")
     saved = dict(os.environ)
+    cleanup()  # a group an earlier test in this process left behind would be reused as it is
     try:
         init_distributed(1234)
         assert process_group_timeout_s() == 1234

@@ -128,7 +128,8 @@ def test_tiny_preset_train_step_runs_with_the_hybrid_loss():
     z = torch.randn(2, cfg.cond_channels, cfg.token_grid, cfg.token_grid)
     t = torch.tensor([10, 700])
     losses = diffusion.training_losses(model, x0, t, model_kwargs={"cond": z})
-    assert set(losses) == {"loss", "mse", "vb"} and all(v.shape == (2,) for v in losses.values())
+    assert set(losses) == {"loss", "mse", "vb", "pred_x0"} and losses["pred_x0"].shape == x0.shape
+    assert all(losses[k].shape == (2,) for k in ("loss", "mse", "vb"))
     losses["loss"].mean().backward()
     opt.step()
     assert model.out[-1].weight.abs().sum() > 0  # the zero-initialised output layer moved

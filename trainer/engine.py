@@ -169,6 +169,10 @@ def ds_config(ds: DeepSpeedConfig, micro_batch: int, grad_accum: int, world_size
     }
     if ds.zero_stage == 3:
         cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+        # DeepSpeed's "memory-efficient" linear replaces torch.nn.functional.linear for the whole process, for
+        # good: every later nn.Linear (LPIPS, evaluation, the planner's traces) then saves its fp32 input under
+        # autocast instead of the bf16 cast, the opposite of memory-efficient.
+        cfg["zero_optimization"]["memory_efficient_linear"] = False
     if ds.precision == "bf16":
         cfg["bf16"] = {"enabled": True}
         # DeepSpeed 0.19 has no ZeRO-0 path with bf16 weights and fp32 accumulation (it raises); there

@@ -152,8 +152,12 @@ def init_timeout_s(env: Mapping[str, str], timeout_s: float) -> float:
 def _init_group(backend: str, world: int, timeout_s: float) -> None:
     """init_process_group with the short start-up timeout, a barrier under it (every rank is up), then the
     collective timeout `timeout_s` for the rest of the run (the group's and its store's)."""
-    torch.distributed.init_process_group(backend, timeout=timedelta(seconds=init_timeout_s(os.environ, timeout_s)))
-    if world > 1:
+    init_timeout = timedelta(seconds=init_timeout_s(os.environ, timeout_s))
+    if world == 1:  # an in-process store: no TCP port to pick, so none another process can take meanwhile
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1,
+                                             timeout=init_timeout)
+    else:
+        torch.distributed.init_process_group(backend, timeout=init_timeout)
         torch.distributed.barrier()
     torch.distributed.set_timeout(timedelta(seconds=timeout_s))
     torch.distributed.distributed_c10d._get_default_store().set_timeout(timedelta(seconds=timeout_s))
