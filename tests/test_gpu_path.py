@@ -103,7 +103,7 @@ def test_a_zero3_engine_leaves_torch_linear_alone(single_process_group):  # noqa
     engine = _engine(DeepSpeedConfig(zero_stage=3, precision="bf16"), module)
     engine.backward(engine(torch.randn(2, 8)).float().pow(2).mean())
     engine.step()
-    assert F.linear is before and torch.nn.functional.linear is before
+    assert F.linear is before
 
 
 # ---- item 3: throughput switches ------------------------------------------------------------------------

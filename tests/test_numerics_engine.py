@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def single_process_group():
     from trainer.launch import cleanup, init_distributed
 
-    # init_distributed exports RANK, MASTER_PORT, ... into os.environ, and this process keeps listening on that
-    # port: restore the environment exactly, or every later subprocess would inherit a port that is taken.
+    # init_distributed exports RANK, MASTER_PORT, ... into os.environ: restore the environment exactly, or every
+    # later subprocess would inherit this process's rendezvous variables.
     saved = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
         os.environ.pop(k, None)

@@ -151,7 +151,8 @@ def init_timeout_s(env: Mapping[str, str], timeout_s: float) -> float:
 
 def _init_group(backend: str, world: int, timeout_s: float) -> None:
     """init_process_group with the short start-up timeout, a barrier under it (every rank is up), then the
-    collective timeout `timeout_s` for the rest of the run (the group's and its store's)."""
+    collective timeout `timeout_s` for the rest of the run (the group's and its store's). One process gets an
+    in-process store, so its exported MASTER_PORT is never bound."""
     init_timeout = timedelta(seconds=init_timeout_s(os.environ, timeout_s))
     if world == 1:  # an in-process store: no TCP port to pick, so none another process can take meanwhile
         torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1,
