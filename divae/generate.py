@@ -57,8 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--decoder", choices=["diffusion", "cnn"], default="diffusion",
                    help="diffusion: DiVAE's decoder; cnn: the VQ's CNN decoder")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="diffusion sampler")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the sampler's)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="diffusion sampler (default: the DiVAE file's own, a distilled student's; else ddim)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the file's own with --sampler unset, else the sampler's)")
     p.add_argument("--batch-size", type=int, default=8, help="images per prior/decoder call")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--debug", action="store_true", help="print the traceback of expected errors too")
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise UsageError(f"--top-k must be in [1, {prior.cfg.image_vocab_size}], got {args.top_k}")
     if args.decoder == "diffusion" and divae.unet is None:
         raise UsageError(f"--divae {args.divae} holds no diffusion decoder (a VQ-stage export); use --decoder cnn")
+    if args.decoder == "diffusion" and args.sampler is None and (args.steps is not None or divae.sampling is None):
+        args.sampler = "ddim"  # this CLI's fallback (DDIM 25); a distilled file's own sampler otherwise
     jobs = [(i, c, s) for i, c in enumerate(captions) for s in args.seeds]
     decode = partial(divae.decode_tokens, sampler=args.sampler, steps=args.steps, decoder=args.decoder)
     settings = {k: getattr(args, k) for k in ("guidance_scale", "temperature", "top_k", "top_p", "decoder",

@@ -8,7 +8,10 @@
 
 A saved model is one safetensors file: tensors `vq.*` and `unet.*` (the state dicts of the components) and
 the metadata key `divae_config`, a JSON object {"vq": VQConfig, "unet": UNetConfig | null,
-"diffusion": DiffusionConfig | null}. A VQ-stage export has no UNet; its `decoder="diffusion"` raises.
+"diffusion": DiffusionConfig | null, "sampling": null | {"sampler", "timesteps", "distilled_from"}}; "sampling"
+is the decoder's own default sampler, written by the distillation stage (trainer/tasks/distill.py): a student
+decodes with DDIM over the timesteps it was trained at, and `decode_tokens` uses that unless told otherwise.
+A VQ-stage export has no UNet; its `decoder="diffusion"` raises.
 A trainer export also names the weights it holds in the metadata key `weights` (`weights_info(path)`):
 {"kind": "ema" | "raw", "step": ..., and for an EMA "decay", "warmup", "updates"}.
 """
@@ -37,11 +40,14 @@ FORMAT = "divae/1"
 
 
 class DiVAE(nn.Module):
-    """Holds `vq: VQModel`, `unet: UNetModel | None` and `diffusion_cfg: DiffusionConfig | None`."""
+    """Holds `vq: VQModel`, `unet: UNetModel | None`, `diffusion_cfg: DiffusionConfig | None` and `sampling`
+    (the decoder's default sampler, see the module docstring; None: DDPM over all T steps)."""
 
     def __init__(self, vq_cfg: VQConfig, unet_cfg: UNetConfig | None = None,
-                 diffusion_cfg: DiffusionConfig | None = None):
+                 diffusion_cfg: DiffusionConfig | None = None, sampling: dict | None = None):
         super().__init__()
+        if sampling is not None:
+            check_sampling(sampling, diffusion_cfg)
         if (unet_cfg is None) != (diffusion_cfg is None):
             raise ValueError("give both unet_cfg and diffusion_cfg (a diffusion decoder) or neither (VQ only)")
         if unet_cfg is not None:
@@ -54,6 +60,7 @@ class DiVAE(nn.Module):
         self.vq = VQModel(vq_cfg)
         self.unet = UNetModel(unet_cfg) if unet_cfg is not None else None
         self.diffusion_cfg = diffusion_cfg
+        self.sampling = sampling
 
     @property
     def downsample_factor(self) -> int:
@@ -65,12 +72,13 @@ class DiVAE(nn.Module):
         return self.vq.encode(x)
 
     @torch.no_grad()
-    def decode_tokens(self, indices: torch.Tensor, sampler: str = "ddpm", steps: int | None = None,
+    def decode_tokens(self, indices: torch.Tensor, sampler: str | None = None, steps: int | None = None,
                       seeds: Sequence[int] | None = None, decoder: str = "diffusion") -> torch.Tensor:
         """Token indices (B, h, w) -> images (B, 3, h*f, w*f) in [-1, 1].
 
         decoder "diffusion": sample the UNet conditioned on z_q with `sampler` ("ddpm" | "ddim" | "dpmpp2m")
         and `steps` (None: 1000 for ddpm, 25 for ddim, 20 for dpmpp2m); seeds[i] fixes image i's noise.
+        sampler and steps both None: the file's own sampler (`self.sampling`, a distilled student's) or DDPM-1000.
         decoder "cnn": the VQ's CNN decoder (deterministic).
         """
         if indices.dim() != 3:
@@ -86,12 +94,29 @@ class DiVAE(nn.Module):
         f = self.downsample_factor
         shape = (indices.shape[0], self.unet.cfg.in_channels, indices.shape[1] * f, indices.shape[2] * f)
         cond = z_q if self.unet.conditional else None
-        x = sample(self.unet, self.diffusion_cfg, shape, sampler=sampler, steps=steps, seeds=seeds,
+        how = self.sampling_for(sampler, steps)
+        x = sample(self.unet, self.diffusion_cfg, shape, **how, seeds=seeds,
                    model_kwargs={"cond": cond} if cond is not None else None, device=z_q.device)
         return x.clamp(-1, 1)
 
+    def sampling_for(self, sampler: str | None, steps: int | None, fallback: str = "ddpm") -> dict:
+        """The keyword arguments of `divae.diffusion.sample` for a request: the file's own sampler when neither
+        is given, else `sampler` (None: the file's sampler, or `fallback`) with `steps` (None: the sampler's
+        default)."""
+        own = self.sampling
+        if sampler is None and steps is None and own is not None:
+            return {"sampler": own["sampler"], "timestep_respacing": list(own["timesteps"])}
+        return {"sampler": sampler or (own["sampler"] if own else fallback), "steps": steps}
+
+    def sampling_label(self, sampler: str | None, steps: int | None, fallback: str = "ddpm") -> str:
+        """How `decode_tokens(sampler=..., steps=...)` samples, for reports: "DDIM1 (distilled)", "DPMPP2M20"."""
+        how = self.sampling_for(sampler, steps, fallback)
+        if "timestep_respacing" in how:
+            return f"{how['sampler'].upper()}{len(how['timestep_respacing'])} (distilled)"
+        return f"{how['sampler'].upper()}{how['steps'] or ''}"
+
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, decoder: str = "diffusion", sampler: str = "ddpm",
+    def reconstruct(self, x: torch.Tensor, decoder: str = "diffusion", sampler: str | None = None,
                     steps: int | None = None, seeds: Sequence[int] | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> reconstructions in [-1, 1] (see `decode_tokens`)."""
         return self.decode_tokens(self.encode(x), sampler=sampler, steps=steps, seeds=seeds, decoder=decoder)
@@ -99,7 +124,8 @@ class DiVAE(nn.Module):
     # -- weights-only files ---------------------------------------------------------------------------------
     def config_dict(self) -> dict:
         return {"vq": to_dict(self.vq.cfg), "unet": to_dict(self.unet.cfg) if self.unet is not None else None,
-                "diffusion": asdict(self.diffusion_cfg) if self.diffusion_cfg is not None else None}
+                "diffusion": asdict(self.diffusion_cfg) if self.diffusion_cfg is not None else None,
+                "sampling": self.sampling}
 
     def save_pretrained(self, path: str | Path, weights: dict | None = None) -> None:
         """Write one safetensors file (fp32 tensors `vq.*`, `unet.*`; configs in metadata). `weights`: which
@@ -115,7 +141,8 @@ class DiVAE(nn.Module):
         def build() -> DiVAE:
             return cls(from_dict(VQConfig, cfg["vq"]),
                        from_dict(UNetConfig, cfg["unet"]) if cfg.get("unet") else None,
-                       from_dict(DiffusionConfig, cfg["diffusion"]) if cfg.get("diffusion") else None)
+                       from_dict(DiffusionConfig, cfg["diffusion"]) if cfg.get("diffusion") else None,
+                       cfg.get("sampling"))
 
         check_config_size(path, build, state)  # before anything is allocated for the config
         model = build()
@@ -124,6 +151,20 @@ class DiVAE(nn.Module):
             raise ValueError(f"{path}: weights do not match its config: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
         return model.to(device).eval()
+
+
+def check_sampling(sampling: dict, diffusion_cfg: DiffusionConfig | None) -> None:
+    """Refuse a `sampling` entry (from a file's metadata: untrusted) that `sample` could not run."""
+    from divae.diffusion import SAMPLERS
+
+    if diffusion_cfg is None:
+        raise ValueError("`sampling` needs a diffusion decoder (this file has none)")
+    ts = sampling.get("timesteps") if isinstance(sampling, dict) else None
+    if (not isinstance(sampling, dict) or sampling.get("sampler") not in SAMPLERS or not isinstance(ts, list)
+            or not 1 <= len(ts) <= diffusion_cfg.steps
+            or len(set(ts)) != len(ts) or not all(isinstance(t, int) and 0 <= t < diffusion_cfg.steps for t in ts)):
+        raise ValueError(f"sampling={str(sampling)[:200]}: expected {{'sampler': one of {SAMPLERS}, 'timesteps': "
+                         f"[distinct ints in 0..{diffusion_cfg.steps - 1}]}}")
 
 
 def save_pretrained_state(path: str | Path, state: dict[str, torch.Tensor], config: dict,

@@ -74,7 +74,7 @@ def _load_lpips(device: torch.device):
     return lambda x, y: model(x, y).reshape(x.shape[0])
 
 
-def make_divae_reconstruct(model, decoder: str, sampler: str, steps: int | None, seed: int,
+def make_divae_reconstruct(model, decoder: str, sampler: str | None, steps: int | None, seed: int,
                            device: torch.device, precision: str = "fp32") -> Reconstruct:
     """Reconstruct callable for a DiVAE: encode to tokens (fp32), decode with the CNN decoder (the VQGAN
     baseline) or the diffusion decoder, whose noise for image i is seeded with seed + i, in `precision`."""
@@ -99,9 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="diffusion: DiVAE; cnn: the VQGAN baseline from the same VQ weights; both: side by side")
     p.add_argument("--num-images", type=int_at_least(2), default=None,
                    help="first N images (default: all, 50000 for val)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="diffusion sampler")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="diffusion sampler (default: the checkpoint's own, a distilled student's; else ddpm)")
     p.add_argument("--steps", type=int_at_least(1), default=None,
-                   help="sampling steps (default: the sampler's default)")
+                   help="sampling steps (default: the checkpoint's own with --sampler unset, else the sampler's)")
     p.add_argument("--batch-size", type=int_at_least(1), default=16, help="images per rank per batch")
     p.add_argument("--seed", type=int, default=0, help="image i's diffusion noise is seeded with seed + i")
     p.add_argument("--save-every", type=int_at_least(0), default=1024,
@@ -191,14 +192,17 @@ def _run(args: argparse.Namespace, dataset, stop: StopFlag) -> list[dict] | int:
     all_results = []
     for dec in decoders:
         diffusion = dec == "diffusion"
+        how = model.sampling_for(args.sampler, args.steps) if diffusion else {}
         protocol = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": ckpt_sha, "data": str(args.data),
                     "dataset_name": Path(args.data).name, "decoder": dec,
-                    "sampler": args.sampler if diffusion else None, "steps": args.steps if diffusion else None,
+                    "sampler": how.get("sampler"), "steps": how.get("steps"),
+                    "timesteps": how.get("timestep_respacing"),
                     "seed": args.seed if diffusion else None, "inception_weights": extractor.weights_path,
                     "precision": args.precision, "noise": "counter-based per image (seed + index, draw)",
                     "torch": torch.__version__}
-        label = ("DiVAE" + (f" {args.sampler.upper()}{args.steps or ''}" if args.sampler != "ddpm" or args.steps
-                            else "")) if diffusion else "VQGAN (CNN decoder)"
+        plain_ddpm = how.get("sampler") == "ddpm" and not how.get("steps") and "timestep_respacing" not in how
+        label = ("DiVAE" + ("" if plain_ddpm else f" {model.sampling_label(args.sampler, args.steps)}")
+                 if diffusion else "VQGAN (CNN decoder)")
         rec = make_divae_reconstruct(model, dec, args.sampler, args.steps, args.seed, device, args.precision)
         try:
             res = evaluate_reconstructions(dataset, rec, extractor=extractor, cfg=cfg,

@@ -227,8 +227,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="caption j of the draw is generated with seed + j")
     p.add_argument("--decoder", choices=["diffusion", "cnn"], default="diffusion",
                    help="token decoder: DiVAE's diffusion decoder, or the VQ's CNN decoder (the VQGAN baseline)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="diffusion sampler")
-    p.add_argument("--steps", type=int_at_least(1), default=None, help="sampling steps (default: the sampler's)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="diffusion sampler (default: the DiVAE file's own, a distilled student's; else ddim)")
+    p.add_argument("--steps", type=int_at_least(1), default=None,
+                   help="sampling steps (default: the file's own with --sampler unset, else the sampler's)")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance of the prior")
     p.add_argument("--temperature", type=float, default=1.0, help="token sampling temperature (<= 0: greedy)")
     p.add_argument("--top-k", type=int_at_least(1), default=None, help="keep the k most likely tokens")
@@ -355,17 +357,20 @@ def _run(args: argparse.Namespace, pairs: CaptionPairs, stop: StopFlag) -> dict 
     draw = {"seed": args.draw_seed, "num_captions": n, "from_pairs": len(pairs.reader), "indices": pairs.indices,
             "captions_sha256": draw_sha256(pairs.indices, pairs.captions)}
     diffusion = args.decoder == "diffusion"
+    if diffusion and args.sampler is None and (args.steps is not None or divae.sampling is None):
+        args.sampler = "ddim"  # this CLI's fallback (DDIM 25); a distilled file's own sampler otherwise
+    how = divae.sampling_for(args.sampler, args.steps) if diffusion else {}
     protocol = {"task": "text-to-image", "prior": str(args.prior), "prior_sha256": shas[0], "divae": str(args.divae),
                 "divae_sha256": shas[1], "data": str(args.data), "dataset_name": Path(args.data).name,
-                "decoder": args.decoder, "sampler": args.sampler if diffusion else None,
-                "steps": args.steps if diffusion else None, "seed": args.seed, "guidance_scale": args.guidance_scale,
+                "decoder": args.decoder, "sampler": how.get("sampler"), "steps": how.get("steps"),
+                "timesteps": how.get("timestep_respacing"), "seed": args.seed, "guidance_scale": args.guidance_scale,
                 "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                 "draw_seed": args.draw_seed, "draw_sha256": draw["captions_sha256"], "precision": args.precision,
                 "clip": f"{args.clip_model} {args.clip_weights}" if clip else None,
                 "inception_weights": extractor.weights_path,
                 "noise": "caption j of the draw: prior tokens and decoder noise seeded with seed + j",
                 "torch": torch.__version__}
-    label = ("DiVAE" + (f" {args.sampler.upper()}{args.steps or ''}" if diffusion else " (CNN decoder)")
+    label = ("DiVAE" + (f" {divae.sampling_label(args.sampler, args.steps)}" if diffusion else " (CNN decoder)")
              + f" CFG{args.guidance_scale:g}")
     gen = make_t2i_generate(prior, tokenizer, divae, pairs.captions, seed=args.seed, sampler=args.sampler,
                             steps=args.steps, guidance_scale=args.guidance_scale, temperature=args.temperature,

@@ -11,8 +11,11 @@ import functools
 import io
 import os
 import struct
+import subprocess
+import sys
 import tarfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -55,6 +58,20 @@ def variant(arr: np.ndarray, i: int, long_side: int | None = None) -> np.ndarray
         s = long_side / max(im.size)
         a = np.asarray(im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.BICUBIC))
     return np.ascontiguousarray(a)
+
+
+def photo_shards(root: Path, n: int, shard_size: int, out_name: str = "mds") -> Path:
+    """n distinct photo crops (JPEG, long side 96) under root/photos, prepared as 64x64 MDS shards of `shard_size`
+    samples in root/out_name by the real `python -m data_pipeline.prepare_folder`. Returns the shard folder."""
+    src, out = root / "photos", root / out_name
+    src.mkdir(parents=True)
+    ps = photos()
+    for i in range(n):
+        (src / f"img_{i:03d}.jpg").write_bytes(encode(variant(ps[i % len(ps)], i, long_side=96)))
+    subprocess.run([sys.executable, "-m", "data_pipeline.prepare_folder", "--source", str(src), "--out", str(out),
+                    "--size", "64", "--workers", "0", "--shard-size", str(shard_size), "--no-progress"],
+                   cwd=Path(__file__).resolve().parents[1], check=True, timeout=120, capture_output=True)
+    return out
 
 
 def bomb_png(width: int = 40000, height: int = 40000) -> bytes:

@@ -134,3 +134,45 @@ def test_recorded_demo_meets_its_floors_and_is_what_the_readme_shows():
         assert f"{fig[key]['psnr']:.2f} ± {fig[key]['psnr_sem']:.2f}" in readme, key
         assert f"{fig[key]['lpips']:.3f}" in readme, key
     assert (ROOT / "docs" / "demo_samples.png").is_file()
+
+
+def test_demo_distill_quick_trains_a_student_and_reports_it_beside_its_teacher(demo_run):
+    """`make demo-distill` (scripts/demo_distill.py --quick) on the quick demo: the student's run, its export's own
+    one-step sampler, the four evaluated rows; a second run reuses everything."""
+    from divae.model import DiVAE
+
+    out, _ = demo_run
+    cmd = [sys.executable, str(ROOT / "scripts" / "demo_distill.py"), "--quick", "--nproc", "1", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-6000:]
+    commands = [ln for ln in first.stdout.splitlines() if ln.startswith("$ ")]
+    assert "configs/demo_distill.yaml" in commands[0] and "train.stage" not in commands[0]
+    assert sum("-m evaluation.recon_fid" in c for c in commands) == 3
+    student = DiVAE.from_pretrained(out / "distill" / "divae.safetensors")
+    assert student.sampling == {"sampler": "ddim", "timesteps": [999], "distilled_from": "dpmpp2m:2"}
+    res = json.loads((out / "distill" / "eval" / "student" / "results.json").read_text())
+    assert res["protocol"]["timesteps"] == [999] and res["num_images"] == 16
+    report = (out / "distill" / "report.md").read_text()
+    for label in ("CNN decoder", "DPM-Solver++ 20", "teacher, DDIM 1", "student, own sampler"):
+        assert label in report
+    assert Image.open(out / "distill" / "samples.png").size[1] > 5 * 64
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and not [ln for ln in again.stdout.splitlines() if ln.startswith("$ ")]
+
+
+def test_recorded_demo_distill_is_what_the_readme_shows():
+    """docs/demo_distill_results.json is the summary of the `make demo-distill --record` run the README shows: the
+    full schedule on the 160 held-out crops, a one-step student that beats its 20-step teacher's LPIPS, and the
+    README's row for each decoder."""
+    rec = json.loads((ROOT / "docs" / "demo_distill_results.json").read_text())
+    assert set(rec) == {"cnn", "teacher_20", "teacher_1", "student"}
+    assert all(r["num_images"] == 160 for r in rec.values())
+    student, teacher = rec["student"], rec["teacher_20"]
+    assert student["protocol"]["timesteps"] == [999] and teacher["protocol"]["steps"] == 20
+    assert student["lpips"] <= 1.05 * teacher["lpips"]
+    readme = (ROOT / "README.md").read_text()
+    for r in rec.values():
+        row = f"{r['psnr']:.2f} ± {r['psnr_sem']:.2f} | {r['lpips']:.3f} ± {r['lpips_sem']:.3f} | {r['fid']:.1f}"
+        assert row in readme, row
+    assert (ROOT / "docs" / "demo_distill_samples.png").is_file()

@@ -10,7 +10,8 @@ steps since the previous checkpoint are lost and redone). Checked after each cha
   kept), are each seen exactly once;
 - the learning rate follows the uninterrupted schedule, the decoder's loss continues (no jump back), step,
   samples seen, EMA and optimizer steps add up; a resumed segment on 1 rank is reproducible bitwise.
-Cases: the tiny diffusion decoder under ZeRO-2, and the VQ stage (generator + discriminator engines) under ZeRO-1.
+Cases: the tiny diffusion decoder under ZeRO-2, the distillation stage (a student of a random-weights teacher) under
+ZeRO-2, and the VQ stage (generator + discriminator engines) under ZeRO-1.
 """
 
 from __future__ import annotations
@@ -42,26 +43,26 @@ LR, WARMUP = 2e-3, 2
 def data(tmp_path_factory) -> dict[str, Path]:
     """24 real photos as 64x64 MDS shards (3 shards) and a random-weights VQ file for the decoder stage."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from data_fixtures import encode, photos, variant
+    from data_fixtures import photo_shards
 
     from divae.model import DiVAE
     from trainer.config import load_train_config
 
     root = tmp_path_factory.mktemp("elastic_data")
-    src = root / "photos"
-    src.mkdir()
-    ps = photos()
-    for i in range(N):
-        (src / f"img_{i:03d}.jpg").write_bytes(encode(variant(ps[i % len(ps)], i, long_side=96)))
-    subprocess.run([tt.PY, "-m", "data_pipeline.prepare_folder", "--source", str(src), "--out", str(root / "mds"),
-                    "--size", "64", "--workers", "0", "--shard-size", "8", "--no-progress"], cwd=tt.ROOT, check=True,
-                   timeout=120, capture_output=True)
-    DiVAE(load_train_config(tt.ROOT / "configs/vq_tiny.yaml").vq).save_pretrained(root / "vq.safetensors")
-    return {"mds": root / "mds", "vq": root / "vq.safetensors"}
+    photo_shards(root, N, shard_size=8)
+    vq = load_train_config(tt.ROOT / "configs/vq_tiny.yaml").vq
+    DiVAE(vq).save_pretrained(root / "vq.safetensors")
+    dec = load_train_config(tt.ROOT / "configs/decoder_tiny.yaml")
+    DiVAE(vq, dec.unet, dec.diffusion).save_pretrained(root / "teacher.safetensors")
+    return {"mds": root / "mds", "vq": root / "vq.safetensors", "teacher": root / "teacher.safetensors"}
 
 
 CASES = {  # name: (stage args, engines, loss key of the continuation check)
     "decoder-zero2": (["--config", "configs/decoder_tiny.yaml", "deepspeed.zero_stage=2"], ["model"], "mse"),
+    # the student starts as the teacher: its loss starts near 0 and need not fall in 6 steps
+    "distill-zero2": (["--config", "configs/decoder_tiny.yaml", "train.stage=distill", "deepspeed.zero_stage=2",
+                       "distill.teacher_sampler=ddim", "distill.teacher_steps=2", "distill.data_weight=1"],
+                      ["model"], None),
     # ZeRO-1 (DeepSpeed's BF16_Optimizer partitions) and two engines in one chain. Over 6 steps of 4 images with a
     # GAN from step 0 the VQ's l1 is noise (0.55, 0.43, 0.57, 0.49, ...): its continuation is checked through the
     # carried state and the schedule only
@@ -72,7 +73,8 @@ CASES = {  # name: (stage args, engines, loss key of the continuation check)
 
 def _args(case: str, data: dict[str, Path], run_dir: Path) -> list[str]:
     base, _, _ = CASES[case]
-    extra = [f"decoder.vq_weights={data['vq']}"] if case.startswith("decoder") else []
+    extra = {"decoder": [f"decoder.vq_weights={data['vq']}"], "distill": [f"distill.teacher={data['teacher']}"]}
+    extra = extra.get(case.split("-")[0], [])
     return [*base, *extra, *tt.common(data["mds"], run_dir), f"train.steps={STEPS}", f"train.batch_size={BATCH}",
             "checkpoint.every=1", "checkpoint.keep_last=10", "logging.sample_every=0", f"optim.lr={LR}",
             f"optim.warmup_steps={WARMUP}", "data.num_workers=0"]

@@ -111,13 +111,17 @@ def test_evaluation_is_bf16_on_cuda_and_fp32_on_cpu_by_default():
 def test_time_based_and_signal_saves_in_process(tmp_path):
     from evaluation.protocol import Preempted, StopFlag
 
+    ref = tmp_path / "ref.npz"  # the real images' Inception statistics, computed once for the seven runs
+
     # every batch boundary is past a tiny --save-every-min: a crash at batch 3 finds batch 2's sums on disk
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_eval(tmp_path / "t", batch_size=2, save_every=0, reconstruct=BlurNoiseReconstruct(fail_after=2),
+        run_eval(tmp_path / "t", batch_size=2, save_every=0, ref_stats_path=ref,
+                 reconstruct=BlurNoiseReconstruct(fail_after=2),
                  save_every_min=1e-9)
     assert json.loads((tmp_path / "t" / "partial" / "rank00000-of-00001.json").read_text())["pos"] == 4
     with pytest.raises(RuntimeError, match="simulated crash"):  # no saving asked for: nothing on disk
-        run_eval(tmp_path / "n", batch_size=2, save_every=0, reconstruct=BlurNoiseReconstruct(fail_after=2))
+        run_eval(tmp_path / "n", batch_size=2, save_every=0, ref_stats_path=ref,
+                 reconstruct=BlurNoiseReconstruct(fail_after=2))
     assert not (tmp_path / "n" / "partial" / "rank00000-of-00001.json").exists()
 
     class SignalAt(BlurNoiseReconstruct):
@@ -134,7 +138,7 @@ def test_time_based_and_signal_saves_in_process(tmp_path):
     stop = StopFlag().install()  # SIGTERM (a plain scancel) also saves and stops, but the CLI does not requeue
     try:
         with pytest.raises(Preempted, match="SIGTERM") as term:
-            run_eval(tmp_path / "term", batch_size=2, save_every=0, reconstruct=TermAt(), stop=stop)
+            run_eval(tmp_path / "term", batch_size=2, save_every=0, ref_stats_path=ref, reconstruct=TermAt(), stop=stop)
     finally:
         stop.restore()
     from trainer.preemption import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, exit_for_signal
@@ -145,14 +149,14 @@ def test_time_based_and_signal_saves_in_process(tmp_path):
     stop = StopFlag().install()
     try:
         with pytest.raises(Preempted, match="SIGUSR1") as info:
-            run_eval(tmp_path / "s", batch_size=2, save_every=0, reconstruct=SignalAt(), stop=stop)
+            run_eval(tmp_path / "s", batch_size=2, save_every=0, ref_stats_path=ref, reconstruct=SignalAt(), stop=stop)
     finally:
         stop.restore()
     assert info.value.pos == 4  # saved at the end of the batch the signal arrived in
     assert json.loads((tmp_path / "s" / "partial" / "rank00000-of-00001.json").read_text())["pos"] == 4
     rec = BlurNoiseReconstruct()
-    resumed = run_eval(tmp_path / "s", batch_size=2, save_every=0, reconstruct=rec)
-    full = run_eval(tmp_path / "full", batch_size=2, save_every=0)
+    resumed = run_eval(tmp_path / "s", batch_size=2, save_every=0, ref_stats_path=ref, reconstruct=rec)
+    full = run_eval(tmp_path / "full", batch_size=2, save_every=0, ref_stats_path=ref)
     assert resumed["resumed"] and rec.calls == 2
     assert resumed["fid"] == pytest.approx(full["fid"], rel=1e-12) and resumed["psnr"] == full["psnr"]
 

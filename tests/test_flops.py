@@ -118,6 +118,10 @@ def test_planner_on_every_paper_preset_prints_the_recipe_and_the_presets_fit(tmp
     assert dec16["micro_batch"] == 8 and 6 < dec16["tflop_per_sample"] < 8  # 256 / (16 GPUs x grad_accum 2)
     ev = r["recipe"][5]
     assert ev["samples"] == 50_000 and ev["tflop_per_sample"] > 1000  # 1000 UNet forwards per image
+    by_nfe = {row["nfe"]: row for row in r["eval_nfe"]}  # the same evaluation at 1000, 20, 2 and 1 UNet calls
+    assert sorted(by_nfe) == [1, 2, 20, 1000] and "distilled student, 1 step" in text
+    assert by_nfe[1000]["gpu_hours_f16"] == pytest.approx(ev["gpu_hours"])
+    assert by_nfe[2]["gpu_hours_f8"] == pytest.approx(by_nfe[1000]["gpu_hours_f8"] / 500)
     plan = r["plan"]
     assert plan["params"] > 9e8 and plan["checkpointing"] and plan["act_ckpt"] < plan["act"]
     assert plan["state_gib"][0] > plan["state_gib"][1] > plan["state_gib"][2] > plan["state_gib"][3]
@@ -130,3 +134,16 @@ def test_planner_refuses_a_bad_config(tmp_path, capsys):
 
     assert main(["--config", "configs/decoder_f16.yaml", "optim.lrr=1"]) == 2
     assert "lrr" in capsys.readouterr().err
+
+
+def test_distillation_costs_the_students_unrolled_steps_and_the_teachers_sampler():
+    """configs/distill_f16.yaml: per image, 2 chained student calls (forward + backward) and 20 teacher forwards;
+    its activations are those of 2 UNet calls."""
+    from trainer.plan import activation_bytes
+
+    dec = load_train_config("configs/decoder_f16_v2.yaml")
+    dist = load_train_config("configs/distill_f16.yaml")
+    fd, fs = stage_flops(dec), stage_flops(dist)
+    assert fs["forward"] == fd["forward"] > 1e12
+    assert fs["train"] - 20 * fs["forward"] == pytest.approx(2 * fd["train"], rel=0.01)
+    assert activation_bytes(dist, False)[0] == pytest.approx(2 * activation_bytes(dec, False)[0], rel=0.02)

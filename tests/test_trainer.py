@@ -154,19 +154,9 @@ def common(data: Path, run_dir: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """48 real photos (crops of skimage.data) as 64x64 MDS shards, through data_pipeline.prepare_folder."""
-    from data_fixtures import encode, photos, variant
+    from data_fixtures import photo_shards
 
-    root = tmp_path_factory.mktemp("shards")
-    src = root / "photos"
-    src.mkdir()
-    ps = photos()
-    for i in range(48):
-        (src / f"img_{i:03d}.jpg").write_bytes(encode(variant(ps[i % len(ps)], i, long_side=96)))
-    out = root / "tiny64"
-    subprocess.run([PY, "-m", "data_pipeline.prepare_folder", "--source", str(src), "--out", str(out), "--size",
-                    "64", "--workers", "0", "--shard-size", "16", "--no-progress"], cwd=ROOT, check=True,
-                   timeout=120, capture_output=True)
-    return out
+    return photo_shards(tmp_path_factory.mktemp("shards"), 48, shard_size=16, out_name="tiny64")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@
 Sections: train (this file), data (data_pipeline.loaders.DataConfig), optim and deepspeed (trainer.engine),
 ema (trainer.ema), checkpoint (trainer.checkpoint), logging (trainer.metrics), vq (divae.vq.VQConfig),
 vq_loss (divae.vq_loss.VQLossConfig), vq_task (trainer.tasks.vq.VQTaskConfig), unet (divae.unet.UNetConfig),
-diffusion (divae.diffusion.DiffusionConfig), decoder (trainer.tasks.decoder.DecoderTaskConfig), prior
+diffusion (divae.diffusion.DiffusionConfig), decoder (trainer.tasks.decoder.DecoderTaskConfig), distill
+(trainer.tasks.distill.DistillTaskConfig), prior
 (divae.prior.PriorConfig), prior_task (trainer.tasks.prior.PriorTaskConfig). A stage reads the sections it
 needs (`Task.config_sections`) and the saved config.yaml holds only those.
 
@@ -38,13 +39,14 @@ from trainer.ema import EMAConfig
 from trainer.engine import DeepSpeedConfig, OptimConfig
 from trainer.metrics import LoggingConfig
 from trainer.tasks.decoder import DecoderTaskConfig
+from trainer.tasks.distill import DistillTaskConfig
 from trainer.tasks.prior import PriorTaskConfig
 from trainer.tasks.vq import VQTaskConfig
 
 
 @dataclass
 class TrainLoopConfig:
-    stage: Literal["vq", "decoder", "prior"] = "decoder"
+    stage: Literal["vq", "decoder", "distill", "prior"] = "decoder"
     run_dir: str = "runs/default"  # checkpoints, samples, metrics.jsonl, config.yaml; resumes from here
     steps: int = 10_000  # optimizer steps (paper: 10k)
     batch_size: int = 256  # global images per optimizer step = micro batch x grad_accum x ranks (paper: 256)
@@ -111,6 +113,7 @@ class TrainConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     decoder: DecoderTaskConfig = field(default_factory=DecoderTaskConfig)
+    distill: DistillTaskConfig = field(default_factory=DistillTaskConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     prior_task: PriorTaskConfig = field(default_factory=PriorTaskConfig)
 
@@ -128,6 +131,16 @@ class TrainConfig:
                 f"{world_size} rank(s) x {self.train.grad_accum} accumulation gives {micro} per rank: remove "
                 "data.batch_size (the trainer derives it) and set train.batch_size, the global batch")
         return micro
+
+    @property
+    def trains_unet(self) -> bool:
+        """The stage trains a diffusion UNet on a frozen VQ (decoder, distill)."""
+        return self.train.stage in ("decoder", "distill")
+
+    @property
+    def frozen_vq_file(self) -> str:
+        """The DiVAE file a UNet stage takes its frozen VQ from: decoder.vq_weights or distill.teacher."""
+        return self.distill.teacher if self.train.stage == "distill" else self.decoder.vq_weights
 
     def sections(self, names: tuple[str, ...]) -> dict:
         """The config as a plain dict with only the sections in `names` (what a stage reads)."""

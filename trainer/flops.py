@@ -191,20 +191,29 @@ def cuda_saved_bytes(build: Callable[[], Any], step: Callable[[Any], torch.Tenso
 
 
 # ---- per-stage steps ---------------------------------------------------------------------------------------
-def _unet_parts(unet_cfg, batch: int):
+def _unet_parts(unet_cfg, batch: int, calls: int = 1):
+    """(build, step) of the UNet; `calls` chained UNet calls in one step (the distillation student's unrolled
+    sampler: each call's activations are kept for the one backward)."""
     from divae.unet import UNetModel
 
     def build():
         return UNetModel(unet_cfg).train()
 
     def step(m):
-        s, g = unet_cfg.image_size, unet_cfg.token_grid
-        x = torch.randn(batch, unet_cfg.in_channels, s, s)
+        s, g, c = unet_cfg.image_size, unet_cfg.token_grid, unet_cfg.in_channels
+        x = torch.randn(batch, c, s, s)
         t = torch.zeros(batch, dtype=torch.long)
         cond = torch.randn(batch, unet_cfg.cond_channels, g, g) if unet_cfg.cond_position != "none" else None
-        return m(x, t, cond).float().square().mean()
+        for _ in range(calls):
+            x = m(x, t, cond).float()[:, :c]
+        return x.square().mean()
 
     return build, step
+
+
+def _unet_calls(cfg) -> int:
+    """UNet calls per training step of a UNet stage: 1 (decoder) or the student's steps (distill)."""
+    return len(cfg.distill.student_timesteps) if cfg.train.stage == "distill" else 1
 
 
 def _vq_forward(vq, x: torch.Tensor) -> torch.Tensor:
@@ -237,14 +246,17 @@ def stage_flops(cfg, vq_cfg=None, forward: bool = True) -> dict[str, float]:
     frozen VQ of the decoder stage (counted when it encodes on the fly). forward=False skips the forward-only
     trace ("forward" is then 0)."""
     stage = cfg.train.stage
-    if stage == "decoder":
-        build, step = _unet_parts(replace(cfg.unet, use_checkpoint=False), 1)
-        full = trace(build, step)
-        fwd = trace(build, step, backward=False).flops if forward else 0
-        extra = 0
-        if vq_cfg is not None and (cfg.decoder.tokens == "encode" or cfg.decoder.finetune_encoder):
-            extra = _vq_encode_flops(vq_cfg, cfg.unet.image_size, backward=cfg.decoder.finetune_encoder)
-        return {"train": full.flops + extra, "forward": fwd, "tokens": 0.0}
+    if cfg.trains_unet:
+        unet = replace(cfg.unet, use_checkpoint=False)
+        full = trace(*_unet_parts(unet, 1, _unet_calls(cfg))).flops
+        fwd = trace(*_unet_parts(unet, 1), backward=False).flops if forward or stage == "distill" else 0
+        extra, tune = 0, cfg.decoder.finetune_encoder and stage == "decoder"
+        encodes = cfg.decoder.tokens == "encode" or tune
+        if stage == "distill":  # and the teacher's sampler, one forward per step
+            encodes, extra = cfg.distill.tokens == "encode", fwd * cfg.distill.teacher_steps
+        if vq_cfg is not None and encodes:
+            extra += _vq_encode_flops(vq_cfg, cfg.unet.image_size, backward=tune)
+        return {"train": full + extra, "forward": fwd, "tokens": 0.0}
     if stage == "vq":
         return {"train": _vq_train_flops(cfg), "forward": 0.0, "tokens": 0.0}
     if stage == "prior":
@@ -308,8 +320,8 @@ def _prior_parts(pcfg, batch: int):
 def stage_parts(cfg, checkpointing: bool, batch: int):
     """(build, step) of the trained network of a stage, with activation checkpointing on or off (the planner's
     memory trace)."""
-    if cfg.train.stage == "decoder":
-        return _unet_parts(replace(cfg.unet, use_checkpoint=checkpointing), batch)
+    if cfg.trains_unet:
+        return _unet_parts(replace(cfg.unet, use_checkpoint=checkpointing), batch, _unet_calls(cfg))
     if cfg.train.stage == "vq":
         return _vq_parts(replace(cfg, vq=replace(cfg.vq, grad_checkpointing=checkpointing)), batch)
     return _prior_parts(replace(cfg.prior, grad_checkpointing=checkpointing), batch)
@@ -329,7 +341,7 @@ class Throughput:
     @classmethod
     def for_run(cls, cfg, task, device: torch.device) -> Throughput:
         """Count the stage's FLOPs once at start (fake tensors: no memory, ~1 s)."""
-        fl = stage_flops(cfg, getattr(task, "vq_cfg", None) if cfg.train.stage == "decoder" else None, False)
+        fl = stage_flops(cfg, getattr(task, "vq_cfg", None) if cfg.trains_unet else None, False)
         name, peak = device_peak(device)
         log.info("%s stage: %.4g GFLOPs per %s (forward + backward); device %s, peak %s", cfg.train.stage,
                  fl["train"] / 1e9, "sample" if fl["tokens"] else "image", name,

@@ -9,7 +9,9 @@ CUDA tensors under CUDA's autocast op lists, `trainer.flops.cuda_saved_bytes`; w
 inputs, each tensor once, plus one block's activations, recomputed during backward), the
 model + gradient + optimizer + EMA bytes per GPU under ZeRO 0-3, the largest micro-batch that fits, and steps/s,
 wall time, GPU-hours and cost at a stated MFU. `--recipe` adds the cost of the paper's recipe (VQ f16/f8,
-decoder f16/f8, the prior, and the 50k-image DDPM-1000 reconstruction FID of each decoder) as one table.
+decoder f16/f8, the prior, and the 50k-image DDPM-1000 reconstruction FID of each decoder) as one table, and the
+same evaluation at fewer UNet evaluations per image (`EVAL_NFE`: DPM-Solver++ 20, a distilled student's 2 and 1;
+trainer/tasks/distill.py) beside it.
 
 Memory model per trained parameter (DeepSpeed bf16, `grad_accum_dtype` fp32, client AdamW): bf16 weights 2 B,
 fp32 gradients 4 B, fp32 master weights + Adam moments 12 B, fp32 EMA of the master weights 4 B; ZeRO-1
@@ -44,6 +46,9 @@ RECIPE = (("VQ f16", "configs/vq_f16.yaml"), ("VQ f8", "configs/vq_f8.yaml"),
           ("decoder f16", "configs/decoder_f16.yaml"), ("decoder f8", "configs/decoder_f8.yaml"),
           ("prior (base, f16 tokens)", "configs/prior_base.yaml"))
 EVAL_IMAGES, EVAL_STEPS = 50_000, 1000  # Table 1: all of ImageNet val, DDPM 1000 steps
+# The recon-FID evaluation by sampler: UNet evaluations per image
+EVAL_NFE = (("DDPM-1000", 1000), ("DPM-Solver++ 20", 20), ("distilled student, 2 steps", 2),
+            ("distilled student, 1 step", 1))
 
 
 @dataclass
@@ -86,8 +91,8 @@ def _frozen_vq_cfg(cfg: TrainConfig):
     from divae.utils.config import from_dict
     from divae.vq import VQ_PRESETS, VQConfig
 
-    if cfg.decoder.vq_weights and Path(cfg.decoder.vq_weights).is_file():
-        return from_dict(VQConfig, read_pretrained(cfg.decoder.vq_weights)[0]["vq"])
+    if cfg.frozen_vq_file and Path(cfg.frozen_vq_file).is_file():
+        return from_dict(VQConfig, read_pretrained(cfg.frozen_vq_file)[0]["vq"])
     for v in VQ_PRESETS.values():
         if v.embed_dim == cfg.unet.cond_channels and v.resolution // v.downsample_factor == cfg.unet.token_grid:
             return v
@@ -103,8 +108,10 @@ def _param_counts(cfg: TrainConfig, vq_cfg) -> tuple[int, int]:
     from divae.vq_loss import PatchDiscriminator
 
     with torch.device("meta"):
-        if cfg.train.stage == "decoder":
-            return count_parameters(UNetModel(cfg.unet)), count_parameters(VQModel(vq_cfg)) if vq_cfg else 0
+        if cfg.trains_unet:  # frozen: the VQ, and the distillation's teacher (the student's twin)
+            unet = count_parameters(UNetModel(cfg.unet))
+            teacher = unet if cfg.train.stage == "distill" else 0
+            return unet, (count_parameters(VQModel(vq_cfg)) if vq_cfg else 0) + teacher
         if cfg.train.stage == "prior":
             return count_parameters(PriorModel(cfg.prior)), 0
         lc = cfg.vq_loss
@@ -160,7 +167,7 @@ def activation_bytes(cfg: TrainConfig, ckpt: bool) -> tuple[float, float]:
 
 
 def make_plan(cfg: TrainConfig, name: str = "") -> Plan:
-    vq_cfg = _frozen_vq_cfg(cfg) if cfg.train.stage == "decoder" else None
+    vq_cfg = _frozen_vq_cfg(cfg) if cfg.trains_unet else None
     fl = stage_flops(cfg, vq_cfg)
     params, frozen = _param_counts(cfg, vq_cfg)
     act, fixed = activation_bytes(cfg, False)
@@ -216,8 +223,8 @@ def report(p: Plan, gpus: int, gpu: str, mfu: float, usd: float, zero: int) -> s
     return "\n".join(lines)
 
 
-def recipe_table(gpus: int, gpu: str, mfu: float, usd: float) -> tuple[str, list[dict]]:
-    """The paper's recipe as a Markdown table and its rows."""
+def recipe_table(gpus: int, gpu: str, mfu: float, usd: float) -> tuple[str, list[dict], str, list[dict]]:
+    """The paper's recipe as a Markdown table and its rows; then its evaluation by sampler (`eval_nfe_table`)."""
     rows, plans = [], {}
     for name, path in RECIPE:
         cfg = load_train_config(path)
@@ -229,8 +236,8 @@ def recipe_table(gpus: int, gpu: str, mfu: float, usd: float) -> tuple[str, list
                      "samples": p.steps * p.batch, "wall_h": h, "gpu_hours": h * gpus,
                      "micro_batch": p.batch / per, "max_micro_batch": p.max_micro_batch(
                          usable_bytes(gpu), cfg.deepspeed.zero_stage, gpus, p.checkpointing)})
-    for dec in ("decoder f16", "decoder f8"):
-        p = plans[dec]
+    decoders = {dec: plans[dec] for dec in ("decoder f16", "decoder f8")}
+    for dec, p in decoders.items():
         flops = EVAL_IMAGES * EVAL_STEPS * p.flops_forward
         h = hours(flops, gpus, gpu, mfu)
         rows.append({"stage": f"recon FID, {dec[8:]}: 50k images x DDPM-1000", "params_m": p.params / 1e6,
@@ -243,6 +250,23 @@ def recipe_table(gpus: int, gpu: str, mfu: float, usd: float) -> tuple[str, list
                    f"{r['wall_h']:.1f} h | {r['gpu_hours']:,.0f} | ${r['gpu_hours'] * usd:,.0f} |")
     total = sum(r["gpu_hours"] for r in rows)
     out.append(f"| **Total** | | | | {sum(r['wall_h'] for r in rows):.1f} h | {total:,.0f} | ${total * usd:,.0f} |")
+    return ("\n".join(out), rows, *eval_nfe_table(decoders, gpus, gpu, mfu, usd))
+
+
+def eval_nfe_table(plans: dict, gpus: int, gpu: str, mfu: float, usd: float) -> tuple[str, list[dict]]:
+    """The 50k-image reconstruction FID of each decoder at each sampler of `EVAL_NFE`: Markdown and rows."""
+    rows = []
+    for label, nfe in EVAL_NFE:
+        row = {"sampler": label, "nfe": nfe}
+        for dec, p in plans.items():
+            row[f"gpu_hours_{dec[8:]}"] = hours(EVAL_IMAGES * nfe * p.flops_forward, gpus, gpu, mfu) * gpus
+        rows.append(row)
+    decs = [d[8:] for d in plans]
+    out = [f"| recon FID, 50k images ({CARDS[gpu].name}, MFU {mfu:.0%}) | UNet evaluations per image | "
+           + " | ".join(f"{d} GPU-hours | {d} cost" for d in decs) + " |", "|---|---|" + "---|---|" * len(decs)]
+    for r in rows:
+        out.append(f"| {r['sampler']} | {r['nfe']:,} | " + " | ".join(
+            f"{r[f'gpu_hours_{d}']:,.2f} | ${r[f'gpu_hours_{d}'] * usd:,.2f}" for d in decs) + " |")
     return "\n".join(out), rows
 
 
@@ -283,9 +307,10 @@ def main(argv: list[str] | None = None) -> int:
             out["plan"]["peak_gib_config"] = plan.peak_bytes(plan.batch // per, cfg.deepspeed.zero_stage, args.gpus,
                                                              plan.checkpointing) / GiB
     if args.recipe:
-        table, rows = recipe_table(args.gpus, args.gpu, mfu, usd)
+        table, rows, nfe_table, nfe_rows = recipe_table(args.gpus, args.gpu, mfu, usd)
         print("\n## The paper's recipe (Table 1)\n\n" + table)
-        out["recipe"] = rows
+        print("\n## Its evaluation by sampler\n\n" + nfe_table)
+        out["recipe"], out["eval_nfe"] = rows, nfe_rows
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=float))
     return 0 if all(math.isfinite(v) for v in (mfu, usd)) else 1

@@ -4,8 +4,9 @@
 
 Raises `ConfigError` (exit 2) for a missing or empty `data.path`, a folder that is not a prepared dataset,
 an unwritable `train.run_dir`, a missing `checkpoint.init_from` (when the run starts fresh), a missing
-`decoder.vq_weights` (decoder stage), `prior_task.tokenizer` or `prior_task.divae_weights` (when set), a
-resume with another number of ranks than wrote the checkpoint (`WorldSizeError`, a ConfigError);
+`decoder.vq_weights` (decoder stage) or `distill.teacher` (distill stage), `prior_task.tokenizer` or
+`prior_task.divae_weights` (when set), a resume with another number of ranks than wrote the checkpoint
+(`WorldSizeError`, a ConfigError);
 `data_pipeline.integrity.ShardError` (exit 1) for a shard whose size differs from its manifest (damage).
 Each check is a stat or a small read, identical on every rank of a shared file system, so every rank
 reaches the same verdict without a collective.
@@ -77,6 +78,11 @@ def check_inputs(cfg: TrainConfig) -> None:
             raise ConfigError("decoder.vq_weights is required: the DiVAE file the VQ stage wrote "
                               "(e.g. decoder.vq_weights=runs/vq_tiny/divae.safetensors)")
         _must_exist("decoder.vq_weights", cfg.decoder.vq_weights)
+    if cfg.train.stage == "distill":
+        if not cfg.distill.teacher:
+            raise ConfigError("distill.teacher is required: a decoder-stage export "
+                              "(e.g. distill.teacher=runs/demo/decoder/divae.safetensors)")
+        _must_exist("distill.teacher", cfg.distill.teacher)
     if cfg.train.stage == "prior":
         for key, value in (("prior_task.tokenizer", cfg.prior_task.tokenizer),
                            ("prior_task.divae_weights", cfg.prior_task.divae_weights)):

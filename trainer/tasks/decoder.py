@@ -60,6 +60,21 @@ class DecoderTaskConfig:
                              "alpha_bar")
 
 
+def token_embeddings(vq: VQModel, batch: dict, x0: torch.Tensor, tokens: str, image_size: int) -> torch.Tensor:
+    """z_q (B, d, h, w) of a batch under a frozen VQ: looked up from the batch's stored token indices
+    (`tokens="precomputed"`, written by `python -m trainer.pre_encode`) or encoded from the images x0."""
+    if tokens == "precomputed":
+        if "tokens" not in batch:
+            raise KeyError("tokens=precomputed but the batch has no 'tokens': point data at shards written by "
+                           "`python -m trainer.pre_encode`")
+        ids = batch["tokens"]
+        if not isinstance(ids, torch.Tensor):
+            ids = tokens_from_bytes(ids, image_size // vq.downsample_factor)
+        return vq.embed(ids.to(x0.device, non_blocking=True))
+    with torch.no_grad():  # encode + embed: no codebook statistics (and no collective) for a frozen VQ
+        return vq.embed(vq.encode(x0))
+
+
 class DecoderNet(nn.Module):
     """The trained module: the UNet, plus the VQ when its encoder is fine-tuned.
 
@@ -142,17 +157,8 @@ class DecoderTask(Task):
             raise ValueError(f"{path} holds no UNet (a VQ-stage export?); checkpoint.init_from needs a decoder export")
         models["model"].unet.load_state_dict(unet_state)
 
-    def _cond(self, batch: dict, x0: torch.Tensor | None) -> torch.Tensor:
-        if self.cfg.decoder.tokens == "precomputed":
-            if "tokens" not in batch:
-                raise KeyError("decoder.tokens=precomputed but the batch has no 'tokens': point data at shards "
-                               "written by `python -m trainer.pre_encode`")
-            tokens = batch["tokens"]
-            if not isinstance(tokens, torch.Tensor):
-                tokens = tokens_from_bytes(tokens, self.cfg.data.image_size // self.vq_cfg.downsample_factor)
-            return self.frozen_vq.embed(tokens.to(self.device, non_blocking=True))
-        with torch.no_grad():  # encode + embed: no codebook statistics (and no collective) for a frozen VQ
-            return self.frozen_vq.embed(self.frozen_vq.encode(x0))
+    def _cond(self, batch: dict, x0: torch.Tensor) -> torch.Tensor:
+        return token_embeddings(self.frozen_vq, batch, x0, self.cfg.decoder.tokens, self.cfg.data.image_size)
 
     def loss(self, batch: dict, phase: str, step: int):
         x0 = self.images(batch)
