@@ -213,3 +213,42 @@ def test_prior_two_ranks_zero3(data, tmp_path):
 
     model, _ = load_prior(run_dir / "prior.safetensors")
     assert model.num_params() > 1e6
+
+
+def test_prior_f8_preset_trains_on_f8_shaped_tokens(data, tmp_path):
+    """configs/prior_f8.yaml, the paper's text-to-image setting (32x32 tokens, K = 8192), with tiny widths: 3 steps on
+    shards pre-encoded by a VQ of that token grid and codebook (a random f2 VQ at 64 px stands in for vq_f8 at
+    256 px: the prior sees only the tokens), then its export loads with the f8 shape; the README's commands name
+    this config and the f8 VQ whose grid and codebook it matches."""
+    from dataclasses import replace
+
+    from divae.model import DiVAE
+    from divae.prior_io import load_prior
+    from divae.vq import VQ_PRESETS
+    from trainer import pre_encode
+
+    cfg = load_train_config(ROOT / "configs/prior_f8.yaml")
+    vq_f8 = VQ_PRESETS["vq_f8"]
+    grid = vq_f8.resolution // vq_f8.downsample_factor
+    assert (cfg.prior.image_h, cfg.prior.image_w, cfg.prior.image_vocab_size) == (grid, grid, vq_f8.n_embed)
+    assert (grid, vq_f8.n_embed) == (32, 8192) and cfg.prior_task.divae_weights.endswith("decoder_f8/divae.safetensors")
+    readme = (ROOT / "README.md").read_text()
+    assert "-m trainer.train --config configs/prior_f8.yaml" in readme and "--vq runs/vq_f8/divae.safetensors" in readme
+
+    stand_in = replace(VQ_PRESETS["tiny"], ch=16, ch_mult=(1, 2), attn_resolutions=(), n_embed=8192, embed_dim=8)
+    torch.manual_seed(0)
+    DiVAE(stand_in).save_pretrained(tmp_path / "vq32.safetensors")
+    tokens = tmp_path / "cap64_f8tok"
+    pre_encode.main(["--vq", str(tmp_path / "vq32.safetensors"), "--src", str(data["shards"]), "--dst", str(tokens),
+                     "--device", "cpu"])
+    run_dir = tmp_path / "run"
+    log = tmp_path / "log.txt"
+    code = run(["--config", "configs/prior_f8.yaml", *common(tokens, run_dir), "train.steps=3", "train.batch_size=4",
+                "checkpoint.every=0", "logging.sample_every=0", "data.num_workers=0", "data.image_size=64",
+                f"prior_task.tokenizer={data['tokenizer']}", "prior_task.divae_weights=", "prior.dim=32",
+                "prior.n_heads=2", "prior.enc_layers=1", "prior.dec_layers=1"], 1, log, timeout=240)
+    assert code == 0, log.read_text()[-4000:]
+    m = metrics(run_dir)
+    assert sorted(m) == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in m.values())
+    model, _ = load_prior(run_dir / "prior.safetensors")
+    assert (model.cfg.image_h, model.cfg.image_w, model.cfg.image_vocab_size) == (32, 32, 8192)
