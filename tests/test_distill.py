@@ -17,8 +17,8 @@ import signal
 from pathlib import Path
 
 import pytest
-import test_trainer as tt
 import torch
+import trainer_runs as tt
 from safetensors.torch import load_file
 
 from divae.diffusion import sample

@@ -24,8 +24,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import test_trainer as tt
 import torch
+import trainer_runs as tt
 from safetensors.torch import load_file
 
 from trainer.checkpoint import FAULT_ENV

@@ -22,12 +22,20 @@ import time
 from pathlib import Path
 
 import pytest
-import test_trainer as tt  # tests/ is on sys.path under pytest
+import trainer_runs as tt  # tests/ is on sys.path under pytest
 
 from trainer.train import main as train_main
 
 pytestmark = pytest.mark.slow
-shards = tt.shards  # the same module-scoped fixture: 48 real photos as 64x64 MDS shards (3 shards of 16)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """48 real photos as 64x64 MDS shards (3 shards of 16), as tests/test_trainer.py's."""
+    from data_fixtures import photo_shards
+
+    return photo_shards(tmp_path_factory.mktemp("shards"), 48, shard_size=16, out_name="tiny64")
+
 
 VQ = ["--config", "configs/vq_tiny.yaml", "train.batch_size=4", "logging.sample_every=0"]
 

@@ -75,7 +75,7 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_img2dataset_to_prior(tmp_path):
-    from test_trainer import common, metrics, run
+    from trainer_runs import common, metrics, run
 
     from data_pipeline import prepare_cc, train_tokenizer
     from data_pipeline.reader import ShardReader

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_trainer import common, metrics, run  # noqa: E402
+from trainer_runs import common, metrics, run  # noqa: E402
 
 from divae.utils.config import ConfigError  # noqa: E402
 from trainer.config import load_train_config  # noqa: E402
