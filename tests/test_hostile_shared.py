@@ -497,6 +497,7 @@ finally:
 """
 
 
+@pytest.mark.serial  # a wall-clock bound (1 s) that separates "not stalled" from the shared lock's timeout
 @pytest.mark.skipif(os.geteuid() != 0, reason="two users on one node: switching uid needs root (CI runs as root)")
 def test_another_user_on_the_node_can_neither_stall_nor_redirect_the_node_lock(interpreter):
     """Users 65534 and 65533 (and 65532) on one node, /tmp shared (mode 1777). On main the lock was one file in

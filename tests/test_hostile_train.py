@@ -190,6 +190,7 @@ def _start_two_ranks(shards: Path, run_dir: Path, log: Path, *extra: str, **env:
     return proc
 
 
+@pytest.mark.serial  # a wall-clock bound (4.5 s) that separates the watchdog from a hang
 def test_killed_rank_ends_the_job_within_seconds(shards, tmp_path):
     """SIGKILL of one rank (the OOM killer's way) while the other computes or waits in a collective; the
     DataLoader workers are processes too (without the watchdog the job lingers > 6 s, 30 s and more on NCCL)."""
@@ -212,6 +213,7 @@ def test_killed_rank_ends_the_job_within_seconds(shards, tmp_path):
     assert len(ended) == 1 and not rank_tracebacks(text), text[-3000:]
 
 
+@pytest.mark.serial  # wall-clock bounds on the heartbeat timeout
 def test_frozen_rank_is_found_by_its_heartbeat(shards, tmp_path):
     """SIGSTOP: the process is alive (so the same-machine check cannot see it) but silent, as a lost node's
     ranks are; its watcher ends after DIVAE_WATCHDOG_TIMEOUT, and once the frozen rank runs again it ends too."""

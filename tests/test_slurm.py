@@ -8,7 +8,6 @@ import json
 import os
 import re
 import subprocess
-import time
 
 import pytest
 from slurm_cluster import (  # noqa: F401  (slurm_cluster is a fixture)
@@ -22,6 +21,8 @@ from slurm_cluster import (  # noqa: F401  (slurm_cluster is a fixture)
 )
 
 from trainer.preemption import REQUEUE_EXIT_CODE, REQUEUE_MARKER
+
+pytestmark = pytest.mark.serial  # one cluster for the whole run: its jobs must not share it
 
 SCRIPTS = ["train_vq.sh", "train_decoder.sh", "train_prior.sh"]
 
@@ -212,8 +213,9 @@ def test_plain_scancel_checkpoints_and_ends_the_job(slurm_cluster, decoder_input
         subprocess.run(["scancel", job], check=True)
         wait_until(lambda: log().count(f"exiting with {STOP_EXIT_CODE}") == 2, 60, "both ranks to save and exit",
                    on_timeout=log)
-        # the batch shell is SIGKILLed KillWait (10 s) after the cancel at the latest; a requeue would show by then
-        time.sleep(15)
+        # a requeue can only come from the batch shell: the job stays COMPLETING until that shell has ended (by
+        # itself or SIGKILLed KillWait = 10 s after the cancel), so once it leaves COMPLETING the answer is final
+        wait_until(lambda: job_fields(job)["JobState"] in _ENDED, 60, "the batch shell to end", on_timeout=log)
     finally:
         subprocess.run(["scancel", job], check=False)
     text = log()

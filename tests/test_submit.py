@@ -66,6 +66,7 @@ def decoder_inputs(tmp_path_factory) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.slurm
+@pytest.mark.serial
 @pytest.mark.parametrize("arrival", ["interrupt", "usr2_after_the_stop"])
 def test_submitit_preempt_checkpoint_requeue_resume(slurm_cluster, decoder_inputs, tmp_path, monkeypatch,  # noqa: F811
                                                     arrival):
