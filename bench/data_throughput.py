@@ -10,27 +10,39 @@ one DataLoader worker (decode + batch) reading MDS shards, plus the full loader 
 from __future__ import annotations
 
 import argparse
+import io
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+def _photos() -> list[np.ndarray]:
+    """Real colour photos (H, W, 3) uint8 of varied sizes from skimage.data."""
+    from skimage import data
+
+    out = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.immunohistochemistry()]
+    return [np.ascontiguousarray(a[..., :3]) for a in out]
+
+
+def _crop(arr: np.ndarray, i: int) -> np.ndarray:
+    """A distinct crop of the photo per i."""
+    h, w = arr.shape[:2]
+    dy, dx = (i * 7) % max(1, h // 8), (i * 13) % max(1, w // 8)
+    return np.ascontiguousarray(arr[dy:h - (i % 3) * 5, dx:w - (i % 2) * 9])
 
 
 def realistic_jpegs(n: int) -> list[bytes]:
-    from data_fixtures import encode, photos, variant
-
     sizes = [(500, 375), (500, 333), (640, 480), (1024, 768), (1600, 1200), (375, 500)]  # ImageNet-like mix
-    p = photos()
+    p = _photos()
     out = []
     for i in range(n):
         w, h = sizes[i % len(sizes)]
-        a = variant(p[i % len(p)], i)
-        out.append(encode(np.asarray(Image.fromarray(a).resize((w, h), Image.BICUBIC)), quality=90))
+        buf = io.BytesIO()
+        Image.fromarray(_crop(p[i % len(p)], i)).resize((w, h), Image.BICUBIC).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
     return out
 
 
@@ -73,8 +85,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     jpegs = realistic_jpegs(args.n)
-    mp = np.mean([Image.open(__import__("io").BytesIO(d)).size[0] * Image.open(__import__("io").BytesIO(d)).size[1]
-                  for d in jpegs]) / 1e6
+    mp = np.mean([Image.open(io.BytesIO(d)).size[0] * Image.open(io.BytesIO(d)).size[1] for d in jpegs]) / 1e6
     print(f"inputs: {len(jpegs)} JPEGs, mean {mp:.2f} MP, mean {np.mean([len(d) for d in jpegs]) / 1e3:.0f} KB")
     for draft in (True, False):
         print(f"prepare {args.size}px, draft={draft}: {bench_prepare(jpegs, args.size, draft):.1f} images/s "

@@ -74,6 +74,20 @@ def photo_shards(root: Path, n: int, shard_size: int, out_name: str = "mds") -> 
     return out
 
 
+def write_shards(path: str, fmt: str, n: int = 64, shard_size: int = 8, size: int = 32) -> str:
+    """n distinct photo crops resized to size x size, as JPEG shards (`fmt` "mds" or "wds") written directly by the
+    project's ShardWriter (labels i % 7, captions, keys). Returns `path`."""
+    from data_pipeline.shards import STANDARD_COLUMNS, ShardWriter
+
+    p = photos()
+    with ShardWriter(path, dict(STANDARD_COLUMNS), fmt=fmt, shard_size=shard_size, source={"kind": "test"}) as w:
+        for i in range(n):
+            img = np.asarray(Image.fromarray(variant(p[i % 5], i)).resize((size, size)))
+            w.write({"jpg": encode(img), "label": i % 7, "caption": f"c{i}", "key": f"k{i:03d}",
+                     "orig_size": f"{size}x{size}"})
+    return path
+
+
 def bomb_png(width: int = 40000, height: int = 40000) -> bytes:
     """A tiny valid PNG whose header claims width x height (IHDR rewritten with a correct CRC)."""
     raw = bytearray(encode(np.zeros((8, 8, 3), np.uint8), "PNG"))

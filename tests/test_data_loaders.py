@@ -3,16 +3,14 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
-import numpy as np
 import psutil
 import pytest
 import torch
-from data_fixtures import encode, photos, variant
-from PIL import Image
+from data_fixtures import write_shards
+from helpers import free_port
 
 from data_pipeline.loaders import DataConfig, build_loader, flip_mask
 from data_pipeline.shards import STANDARD_COLUMNS, ShardWriter
@@ -20,20 +18,10 @@ from data_pipeline.shards import STANDARD_COLUMNS, ShardWriter
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _write(path, fmt, n=64, shard_size=8, size=32):
-    p = photos()
-    with ShardWriter(path, dict(STANDARD_COLUMNS), fmt=fmt, shard_size=shard_size, source={"kind": "test"}) as w:
-        for i in range(n):
-            img = np.asarray(Image.fromarray(variant(p[i % 5], i)).resize((size, size)))
-            w.write({"jpg": encode(img), "label": i % 7, "caption": f"c{i}", "key": f"k{i:03d}",
-                     "orig_size": f"{size}x{size}"})
-    return path
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("loaders")
-    return {fmt: _write(str(root / fmt), fmt) for fmt in ("mds", "wds")}
+    return {fmt: write_shards(str(root / fmt), fmt) for fmt in ("mds", "wds")}
 
 
 @pytest.mark.parametrize("fmt", ["mds", "wds"])
@@ -73,7 +61,7 @@ def test_clear_errors(tmp_path, data):
     with pytest.raises(ValueError, match="format"):
         build_loader(DataConfig(path=data["mds"], format="wds", clean_stale_shm=False))
     with pytest.raises(ValueError, match="shards < ranks x workers"):
-        build_loader(DataConfig(path=_write(str(tmp_path / "few"), "wds", n=16, shard_size=8), format="wds",
+        build_loader(DataConfig(path=write_shards(str(tmp_path / "few"), "wds", n=16, shard_size=8), format="wds",
                                 num_workers=4, batch_size=2))
     empty = str(tmp_path / "empty")
     ShardWriter(empty, dict(STANDARD_COLUMNS)).close()
@@ -87,9 +75,7 @@ def _start_torchrun(args) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{ROOT}/tests")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    with socket.socket() as sock:  # a free port for the rendezvous store
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # for the rendezvous store
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            os.path.join(ROOT, "tests", "data_loader_worker.py"), *args]
     return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,

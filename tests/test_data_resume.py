@@ -2,27 +2,14 @@
 
 import glob
 import os
-import signal
 import subprocess
 import sys
 import time
 
-import psutil
 from data_fixtures import make_imagenet
+from helpers import kill_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _kill_tree(proc):
-    try:
-        for c in psutil.Process(proc.pid).children(recursive=True):
-            c.kill()
-    except psutil.NoSuchProcess:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _cmd(src, out, workers):
@@ -43,10 +30,9 @@ def test_sigkill_then_rerun_gives_identical_output(tmp_path):
         while len(glob.glob(os.path.join(out, ".partial", "chunk.*.json"))) < 2 and time.time() < deadline:
             assert proc.poll() is None, "prepare finished before it could be killed"
             time.sleep(0.005)
-        _kill_tree(proc)  # SIGKILL the run and its worker processes
-        proc.wait(timeout=30)
+        kill_tree(proc)  # SIGKILL the run and its worker processes
     finally:
-        _kill_tree(proc)
+        kill_tree(proc)
     assert not os.path.exists(os.path.join(out, "manifest.json")), "the kill came too late to test resume"
     n_done = len(glob.glob(os.path.join(out, ".partial", "chunk.*.json")))
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import trainer_runs as tt
+from helpers import kill_tree
 from safetensors.torch import load_file
 
 from divae.diffusion import sample
@@ -149,7 +150,7 @@ def test_kill9_mid_distillation_resumes_to_the_same_student(tt_shards, teacher, 
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
-            tt._kill_tree(proc)
+            kill_tree(proc)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     log2 = run_dir / "log2.txt"
     assert tt.run(args, 1, log2) == 0, log2.read_text()[-4000:]

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import trainer_runs as tt
+from helpers import free_port
 from safetensors.torch import load_file
 
 from trainer.checkpoint import FAULT_ENV
@@ -188,7 +189,7 @@ def _assert_convert_rebuilds_the_elastic_file(written: Path, tmp: Path) -> None:
     with pytest.raises(WorldSizeError, match="predates elastic resume"):
         check_compatible(read_meta(old), 1, old)
     log = tmp / "convert.txt"
-    cmd = [tt.TORCHRUN, "--nproc_per_node", "2", "--master_port", str(tt._free_port()), "-m", "trainer.checkpoint",
+    cmd = [tt.TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "trainer.checkpoint",
            "convert", str(old)]
     r = subprocess.run(cmd, cwd=tt.ROOT, env=tt._env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, timeout=240)
     assert r.returncode == 0, log.read_text()[-4000:]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from test_numerics_engine import single_process_group  # noqa: F401  (a fixture: restores the environment)
 
 from divae.utils.config import ConfigError
 from trainer import elastic
@@ -33,7 +32,7 @@ def _step(engine, i: int) -> float:
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_restored_engine_continues_bitwise(single_process_group, tmp_path, stage):  # noqa: F811
+def test_restored_engine_continues_bitwise(single_process_group, tmp_path, stage):
     a = _engine(stage, seed=0)
     for i in range(3):
         _step(a, i)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_gpu_path import _convnet
-from test_numerics_engine import single_process_group  # noqa: F401  (a fixture: restores the environment)
+from model_fixtures import convnet
 
 from trainer.ema import EMA, EMAConfig
 from trainer.engine import DeepSpeedConfig, OptimConfig, build_engine
@@ -19,7 +18,7 @@ STEPS = 50
 
 
 def _bf16_engine(stage: int, precision: str = "bf16"):
-    return build_engine(_convnet(), DeepSpeedConfig(zero_stage=stage, precision=precision),
+    return build_engine(convnet(), DeepSpeedConfig(zero_stage=stage, precision=precision),
                         OptimConfig(lr=1e-4, warmup_steps=0), micro_batch=2, grad_accum=1, world_size=1,
                         grad_clip=1.0, total_steps=STEPS)
 
@@ -29,7 +28,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_ema_of_the_fp32_master_weights_matches_an_fp32_reference(single_process_group, stage):  # noqa: F811
+def test_ema_of_the_fp32_master_weights_matches_an_fp32_reference(single_process_group, stage):
     from deepspeed.utils import safe_get_full_fp32_param
 
     engine = _bf16_engine(stage)
@@ -63,7 +62,7 @@ def test_ema_of_the_fp32_master_weights_matches_an_fp32_reference(single_process
 
 
 @pytest.mark.parametrize("stage,precision", [(0, "bf16"), (2, "bf16"), (0, "fp32")])
-def test_ema_state_round_trips_and_a_resume_continues_the_same(single_process_group, stage, precision):  # noqa: F811
+def test_ema_state_round_trips_and_a_resume_continues_the_same(single_process_group, stage, precision):
     engine = _bf16_engine(stage, precision)
     model = engine.module.inner
     ema = EMA(model, EMAConfig(decay=0.9, warmup=False), engine=engine)

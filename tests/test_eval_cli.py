@@ -5,43 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
+from eval_fixtures import N_IMAGES, inputs  # noqa: F401 - the tiny DiVAE file and MDS val shards
+from helpers import kill_tree
 from PIL import Image
-from test_eval_recon import make_dataset  # tests/ is on sys.path under pytest
 
 from evaluation.recon_fid import main
 
 ROOT = Path(__file__).resolve().parents[1]
-N = 7
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    from data_pipeline.prepare_folder import main as prepare_folder
-    from divae.diffusion import DiffusionConfig
-    from divae.model import DiVAE
-    from divae.unet import UNET_PRESETS
-    from divae.vq import VQ_PRESETS
-
-    root = tmp_path_factory.mktemp("cli")
-    src = root / "photos"
-    src.mkdir()
-    for i, img in enumerate(make_dataset(N)):
-        Image.fromarray(img).save(src / f"img_{i:03d}.png")
-    prepare_folder(["--source", str(src), "--out", str(root / "val"), "--size", "64", "--workers", "1",
-                    "--no-progress"])
-    torch.manual_seed(0)
-    vq = VQ_PRESETS["tiny"]
-    unet = replace(UNET_PRESETS["tiny"], cond_channels=vq.embed_dim, token_grid=8)
-    DiVAE(vq, unet, DiffusionConfig(steps=50)).save_pretrained(root / "divae.safetensors")
-    return root
+N = N_IMAGES  # the photos in `inputs`
 
 
 def cli_args(root: Path, out: Path, batch_size: int) -> list[str]:
@@ -50,25 +26,8 @@ def cli_args(root: Path, out: Path, batch_size: int) -> list[str]:
             "--ref-stats-dir", str(out / "ref"), "--num-show", "4", "--no-lpips"]
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 @pytest.mark.slow
-def test_one_rank_and_two_ranks_agree(inputs, tmp_path):
+def test_one_rank_and_two_ranks_agree(inputs, tmp_path):  # noqa: F811
     one = main(cli_args(inputs, tmp_path / "one", batch_size=4))
     assert [r["protocol"]["decoder"] for r in one] == ["cnn", "diffusion"]
     cnn, diff = one
@@ -91,12 +50,7 @@ def test_one_rank_and_two_ranks_agree(inputs, tmp_path):
         log, _ = proc.communicate(timeout=400)
     finally:
         if proc.poll() is None:  # timed out: SIGKILL torchrun and its ranks (they run in their own sessions)
-            for pid in [proc.pid, *_descendants(proc.pid)]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            proc.wait()
+            kill_tree(proc)
     assert proc.returncode == 0, log.decode()[-4000:]
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     for a, b in zip(one, two):
@@ -107,7 +61,7 @@ def test_one_rank_and_two_ranks_agree(inputs, tmp_path):
         assert b["codebook"] == a["codebook"]
 
 
-def test_bad_checkpoint_fails_clearly(inputs, tmp_path):
+def test_bad_checkpoint_fails_clearly(inputs, tmp_path):  # noqa: F811
     from divae.utils.cli import UsageError
 
     with pytest.raises(UsageError, match="--checkpoint .*missing.safetensors: no such file"):

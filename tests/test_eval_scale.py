@@ -15,14 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_eval_cli import _descendants, inputs  # noqa: F401 - the tiny DiVAE file and MDS val shards
-from test_eval_recon import BlurNoiseReconstruct, make_dataset, run_eval
+from eval_fixtures import (  # noqa: F401 - inputs: the tiny DiVAE file and MDS val shards
+    N_IMAGES,
+    BlurNoiseReconstruct,
+    inputs,
+    make_dataset,
+    run_eval,
+)
+from helpers import descendants, free_port, kill_tree
 
 from evaluation.recon_fid import main
 from trainer.preemption import REQUEUE_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parents[1]
-N = 7
+N = N_IMAGES  # the photos in `inputs`
 
 
 def args_for(root: Path, out: Path, batch_size: int, *extra: str) -> list[str]:
@@ -176,12 +182,7 @@ def _finish(proc: subprocess.Popen, timeout: float) -> str:
         log, _ = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:  # timed out: SIGKILL torchrun and its ranks
-            for pid in [proc.pid, *_descendants(proc.pid)]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            proc.wait()
+            kill_tree(proc)
     return log.decode()
 
 
@@ -201,7 +202,7 @@ def test_sigusr1_to_two_ranks_saves_within_a_batch_and_rerun_gives_the_same_figu
             raise AssertionError(f"torchrun ended or stalled before the signal (progress {pos}):\n"
                                  + _finish(proc, 10)[-3000:])
         time.sleep(0.05)
-    for pid in [proc.pid, *_descendants(proc.pid)]:  # as srun signals every process of the step
+    for pid in [proc.pid, *descendants(proc.pid)]:  # as srun signals every process of the step
         os.kill(pid, signal.SIGUSR1)
     log = _finish(proc, 300)
     assert proc.returncode != 0, log[-3000:]  # torchrun reports its ranks' exit code 75 as a failure
@@ -250,8 +251,6 @@ def test_slurm_script_forwards_usr1_and_requeues_after_the_save(inputs, tmp_path
     """slurm/recon_fid.sh as the batch shell of a job: USR1 (what `--signal=B:USR1@120` sends) is forwarded to
     the step, the real 2-rank torchrun evaluation saves and exits 75, and the script requeues the job. Slurm's
     own srun/scontrol are stand-ins (the cluster test of the train scripts is tests/test_slurm.py)."""
-    from test_eval_recon import _free_port
-
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
@@ -260,7 +259,7 @@ def test_slurm_script_forwards_usr1_and_requeues_after_the_save(inputs, tmp_path
     out = tmp_path / "eval"
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_NNODES="1",
                SLURM_JOB_NODELIST="localhost", SLURM_CPUS_PER_TASK="2", NPROC_PER_NODE="2", DIVAE_ROOT=str(ROOT),
-               MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", SCONTROL_LOG=str(tmp_path / "scontrol.log"))
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", SCONTROL_LOG=str(tmp_path / "scontrol.log"))
     proc = subprocess.Popen(["bash", str(ROOT / "slurm/recon_fid.sh"), *args_for(inputs, out, 1, "--save-every", "1")],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)

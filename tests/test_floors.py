@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_eval_recon import BlurNoiseReconstruct, make_dataset, run_eval  # tests/ is on sys.path under pytest
+from eval_fixtures import BlurNoiseReconstruct, make_dataset, run_eval  # tests/ is on sys.path under pytest
 
 from evaluation.floors import equal_bits_floor, equal_bits_side, thumbnail_reconstruction, token_bits
 from evaluation.metrics import psnr

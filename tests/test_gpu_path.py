@@ -23,7 +23,7 @@ import pytest
 import tomllib
 import torch
 import torch.nn as nn
-from test_numerics_engine import single_process_group  # noqa: F401  (a fixture: restores the environment)
+from model_fixtures import convnet
 
 from trainer.engine import (
     DeepSpeedConfig,
@@ -60,13 +60,8 @@ def count_host_reads():
             setattr(torch.Tensor, name, fn)
 
 
-def _convnet() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.SiLU(), nn.Conv2d(8, 3, 1))
-
-
 def _engine(ds: DeepSpeedConfig, module: nn.Module | None = None):
-    return build_engine(module or _convnet(), ds, OptimConfig(warmup_steps=0), micro_batch=2, grad_accum=1,
+    return build_engine(module or convnet(), ds, OptimConfig(warmup_steps=0), micro_batch=2, grad_accum=1,
                         world_size=1, grad_clip=1.0, total_steps=10)
 
 
@@ -79,7 +74,7 @@ def test_ds_config_never_asks_deepspeed_for_an_optimizer(stage):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_trained_engine_steps_the_client_adamw_under_bf16(single_process_group, stage):  # noqa: F811
+def test_trained_engine_steps_the_client_adamw_under_bf16(single_process_group, stage):
     engine = _engine(DeepSpeedConfig(zero_stage=stage, precision="bf16"))
     x = torch.randn(2, 3, 8, 8)
     loss = engine(x).float().pow(2).mean()
@@ -93,7 +88,7 @@ def test_trained_engine_steps_the_client_adamw_under_bf16(single_process_group, 
     assert "fused" not in adamw_kwargs(OptimConfig(), on_cuda=False)
 
 
-def test_a_zero3_engine_leaves_torch_linear_alone(single_process_group):  # noqa: F811
+def test_a_zero3_engine_leaves_torch_linear_alone(single_process_group):
     """DeepSpeed's default ZeRO-3 set-up replaces F.linear for the rest of the process; a later bf16 autocast
     nn.Linear would then save its fp32 input (seen: the CUDA planner's traces in the same pytest process)."""
     import torch.nn.functional as F
@@ -148,7 +143,7 @@ def reduced_dtypes():
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_gradients_are_reduced_in_the_dtype_the_config_states(single_process_group, stage):  # noqa: F811
+def test_gradients_are_reduced_in_the_dtype_the_config_states(single_process_group, stage):
     """Real bf16 ZeRO-1/2 engines: fp32 reduction by default (DeepSpeed alone would use bf16), bf16 by choice."""
     for asked, dtype in ((None, torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
         engine = _engine(DeepSpeedConfig(zero_stage=stage, precision="bf16", grad_comm_dtype=asked))
@@ -178,7 +173,7 @@ def test_cuda_math_switches():
             setattr(m, n, v)
 
 
-def test_channels_last_and_compile_switches(single_process_group):  # noqa: F811
+def test_channels_last_and_compile_switches(single_process_group):
     cl = _engine(DeepSpeedConfig(zero_stage=1, channels_last=True))
     plain = _engine(DeepSpeedConfig(zero_stage=1))
     seen = {}
@@ -264,7 +259,7 @@ def test_quantizer_kmeans_init_reads_the_flag_until_initialised_and_after_a_load
     assert bool(vq.initialized)
 
 
-def test_decoder_micro_batch_loss_reads_nothing_and_a_step_reads_once(single_process_group, tmp_path):  # noqa: F811
+def test_decoder_micro_batch_loss_reads_nothing_and_a_step_reads_once(single_process_group, tmp_path):
     """A bf16 decoder micro-batch that fine-tunes the encoder (VQ forward, quantizer, UNet, losses, quartiles)."""
     from divae.model import DiVAE
     from divae.vq import VQ_PRESETS
@@ -408,7 +403,7 @@ def test_streaming_shared_memory_is_not_wiped_by_default(tmp_path, monkeypatch):
     assert next(iter(loader))["image"].shape == (4, 3, 16, 16)
 
 
-def test_engines_build_after_the_process_group_is_restarted(single_process_group):  # noqa: F811
+def test_engines_build_after_the_process_group_is_restarted(single_process_group):
     """trainer.launch.cleanup forgets DeepSpeed's cached groups, so a second init in the same process (two runs,
     or two test modules) builds working engines."""
     from trainer.launch import cleanup, init_distributed

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_unet import _randomized  # tests/ is on sys.path (rootdir conftest)
+from model_fixtures import randomized  # tests/ is on sys.path (rootdir conftest)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from divae.attention import xformers_available
@@ -47,7 +47,7 @@ def _edge_dtype(fp32_edges: bool) -> torch.dtype:
 
 @pytest.mark.parametrize("fp32_edges", [True, False])
 def test_bf16_autocast_output_dtype_follows_the_fp32_edges_on_cpu(fp32_edges):
-    model = _randomized(replace(SMALL, cond_method="attention", attn_backend="sdpa", fp32_edges=fp32_edges))
+    model = randomized(replace(SMALL, cond_method="attention", attn_backend="sdpa", fp32_edges=fp32_edges))
     x, t, cond = _inputs("cpu")
     ref = model(x, t, cond)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -59,7 +59,7 @@ def test_bf16_autocast_output_dtype_follows_the_fp32_edges_on_cpu(fp32_edges):
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["concat", "add", "attention"])
 def test_cuda_fp32_matches_cpu(method):
-    model = _randomized(replace(SMALL, cond_method=method))
+    model = randomized(replace(SMALL, cond_method=method))
     x, t, cond = _inputs("cpu")
     ref = model(x, t, cond)
     out = model.cuda()(x.cuda(), t.cuda(), cond.cuda()).cpu()
@@ -69,7 +69,7 @@ def test_cuda_fp32_matches_cpu(method):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
 def test_bf16_autocast_with_flash_and_memory_efficient_kernels(backend):
-    model = _randomized(replace(SMALL, cond_method="attention", attn_backend="sdpa")).cuda()
+    model = randomized(replace(SMALL, cond_method="attention", attn_backend="sdpa")).cuda()
     x, t, cond = _inputs("cuda")
     ref = model(x, t, cond)
     cond.requires_grad_(True)
@@ -90,7 +90,7 @@ def test_xformers_backend_matches_sdpa():
     x, t, cond = _inputs("cuda")
     outs = []
     for backend in ("sdpa", "xformers"):
-        model = _randomized(replace(SMALL, cond_method="attention", attn_backend=backend)).cuda()
+        model = randomized(replace(SMALL, cond_method="attention", attn_backend=backend)).cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             outs.append(model(x, t, cond).float())
     assert (outs[0] - outs[1]).norm() / outs[0].norm() < 0.02
@@ -98,7 +98,7 @@ def test_xformers_backend_matches_sdpa():
 
 @pytest.mark.gpu
 def test_seeded_sampling_is_the_same_on_cpu_and_cuda():
-    model = _randomized(SMALL)
+    model = randomized(SMALL)
     cfg = DiffusionConfig()
     _, _, cond = _inputs("cpu", b=2)
     kw = dict(sampler="ddim", steps=5, eta=1.0, seeds=[3, 4])

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_data_loaders import _write  # tests/ is on sys.path under pytest
+from data_fixtures import write_shards  # tests/ is on sys.path under pytest
 
 from data_pipeline.integrity import ShardError
 from data_pipeline.loaders import DataConfig, build_loader
@@ -26,7 +26,7 @@ N, VICTIM = 32, 13  # samples in the folder (shards of 8), the one whose JPEG ge
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("hostile_data")
-    return {fmt: _write(str(root / fmt), fmt, n=N, shard_size=8) for fmt in ("mds", "wds")}
+    return {fmt: write_shards(str(root / fmt), fmt, n=N, shard_size=8) for fmt in ("mds", "wds")}
 
 
 def flipped(src: str, dst: Path, index: int = VICTIM) -> tuple[str, str]:

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from eval_fixtures import evaluate_blur
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -340,49 +341,12 @@ def test_second_run_in_a_run_folder_is_refused_naming_the_first(two_folders, tmp
 
 
 # -- 6 and 11: evaluation results are of the data evaluated, and written whole ------------------------------
-def _small_extractor():
-    """A small stand-in for the Inception (the protocol under test is the same): uint8 (B,3,H,W) -> (B, 2048)."""
-    import torch
-
-    class Features(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.pool, self.fc = torch.nn.AdaptiveAvgPool2d(4), torch.nn.Linear(48, 2048)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.pool(x.float() / 255).flatten(1))
-
-    torch.manual_seed(0)
-    return Features().eval()
-
-
-def _evaluate(data: Path, out: Path, stop_at_once: bool = False) -> dict:
-    """evaluate_reconstructions over `data` into `out`; with `stop_at_once`, as after a SIGTERM: it raises
-    Preempted at the first batch boundary if it evaluates at all (so a test can tell an evaluation that starts
-    from one that returns finished results, without paying for the FID)."""
-    import signal
-
-    import torch
-
-    from evaluation.data import open_dataset
-    from evaluation.recon_fid import ReconEvalConfig, StopFlag, evaluate_reconstructions
-
-    def blur(images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.avg_pool2d(images.float(), 3, 1, 1).round().byte()
-
-    stop = StopFlag()
-    stop.received = signal.SIGTERM if stop_at_once else None
-    return evaluate_reconstructions(open_dataset(data), blur, extractor=_small_extractor(),
-                                    cfg=ReconEvalConfig(batch_size=4, num_show=2), out_dir=out,
-                                    protocol={"data": str(data), "decoder": "blur"}, label="blur", stop=stop)
-
-
 _FULL_EVALUATION = """
 import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
-from test_hostile_shared import _evaluate
-a = _evaluate(Path(sys.argv[1]), Path(sys.argv[2]))
+from eval_fixtures import evaluate_blur
+a = evaluate_blur(Path(sys.argv[1]), Path(sys.argv[2]))
 print(json.dumps({"psnr": a["psnr"], "protocol": a["protocol"]}))
 """
 
@@ -401,13 +365,13 @@ def test_other_data_at_the_same_path_is_evaluated_again_and_a_torn_result_is_red
     a = json.loads(log.strip().splitlines()[-1])
     assert json.loads((out / "results.json").read_text())["psnr"] == a["psnr"]
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
-    assert _evaluate(data, out, stop_at_once=True)["psnr"] == a["psnr"]  # the same data: reused, not redone
+    assert evaluate_blur(data, out, stop_at_once=True)["psnr"] == a["psnr"]  # the same data: reused, not redone
 
     # a results.json cut short (a kill mid-write on main, where every rerun then failed on it): evaluated again
     text = (out / "results.json").read_text()
     (out / "results.json").write_text(text[: len(text) // 2])
     with pytest.raises(Preempted):
-        _evaluate(data, out, stop_at_once=True)
+        evaluate_blur(data, out, stop_at_once=True)
     (out / "results.json").write_text(text)
     shutil.rmtree(out / "partial")
 
@@ -415,7 +379,7 @@ def test_other_data_at_the_same_path_is_evaluated_again_and_a_torn_result_is_red
     shutil.rmtree(data)
     shutil.copytree(other, data)
     with pytest.raises(Preempted):
-        _evaluate(data, out, stop_at_once=True)
+        evaluate_blur(data, out, stop_at_once=True)
     saved = json.loads((out / "partial" / "rank00000-of-00001.json").read_text())["fingerprint"]
     assert json.loads(saved)["data_manifest_sha256"] != a["protocol"]["data_manifest_sha256"]
 

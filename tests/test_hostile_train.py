@@ -1,6 +1,6 @@
 """`python -m trainer.train` against hostile and unlucky events (issue 17, items 13, 15 and the trainer's part of
 17), with real DeepSpeed engines in real processes (`torchrun --nproc_per_node 2` where ranks matter) on real
-shards of scikit-image photos (test_trainer's `shards` fixture and process helpers).
+shards of scikit-image photos (as test_trainer's `shards` fixture; process helpers from tests/helpers.py).
 
 - 13: a truncated file in the checkpoint `latest` names -> one warning naming it, resume from the previous
   intact checkpoint (every checkpoint carries a size + sha256 manifest);
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import trainer_runs as tt  # tests/ is on sys.path under pytest
+from helpers import children, kill_tree
 
 from trainer.train import main as train_main
 
@@ -57,7 +58,7 @@ def vq_run(shards, tmp_path_factory) -> Path:
 def rank_mains(proc: subprocess.Popen) -> dict[int, int]:
     """{rank: pid} of the trainer processes torchrun started (its direct children, not DataLoader workers)."""
     out = {}
-    for pid in tt._children(proc.pid):
+    for pid in children(proc.pid):
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
@@ -205,7 +206,7 @@ def test_killed_rank_ends_the_job_within_seconds(shards, tmp_path):
         elapsed = time.monotonic() - t0
     finally:
         if proc.poll() is None:
-            tt._kill_tree(proc)
+            kill_tree(proc)
     text = log.read_text()
     assert code != 0 and elapsed < 4.5, (elapsed, text[-3000:])
     ended = [ln for ln in text.splitlines() if "[rank 0]" in ln and ("ending this rank: rank 1" in ln or
@@ -233,7 +234,7 @@ def test_frozen_rank_is_found_by_its_heartbeat(shards, tmp_path):
         rest = time.monotonic() - t1
     finally:
         if proc.poll() is None:
-            tt._kill_tree(proc)
+            kill_tree(proc)
     text = log.read_text()
     assert code != 0 and 1 <= watcher_ended < 6 and rest < 5, (watcher_ended, rest, text[-3000:])
     assert re.search(r"\[rank 0\].*ending this rank: rank 1 stopped responding \(no heartbeat for 2\.\d s\)", text)

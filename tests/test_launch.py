@@ -6,11 +6,12 @@ srun, nvidia-smi) and torchrun are stand-ins that record what they were given.""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from helpers import free_port  # tests/ is on sys.path under pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STUBS = {
@@ -69,9 +70,7 @@ def test_flight_recorder_variables_and_the_start_up_timeout(tmp_path):
 
 def test_a_rank_that_never_comes_up_fails_the_start_in_the_short_timeout():
     """Rank 0 of 2 alone: it fails after DIVAE_INIT_TIMEOUT_S (3 s), not the 30-minute collective timeout."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(port), DIVAE_INIT_TIMEOUT_S="3", PYTHONPATH=str(ROOT))
     t0 = time.time()

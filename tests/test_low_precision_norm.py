@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from test_unet import _randomized  # tests/ is on sys.path (rootdir conftest)
+from model_fixtures import randomized  # tests/ is on sys.path (rootdir conftest)
 
 from divae.unet import UNetConfig
 from divae.unet_blocks import EdgeGroupNorm, LowPrecisionGroupNorm
@@ -65,7 +65,7 @@ def test_gradients_match_the_fp32_norm_and_off_is_the_plain_group_norm():
 def test_unet_switch_reaches_the_block_norms_only():
     cfg = UNetConfig(image_size=32, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                      attention_resolutions=(16,), num_head_channels=32, cond_channels=8, token_grid=8)
-    on, off = _randomized(replace(cfg, bf16_norms=True)), _randomized(cfg)
+    on, off = randomized(replace(cfg, bf16_norms=True)), randomized(cfg)
     assert on.state_dict().keys() == off.state_dict().keys()
     norms = [m for m in on.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert all(m.low_precision for m in norms if not isinstance(m, EdgeGroupNorm))

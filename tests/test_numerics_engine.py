@@ -11,30 +11,12 @@ The engines are built exactly as trainer.train builds them (task.build_models ->
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def single_process_group():
-    from trainer.launch import cleanup, init_distributed
-
-    # init_distributed exports RANK, MASTER_PORT, ... into os.environ: restore the environment exactly, or every
-    # later subprocess would inherit this process's rendezvous variables.
-    saved = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
-        os.environ.pop(k, None)
-    try:
-        yield init_distributed()
-    finally:
-        cleanup()
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def _photo_batch(n: int = 4, size: int = 64, seed: int = 0) -> dict:

@@ -24,8 +24,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from helpers import kill_tree  # noqa: E402
 from trainer_runs import (  # noqa: E402
-    _kill_tree,
     _rank_pids,
     common,
     metrics,
@@ -157,7 +157,7 @@ def test_kill_one_rank_then_resume_is_bitwise_identical(shards, vq_run, decoder_
         code = wait(proc, log, timeout=120)  # the job must end, not hang
     finally:
         if proc.poll() is None:
-            _kill_tree(proc)
+            kill_tree(proc)
     assert code != 0
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000008"
 
@@ -203,7 +203,7 @@ def test_nan_guard_with_grad_accum_keeps_the_boundary_and_resumes_bitwise(shards
         wait(proc, log, timeout=120)
     finally:
         if proc.poll() is None:
-            _kill_tree(proc)
+            kill_tree(proc)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     log2 = run_dir / "log2.txt"
     assert run(args(run_dir), 2, log2, **fault) == 0, log2.read_text()[-4000:]
@@ -228,7 +228,7 @@ def test_sigusr1_checkpoints_and_exits_with_requeue_code(shards, vq_run, tmp_pat
         wait(proc, log, timeout=120)
     finally:
         if proc.poll() is None:
-            _kill_tree(proc)
+            kill_tree(proc)
     text = log.read_text()
     assert re.search(rf"exitcode\s*:\s*{REQUEUE_EXIT_CODE}", text), text[-3000:]
     step = int((run_dir / "REQUEUE").read_text())

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from model_fixtures import randomized
 
 from divae.diffusion import DiffusionConfig, create_diffusion
 from divae.unet import UNET_PRESETS, UNetConfig, UNetModel
@@ -15,17 +16,6 @@ from divae.utils.params import count_parameters
 
 SMALL = UNetConfig(image_size=32, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
                    attention_resolutions=(16, 8), num_head_channels=16, cond_channels=4, token_grid=8)
-
-
-def _randomized(cfg: UNetConfig, seed: int = 0) -> UNetModel:
-    """A model whose zero-initialised layers get small random weights, so every input reaches the output."""
-    torch.manual_seed(seed)
-    model = UNetModel(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if (p == 0).all():
-                p.normal_(0, 0.05)
-    return model
 
 
 def _inputs(b=2, hw=(32, 32), grid=(8, 8), d=4, seed=1):
@@ -40,7 +30,7 @@ def _inputs(b=2, hw=(32, 32), grid=(8, 8), d=4, seed=1):
     "position,method", list(itertools.product(["encoder", "middle", "decoder"], ["concat", "add", "attention"]))
 )
 def test_injection_variants_shape_and_gradient_wrt_zq(position, method):
-    model = _randomized(replace(SMALL, cond_position=position, cond_method=method))
+    model = randomized(replace(SMALL, cond_position=position, cond_method=method))
     x, t, cond = _inputs()
     cond.requires_grad_(True)
     out = model(x, t, cond)
@@ -79,7 +69,7 @@ def test_zero_init_output_and_identity_resblocks():
 
 
 def test_non_square_decode_and_other_token_grids():
-    model = _randomized(SMALL)
+    model = randomized(SMALL)
     model.eval()
     x, t, cond = _inputs(b=1, hw=(32, 48), grid=(8, 12))
     out = model(x, t, cond)
@@ -99,14 +89,14 @@ def test_activation_checkpointing_gives_the_same_gradients():
     x, t, cond = _inputs()
     grads = []
     for ckpt in (False, True):
-        model = _randomized(replace(SMALL, use_checkpoint=ckpt, cond_method="attention"))
+        model = randomized(replace(SMALL, use_checkpoint=ckpt, cond_method="attention"))
         model(x, t, cond).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
 def test_bf16_autocast_and_channels_last_on_cpu():
-    model = _randomized(SMALL)
+    model = randomized(SMALL)
     x, t, cond = _inputs()
     ref = model(x, t, cond)
     with torch.autocast("cpu", dtype=torch.bfloat16):

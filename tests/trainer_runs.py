@@ -1,60 +1,29 @@
 """Real trainer runs for the tests: launch `python -m trainer.train` (one process) or `torchrun` (N ranks) in its
-own session, wait with a timeout that kills the whole process tree, read `metrics.jsonl`, find the ranks' pids.
-Shared by the trainer, elastic, distillation, prior and pre-encode tests."""
+own session, wait with a timeout that kills the whole process tree, read `metrics.jsonl`, find the ranks' pids
+(the generic process and port helpers are in tests/helpers.py). Shared by the trainer, elastic, distillation,
+prior and pre-encode tests."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import descendants, free_port, kill_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 TORCHRUN = str(Path(PY).with_name("torchrun"))
 
-# -- process helpers ---------------------------------------------------------------------------------------
-def _children(pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(d.name))
-    return out
-
-
-def _descendants(pid: int) -> list[int]:
-    todo, seen = [pid], []
-    while todo:
-        p = todo.pop()
-        for c in _children(p):
-            seen.append(c)
-            todo.append(c)
-    return seen
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    for pid in [*_descendants(proc.pid), proc.pid]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
-
-
+# -- processes (the generic helpers are in tests/helpers.py) -------------------------------------------------
 def _rank_pids(proc: subprocess.Popen) -> dict[int, int]:
     """{rank: pid} of the trainer processes under a torchrun (or the process itself for one rank)."""
     out = {}
-    for pid in [proc.pid, *_descendants(proc.pid)]:
+    for pid in [proc.pid, *descendants(proc.pid)]:
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -79,25 +48,17 @@ def start(args: list[str], nproc: int, log: Path, **env: str) -> subprocess.Pope
     if nproc == 1:
         cmd = [PY, "-m", "trainer.train", *args]
     else:
-        cmd = [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), "-m", "trainer.train",
+        cmd = [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), "-m", "trainer.train",
                *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait(proc: subprocess.Popen, log: Path, timeout: float) -> int:
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_tree(proc)
+        kill_tree(proc)
         pytest.fail(f"run timed out after {timeout} s; log tail:\n{log.read_text()[-4000:]}")
 
 
@@ -125,7 +86,7 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, log: Path, t
         if proc.poll() is not None:
             pytest.fail(f"run ended (code {proc.returncode}) before step {step}:\n{log.read_text()[-4000:]}")
         time.sleep(0.2)
-    _kill_tree(proc)
+    kill_tree(proc)
     pytest.fail(f"no step {step} within {timeout} s:\n{log.read_text()[-4000:]}")
 
 
