@@ -191,14 +191,14 @@ def _assert_convert_rebuilds_the_elastic_file(written: Path, tmp: Path) -> None:
     with pytest.raises(WorldSizeError, match="predates elastic resume"):
         check_compatible(read_meta(old), 1, old)
     log = tmp / "convert.txt"
-    cmd = [tt.TORCHRUN, "--nproc_per_node", "2", "--master_port", str(tt._free_port()), "-m", "trainer.checkpoint",
+    cmd = [tt.TORCHRUN, "--nproc_per_node", "2", "--master_port", str(tt._free_port()), "-m", "trainer.checkpoint_tool",
            "convert", str(old)]
     r = subprocess.run(cmd, cwd=tt.ROOT, env=tt._env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, timeout=240)
     assert r.returncode == 0, log.read_text()[-4000:]
     a, b = load_file(written / "elastic_model.safetensors"), load_file(old / "elastic_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert damaged_file(old) is None and check_compatible(read_meta(old), 1, old) is True
-    r = subprocess.run([tt.PY, "-m", "trainer.checkpoint", "inspect", str(tmp)], cwd=tt.ROOT, env=tt._env(),
+    r = subprocess.run([tt.PY, "-m", "trainer.checkpoint_tool", "inspect", str(tmp)], cwd=tt.ROOT, env=tt._env(),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "world size      2   ZeRO stage 2" in r.stdout, r.stderr[-2000:]
     assert "elastically any rank count dividing the global batch 4: 1, 2, 4" in r.stdout, r.stdout
