@@ -28,9 +28,8 @@ import torch
 import trainer_runs as tt
 from safetensors.torch import load_file
 
-from trainer.checkpoint import FAULT_ENV
+from trainer import faults
 from trainer.engine import OptimConfig, lr_factor
-from trainer.train import DUMP_ENV, TRACE_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -84,9 +83,9 @@ def _segment(case, data, run_dir: Path, nproc: int, name: str, crash_at: int | N
     """One launch on `nproc` ranks; with `crash_at`, every rank dies inside the save of that step. Returns the
     folder of its sample trace and post-resume dump."""
     probe = run_dir.parent / f"probe_{name}"
-    env = {TRACE_ENV: str(probe), DUMP_ENV: str(probe / "dump")}
+    env = {faults.TRACE_SAMPLES: str(probe), faults.ELASTIC_DUMP: str(probe / "dump")}
     if crash_at is not None:
-        env[FAULT_ENV] = str(crash_at)
+        env[faults.CKPT_CRASH_AT_STEP] = str(crash_at)
     log = run_dir.parent / f"log_{name}.txt"
     code = tt.run(_args(case, data, run_dir), nproc, log, timeout=240, **env)
     assert code == (0 if crash_at is None else 1 if nproc > 1 else 13), log.read_text()[-4000:]

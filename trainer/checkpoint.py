@@ -59,7 +59,7 @@ from divae.utils.cli import one_line
 from divae.utils.config import ConfigError
 from divae.utils.files import sha256_file
 from divae.utils.logging import get_logger
-from trainer import elastic
+from trainer import elastic, faults
 from trainer.elastic import CheckpointError  # noqa: F401  (its home is elastic.py; callers import it from here)
 from trainer.launch import all_gather_object, barrier, rank_and_world
 
@@ -71,7 +71,6 @@ MANIFEST = "manifest.json"  # {"files": {relative path: {"bytes", "sha256"}}} of
 EXPORT_NAME = "divae.safetensors"
 # Fault injection for the crash-during-save drill: every rank exits with code 13 after writing its files
 # into the temporary folder of the checkpoint at this step (before it is made visible).
-FAULT_ENV = "DIVAE_FAULT_CKPT_CRASH_AT_STEP"
 
 
 @dataclass
@@ -194,9 +193,7 @@ def _save(root: Path, step: int, *, rank: int, engines: dict, rank_state: dict[s
         (tmp / "config.yaml").write_text(config_yaml)
         exported = export_fn(tmp) if export_fn is not None else []
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
-    if os.environ.get(FAULT_ENV) == str(step):
-        log.error("fault injection (%s=%d): exiting in the middle of a checkpoint save", FAULT_ENV, step)
-        os._exit(13)
+    faults.crash_in_save(step)
     barrier()  # every rank's files are in tmp
     write_manifest(tmp, rank)
     if rank == 0:
