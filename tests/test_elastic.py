@@ -30,9 +30,8 @@ import trainer_runs as tt
 from helpers import free_port
 from safetensors.torch import load_file
 
-from trainer.checkpoint import FAULT_ENV
+from trainer import faults
 from trainer.engine import OptimConfig, lr_factor
-from trainer.train import DUMP_ENV, TRACE_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -82,9 +81,9 @@ def _segment(case, data, run_dir: Path, nproc: int, name: str, crash_at: int | N
     """One launch on `nproc` ranks; with `crash_at`, every rank dies inside the save of that step. Returns the
     folder of its sample trace and post-resume dump."""
     probe = run_dir.parent / f"probe_{name}"
-    env = {TRACE_ENV: str(probe), DUMP_ENV: str(probe / "dump")}
+    env = {faults.TRACE_SAMPLES: str(probe), faults.ELASTIC_DUMP: str(probe / "dump")}
     if crash_at is not None:
-        env[FAULT_ENV] = str(crash_at)
+        env[faults.CKPT_CRASH_AT_STEP] = str(crash_at)
     log = run_dir.parent / f"log_{name}.txt"
     code = tt.run(_args(case, data, run_dir), nproc, log, timeout=240, **env)
     assert code == (0 if crash_at is None else 1 if nproc > 1 else 13), log.read_text()[-4000:]
@@ -189,14 +188,14 @@ def _assert_convert_rebuilds_the_elastic_file(written: Path, tmp: Path) -> None:
     with pytest.raises(WorldSizeError, match="predates elastic resume"):
         check_compatible(read_meta(old), 1, old)
     log = tmp / "convert.txt"
-    cmd = [tt.TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "trainer.checkpoint",
+    cmd = [tt.TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "trainer.checkpoint_tool",
            "convert", str(old)]
     r = subprocess.run(cmd, cwd=tt.ROOT, env=tt._env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, timeout=240)
     assert r.returncode == 0, log.read_text()[-4000:]
     a, b = load_file(written / "elastic_model.safetensors"), load_file(old / "elastic_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert damaged_file(old) is None and check_compatible(read_meta(old), 1, old) is True
-    r = subprocess.run([tt.PY, "-m", "trainer.checkpoint", "inspect", str(tmp)], cwd=tt.ROOT, env=tt._env(),
+    r = subprocess.run([tt.PY, "-m", "trainer.checkpoint_tool", "inspect", str(tmp)], cwd=tt.ROOT, env=tt._env(),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "world size      2   ZeRO stage 2" in r.stdout, r.stderr[-2000:]
     assert "elastically any rank count dividing the global batch 4: 1, 2, 4" in r.stdout, r.stdout

@@ -82,7 +82,7 @@ def test_check_compatible_says_what_resumes_and_why_not(tmp_path):
     cases = [
         (_meta(zero_stage=3), "ZeRO-3"),
         (_meta(data_format="wds"), "webdataset"),
-        (_meta(elastic=[]), "trainer.checkpoint convert"),
+        (_meta(elastic=[]), "trainer.checkpoint_tool convert"),
         ({"world_size": 2}, "predates elastic resume"),
         (_meta(), "cannot be split over 3 rank(s) (rank counts that can: 1, 2, 4)"),
     ]

@@ -384,7 +384,7 @@ def test_other_data_at_the_same_path_is_evaluated_again_and_a_torn_result_is_red
     assert json.loads(saved)["data_manifest_sha256"] != a["protocol"]["data_manifest_sha256"]
 
 
-# -- 9: `python -m trainer.checkpoint inspect` is bounded whatever trainer_state.json says -------------------
+# -- 9: `python -m trainer.checkpoint_tool inspect` is bounded whatever trainer_state.json says -------------------
 @pytest.mark.parametrize("global_batch", [10**10, 2 * 1000003, 1e10, -4])
 def test_inspect_of_a_crafted_global_batch_ends_at_once(tmp_path, capsys, global_batch):
     from trainer.checkpoint import STATE_FILE

@@ -18,6 +18,8 @@ import pytest
 import torch
 from data_fixtures import encode, photos, variant
 
+from trainer import faults
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -102,7 +104,7 @@ def test_img2dataset_to_prior(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     two = pre_encode(src, tmp_path / "two", divae, nproc=2)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
-    killed = pre_encode(src, tmp_path / "killed", divae, DIVAE_TEST_KILL_AFTER_SHARD="1")
+    killed = pre_encode(src, tmp_path / "killed", divae, **{faults.KILL_AFTER_SHARD: "1"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert (tmp_path / "killed" / "shard.00001.mds").is_file()  # killed after the shard, before its receipt
     assert not (tmp_path / "killed" / "manifest.json").exists()
@@ -120,7 +122,7 @@ def test_img2dataset_to_prior(tmp_path):
     assert [reader[i]["caption"] for i in range(11)] == [ShardReader(str(src))[i]["caption"] for i in range(11)]
     again = pre_encode(src, tmp_path / "one", divae)  # a finished folder: nothing to redo
     assert again.returncode == 0 and "nothing to do" in again.stdout and tree(tmp_path / "one") == t1
-    other = pre_encode(src, tmp_path / "killed2", divae, DIVAE_TEST_KILL_AFTER_SHARD="0")
+    other = pre_encode(src, tmp_path / "killed2", divae, **{faults.KILL_AFTER_SHARD: "0"})
     assert other.returncode == -9
     bad = subprocess.run([sys.executable, "-m", "trainer.pre_encode", "--vq", str(divae), "--src", str(src), "--dst",
                           str(tmp_path / "killed2"), "--batch-size", "5", "--precision", "bf16"], cwd=ROOT,

@@ -238,7 +238,7 @@ def test_requeue_on_a_smaller_allocation_resumes_elastically(slurm_cluster, tmp_
     the requeued job is given 1 CPU before it starts again -> 1 rank, which resumes the checkpoint of 2 ranks
     elastically and finishes the epoch: every sample once. (One node, not 2 -> 1 nodes: the two "nodes" of
     this cluster share /dev/shm, where mosaicml-streaming keeps per-node state.)"""
-    from trainer.train import TRACE_ENV
+    from trainer.faults import TRACE_SAMPLES
 
     inputs = make_decoder_inputs(tmp_path / "in", fmt="mds", variants=4)  # 20 photos
     run_dir, out, trace = tmp_path / "run", tmp_path / "job.out", tmp_path / "trace"
@@ -246,7 +246,7 @@ def test_requeue_on_a_smaller_allocation_resumes_elastically(slurm_cluster, tmp_
     overrides = [f"{k}={v}" for k, v in inputs.items()] + [
         f"train.run_dir={run_dir}", f"train.steps={steps}", "train.batch_size=2", "checkpoint.every=0",
         "logging.every=1", "logging.sample_every=0", "logging.wandb_mode=disabled"]
-    env = dict(os.environ, NPROC_PER_NODE="cpus", OMP_NUM_THREADS="1", **{TRACE_ENV: str(trace)})
+    env = dict(os.environ, NPROC_PER_NODE="cpus", OMP_NUM_THREADS="1", **{TRACE_SAMPLES: str(trace)})
     job = subprocess.run(
         ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--mincpus=2", "--mem=0",
          "--time=10", f"--output={out}",

@@ -176,14 +176,14 @@ def test_nan_guard_with_grad_accum_keeps_the_boundary_and_resumes_bitwise(shards
     """train.grad_accum=2 on 2 ranks, a non-finite loss injected on rank 0's first micro-batch of step 3: every
     rank gives that micro-batch a zero gradient, DeepSpeed still steps once per training step, and a run killed
     after step 6 resumes from checkpoint 4 with the uninterrupted run's losses, bitwise."""
-    from trainer.train import FAULT_NAN_ENV
+    from trainer.faults import NAN_LOSS
 
     def args(run_dir: Path) -> list[str]:
         return ["--config", "configs/decoder_tiny.yaml", *common(shards, run_dir), "train.steps=8",
                 "train.batch_size=8", "train.grad_accum=2", "checkpoint.every=4", "logging.sample_every=0",
                 "optim.warmup_steps=2", f"decoder.vq_weights={vq_run / 'divae.safetensors'}"]
 
-    fault = {FAULT_NAN_ENV: "2:0:0"}  # 0-based step 2 (the third), micro-batch 0, rank 0
+    fault = {NAN_LOSS: "2:0:0"}  # 0-based step 2 (the third), micro-batch 0, rank 0
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
     assert run(args(ref_dir), 2, ref_dir / "log.txt", **fault) == 0, (ref_dir / "log.txt").read_text()[-4000:]
@@ -238,7 +238,7 @@ def test_sigusr1_checkpoints_and_exits_with_requeue_code(shards, vq_run, tmp_pat
 
 
 def test_crash_during_checkpoint_save_keeps_previous_zero3(shards, vq_run, tmp_path):
-    from trainer.checkpoint import FAULT_ENV
+    from trainer.faults import CKPT_CRASH_AT_STEP
 
     run_dir = tmp_path / "dec_crash"
     run_dir.mkdir()
@@ -246,7 +246,7 @@ def test_crash_during_checkpoint_save_keeps_previous_zero3(shards, vq_run, tmp_p
             "checkpoint.every=2", "logging.sample_every=0", "deepspeed.zero_stage=3",
             f"decoder.vq_weights={vq_run / 'divae.safetensors'}"]
     log = run_dir / "log1.txt"
-    code = run([*args, "train.steps=4"], 2, log, **{FAULT_ENV: "4"})
+    code = run([*args, "train.steps=4"], 2, log, **{CKPT_CRASH_AT_STEP: "4"})
     assert code != 0
     ck = run_dir / "checkpoints"
     assert (ck / "latest").read_text().strip() == "step_00000002"

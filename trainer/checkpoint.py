@@ -34,8 +34,8 @@ world-size-free `elastic_<engine>.safetensors` that every ZeRO-1/2 checkpoint al
 design, what carries over); it is refused at start, with what to do instead, for ZeRO-3, webdataset shards,
 a checkpoint without the elastic files, or a global batch the new rank count cannot split.
 
-    python -m trainer.checkpoint inspect RUN_DIR|CHECKPOINT [--config X.yaml [key=value ...]]
-    python -m trainer.checkpoint convert CHECKPOINT   # under torchrun with the ranks that wrote it
+    python -m trainer.checkpoint_tool inspect RUN_DIR|CHECKPOINT [--config X.yaml [key=value ...]]
+    python -m trainer.checkpoint_tool convert CHECKPOINT   # under torchrun with the ranks that wrote it
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ from divae.utils.cli import one_line
 from divae.utils.config import ConfigError
 from divae.utils.files import sha256_file
 from divae.utils.logging import get_logger
-from trainer import elastic
+from trainer import elastic, faults
+from trainer.elastic import CheckpointError  # noqa: F401  (its home is elastic.py; callers import it from here)
 from trainer.launch import all_gather_object, barrier, rank_and_world
 
 log = get_logger(__name__)
@@ -70,7 +71,6 @@ MANIFEST = "manifest.json"  # {"files": {relative path: {"bytes", "sha256"}}} of
 EXPORT_NAME = "divae.safetensors"
 # Fault injection for the crash-during-save drill: every rank exits with code 13 after writing its files
 # into the temporary folder of the checkpoint at this step (before it is made visible).
-FAULT_ENV = "DIVAE_FAULT_CKPT_CRASH_AT_STEP"
 
 
 @dataclass
@@ -90,10 +90,6 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         if self.every < 0 or self.keep_last < 1:
             raise ValueError(f"need every >= 0 and keep_last >= 1, got {self.every}, {self.keep_last}")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or resumed from (a runtime error: exit 1)."""
 
 
 class WorldSizeError(CheckpointError, ConfigError):
@@ -197,9 +193,7 @@ def _save(root: Path, step: int, *, rank: int, engines: dict, rank_state: dict[s
         (tmp / "config.yaml").write_text(config_yaml)
         exported = export_fn(tmp) if export_fn is not None else []
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
-    if os.environ.get(FAULT_ENV) == str(step):
-        log.error("fault injection (%s=%d): exiting in the middle of a checkpoint save", FAULT_ENV, step)
-        os._exit(13)
+    faults.crash_in_save(step)
     barrier()  # every rank's files are in tmp
     write_manifest(tmp, rank)
     if rank == 0:
@@ -449,9 +443,8 @@ def check_compatible(meta: dict[str, Any], world_size: int, path: Path, global_b
                                                "as its own shard list and shuffle buffer (no position on another "
                                                "rank count; MDS shards resume elastically: prepare with --format mds)")
     if stage in (1, 2) and set(meta["engines"]) - set(meta.get("elastic", [])):
-        raise _refusal(meta, world_size, path, f"it holds no world-size-free optimizer state; write it with "
-                                               f"`torchrun --nproc_per_node {meta['world_size']} -m trainer.checkpoint "
-                                               f"convert {path}`")
+        convert = f"torchrun --nproc_per_node {meta['world_size']} -m trainer.checkpoint_tool convert {path}"
+        raise _refusal(meta, world_size, path, f"it holds no world-size-free optimizer state; write it: `{convert}`")
     try:
         elastic.batch_split(global_batch or meta["global_batch"], meta["micro_batch"], world_size)
     except ConfigError as e:
@@ -486,11 +479,3 @@ def load(path: Path, *, rank: int, world_size: int, engines: dict) -> tuple[dict
     how = f" on {world_size} ranks (written by {meta['world_size']}: elastic)" if is_elastic else ""
     log.info("resumed from %s (step %d)%s in %.2f s", path, meta["step"], how, time.perf_counter() - t0)
     return meta, rank_state, ema
-
-
-if __name__ == "__main__":  # python -m trainer.checkpoint inspect|convert (trainer/checkpoint_tool.py)
-    import sys
-
-    from trainer.checkpoint_tool import main
-
-    sys.exit(main())

@@ -1,8 +1,8 @@
-"""`python -m trainer.checkpoint inspect|convert`: what a checkpoint holds, and its world-size-free form.
+"""`python -m trainer.checkpoint_tool inspect|convert`: what a checkpoint holds, and its world-size-free form.
 
-    python -m trainer.checkpoint inspect runs/decoder_f16                       # the checkpoint `latest` names
-    python -m trainer.checkpoint inspect runs/x/checkpoints/step_00001000 --config configs/x.yaml [k=v ...]
-    torchrun --nproc_per_node N -m trainer.checkpoint convert runs/x/checkpoints/step_00001000
+    python -m trainer.checkpoint_tool inspect runs/decoder_f16                       # the checkpoint `latest` names
+    python -m trainer.checkpoint_tool inspect runs/x/checkpoints/step_00001000 --config configs/x.yaml [k=v ...]
+    torchrun --nproc_per_node N -m trainer.checkpoint_tool convert runs/x/checkpoints/step_00001000
 
 `inspect` prints the step, samples seen, world size, ZeRO stage, batch split, data position, the files and
 their sizes, the engines' parameter counts and optimizer steps, which rank counts it can resume on (and why
@@ -187,7 +187,7 @@ def convert(path: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.checkpoint", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m trainer.checkpoint_tool", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     i = sub.add_parser("inspect", help="print what a checkpoint holds")
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             if rank_and_world()[0] == 0:
                 print(f"wrote the world-size-free state into {folder}")
     except Exception as e:  # noqa: BLE001 - the CLI boundary
-        return report(e, "trainer.checkpoint", debug=args.debug, runtime=(ckpt.CheckpointError,))
+        return report(e, "trainer.checkpoint_tool", debug=args.debug, runtime=(ckpt.CheckpointError,))
     return 0
 
 

@@ -16,7 +16,7 @@ the matching setters after the engine was built for M ranks, so DeepSpeed itself
 before it can start), written for Megatron layouts, and only tested with fp16/bf16 wrappers on GPU; the
 gather-at-save form is plain tensors by name, exact (copies of fp32, no arithmetic), checked bitwise on CPU
 with gloo, and readable without unpickling. Its cost: +12 bytes per trainable parameter per checkpoint on
-rank 0's disk, and 3 all-reduces of each parameter's size per save. `python -m trainer.checkpoint convert`
+rank 0's disk, and 3 all-reduces of each parameter's size per save. `python -m trainer.checkpoint_tool convert`
 writes the same file for a checkpoint saved without it (it needs the N ranks that wrote it, once).
 
 Covered: ZeRO-1 (DeepSpeed's BF16_Optimizer under bf16) and ZeRO-2 (its ZeRO optimizer) through this file;
@@ -41,6 +41,12 @@ import numpy as np
 import torch
 
 from divae.utils.config import ConfigError
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or resumed from (a runtime error: exit 1). Defined here, the lowest of
+    the checkpoint modules, so that `trainer.checkpoint` (which re-exports it) imports this module one way."""
+
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 KEYS = ("fp32", *MOMENTS)
@@ -72,8 +78,6 @@ def _link_moments(engine) -> None:
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is None:
         import deepspeed
-
-        from trainer.checkpoint import CheckpointError
 
         raise CheckpointError(f"DeepSpeed {deepspeed.__version__}'s {type(engine.optimizer).__name__} cannot link "
                               "the optimizer state to the parameters (elastic resume is tested with DeepSpeed 0.19)")
@@ -131,12 +135,10 @@ def restore(engine, folder: Path, engine_name: str) -> dict[str, Any]:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     from safetensors import safe_open
 
-    from trainer.checkpoint import CheckpointError
-
     path = elastic_file(folder, engine_name)
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing: this checkpoint cannot resume on another number of ranks "
-                              f"(run `python -m trainer.checkpoint convert {folder}` with the ranks that wrote it)")
+        raise CheckpointError(f"{path} is missing: this checkpoint cannot resume on another number of ranks (run "
+                              f"`python -m trainer.checkpoint_tool convert {folder}` with the ranks that wrote it)")
     load_path, _ = engine.load_checkpoint(str(folder), tag=engine_name, load_module_only=True,
                                           load_optimizer_states=False, load_lr_scheduler_states=False)
     if load_path is None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from data_pipeline.tokens import tokens_dtype
 from divae.model import DiVAE
 from divae.utils.cli import UsageError, run_cli
 from divae.utils.files import sha256_file
+from trainer import faults
 
 STATE_DIR = ".pre_encode"
 
@@ -159,11 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for s, tok in zip(batch, encode([s["image"] for s in batch])):
                     samples.append({**{c: s[c] for c in m["columns"]}, "tokens": tok})
             info = write_shard(str(dst), k, m["format"], samples, columns)
-            if os.environ.get("DIVAE_TEST_KILL_AFTER_SHARD") == str(k):  # tests: SIGKILL between shard and receipt,
-                # to this process and its DataLoader workers when it leads its own process group (as `kill -9` of
-                # a Slurm step kills every process of the step)
-                os.killpg(os.getpid(), signal.SIGKILL) if os.getpgid(0) == os.getpid() else \
-                    os.kill(os.getpid(), signal.SIGKILL)
+            faults.kill_after_shard(k)
             if info["basename"] != m["shards"][k]["basename"]:
                 raise RuntimeError(f"shard {k} was written as {info['basename']}, the source calls it "
                                    f"{m['shards'][k]['basename']}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import random
 import sys
@@ -32,7 +31,7 @@ from divae.utils.config import ConfigError, dump_config
 from divae.utils.files import FolderBusy, folder_lock
 from divae.utils.logging import get_logger
 from trainer import checkpoint as ckpt
-from trainer import elastic
+from trainer import elastic, faults
 from trainer.config import TrainConfig, load_train_config
 from trainer.ema import EMA
 from trainer.engine import build_engine, engine_lr, grad_norm
@@ -56,14 +55,6 @@ from trainer.tasks.base import host_means
 from trainer.watchdog import PeerFailure, PeerWatchdog, peer_failure
 
 log = get_logger("trainer")
-
-
-FAULT_NAN_ENV = "DIVAE_FAULT_NAN_LOSS"
-# Test probes: TRACE_ENV=<dir>: each rank appends {"step", "rank", "index"} per micro-batch to
-# <dir>/samples_rank<r>.jsonl (which samples each optimizer step used); DUMP_ENV=<dir>: after an elastic resume,
-# rank 0 writes each engine's state gathered back from the new partitions to <dir>/<engine>.safetensors.
-TRACE_ENV = "DIVAE_TRACE_SAMPLES"
-DUMP_ENV = "DIVAE_ELASTIC_DUMP"
 
 
 class BadStepsError(RuntimeError):
@@ -187,7 +178,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
             ema.load_state_dict(ema_states[n], meta["ema_updates"][n])
         if is_elastic:  # this rank's stream did not exist in the N-rank run: derive it (reproducible)
             seed_all(elastic.rank_seed(cfg.train.seed, step, dist.rank, dist.world_size))
-            _dump_elastic(engines, dist.rank)
+            faults.dump_elastic(engines, dist.rank)
         else:
             ckpt.set_rng_state(rank_state["rng"])
     elif dist.is_main:
@@ -199,8 +190,8 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
                        cfg.sections(task_cls.config_sections))
     batches = Batches(loader)
     meter = WindowMeter()
-    bad_in_a_row, sample_batch, nan_fault = 0, None, _nan_fault()
-    trace = _tracer(dist.rank)
+    bad_in_a_row, sample_batch, nan_fault = 0, None, faults.nan_loss_at()
+    trace = faults.sample_tracer(dist.rank)
     global_batch = micro * ga * dist.world_size
 
     def save(at_step: int) -> None:
@@ -375,43 +366,10 @@ def _fix_canonical_nodes(cfg: TrainConfig, prev: dict | None, dist: DistInfo) ->
     return replace(cfg, data=replace(cfg.data, num_canonical_nodes=fixed))
 
 
-def _tracer(rank: int):
-    d = os.environ.get(TRACE_ENV)
-    if not d:
-        return None
-    Path(d).mkdir(parents=True, exist_ok=True)
-    path = Path(d) / f"samples_rank{rank}.jsonl"
-
-    def trace(step: int, batch: dict) -> None:
-        with open(path, "a") as f:
-            f.write(json.dumps({"step": step, "rank": rank, "index": batch["index"].tolist()}) + "\n")
-
-    return trace
-
-
-def _dump_elastic(engines: dict, rank: int) -> None:
-    d = os.environ.get(DUMP_ENV)
-    if not d:
-        return
-    Path(d).mkdir(parents=True, exist_ok=True)
-    for name, engine in engines.items():
-        if elastic.supported(engine):
-            tensors, info = elastic.gather(engine, keep=rank == 0)
-            if rank == 0:
-                elastic.write(Path(d) / f"{name}.safetensors", tensors, info)
-
-
 def _zero_loss(model: torch.nn.Module) -> torch.Tensor:
     """A loss whose gradient is exactly zero for every trainable parameter of `model` (finite even where a
     parameter is not)."""
     return sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
-
-
-def _nan_fault() -> tuple[int, int, int] | None:
-    """Fault injection for the NaN-guard drill: FAULT_NAN_ENV="STEP:MICRO:RANK" makes the loss of that
-    micro-batch (0-based completed step, micro-batch index, rank) non-finite."""
-    v = os.environ.get(FAULT_NAN_ENV)
-    return tuple(int(x) for x in v.split(":")) if v else None
 
 
 def _gathered_state(engine, zero_stage: int) -> dict[str, torch.Tensor]:
