@@ -86,7 +86,7 @@ def test_bf16_autocast_with_flash_and_memory_efficient_kernels(backend):
 def test_xformers_backend_matches_sdpa():
     if not xformers_available():
         pytest.skip("xformers is not installed (the project does not install it, pyproject.toml): install an "
-                    "xformers build made for this torch (README, Install) to test attn_backend=xformers")
+                    "xformers build made for this torch (docs/training.md, Installation) to test attn_backend=xformers")
     x, t, cond = _inputs("cuda")
     outs = []
     for backend in ("sdpa", "xformers"):

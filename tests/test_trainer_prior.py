@@ -218,8 +218,8 @@ def test_prior_two_ranks_zero3(data, tmp_path):
 def test_prior_f8_preset_trains_on_f8_shaped_tokens(data, tmp_path):
     """configs/prior_f8.yaml, the paper's text-to-image setting (32x32 tokens, K = 8192), with tiny widths: 3 steps on
     shards pre-encoded by a VQ of that token grid and codebook (a random f2 VQ at 64 px stands in for vq_f8 at
-    256 px: the prior sees only the tokens), then its export loads with the f8 shape; the README's commands name
-    this config and the f8 VQ whose grid and codebook it matches."""
+    256 px: the prior sees only the tokens), then its export loads with the f8 shape; the commands in
+    docs/text_to_image.md name this config and the f8 VQ whose grid and codebook it matches."""
     from dataclasses import replace
 
     from divae.model import DiVAE
@@ -232,7 +232,7 @@ def test_prior_f8_preset_trains_on_f8_shaped_tokens(data, tmp_path):
     grid = vq_f8.resolution // vq_f8.downsample_factor
     assert (cfg.prior.image_h, cfg.prior.image_w, cfg.prior.image_vocab_size) == (grid, grid, vq_f8.n_embed)
     assert (grid, vq_f8.n_embed) == (32, 8192) and cfg.prior_task.divae_weights.endswith("decoder_f8/divae.safetensors")
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "text_to_image.md").read_text()
     assert "-m trainer.train --config configs/prior_f8.yaml" in readme and "--vq runs/vq_f8/divae.safetensors" in readme
 
     stand_in = replace(VQ_PRESETS["tiny"], ch=16, ch_mult=(1, 2), attn_resolutions=(), n_embed=8192, embed_dim=8)
