@@ -32,10 +32,6 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope -m "not slow and not serial" $(PYTEST_ARGS)
 
-# The suite without the tests marked `slow` (the long end-to-end runs, which `make test` includes).
-test-fast: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
-
 lint: setup
 	$(VENV)/bin/ruff check .
 

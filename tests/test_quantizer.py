@@ -205,8 +205,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 def test_two_rank_gloo_usage_allreduce_and_identical_restart():
     with tempfile.TemporaryDirectory() as d:
-        # fork: the children need not re-import torch and this module (seconds on a busy 2-core box)
-        mp.start_processes(_worker, args=(2, os.path.join(d, "init"), d), nprocs=2, join=True, start_method="fork")
+        # spawn, not fork: a forked child would inherit whatever the parent holds (a pytest-xdist worker's threads,
+        # a process group left by an earlier test in the same process) instead of starting clean
+        mp.start_processes(_worker, args=(2, os.path.join(d, "init"), d), nprocs=2, join=True, start_method="spawn")
         r0 = torch.load(os.path.join(d, "rank0.pt"), weights_only=True)
         r1 = torch.load(os.path.join(d, "rank1.pt"), weights_only=True)
     for ema in (False, True):

@@ -1,6 +1,9 @@
 """The Slurm scripts (slurm/) on a real local Slurm cluster (.ci/slurm.sh): a 2-node CPU decoder run that is
-preempted with USR1, checkpoints, requeues itself and resumes from the saved step. Plus fast checks of the
-scripts that need no cluster."""
+preempted with USR1, checkpoints, requeues itself and resumes from the saved step; and trainer.submit's submitit job,
+preempted the way submitit signals it. Plus fast checks of the scripts that need no cluster.
+
+Every test that submits to the cluster lives in this module: `make test` gives a module to one xdist worker, so the
+cluster's jobs run one after another (two at once would wait for each other's nodes)."""
 
 from __future__ import annotations
 
@@ -19,10 +22,10 @@ from slurm_cluster import (  # noqa: F401  (slurm_cluster is a fixture)
     start_requeued_now,
     wait_until,
 )
+from submitit.slurm.slurm import SlurmJobEnvironment
 
 from trainer.preemption import REQUEUE_EXIT_CODE, REQUEUE_MARKER
-
-pytestmark = pytest.mark.serial  # one cluster for the whole run: its jobs must not share it
+from trainer.submit import TrainJob, build_executor, parse_args
 
 SCRIPTS = ["train_vq.sh", "train_decoder.sh", "train_prior.sh"]
 
@@ -284,3 +287,64 @@ def test_requeue_on_a_smaller_allocation_resumes_elastically(slurm_cluster, tmp_
     assert sorted(seen) == list(range(2 * steps)), sorted(seen)  # every sample of the epoch exactly once
     meta = json.loads((run_dir / "checkpoints" / f"step_{steps:08d}" / "trainer_state.json").read_text())
     assert meta["world_size"] == 1 and meta["samples_seen"] == 2 * steps and meta["grad_accum"] == 2
+
+
+# -- submitit (trainer.submit) on the cluster ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.parametrize("arrival", ["interrupt", "usr2_after_the_stop"])
+def test_submitit_preempt_checkpoint_requeue_resume(slurm_cluster, decoder_inputs, tmp_path, monkeypatch,  # noqa: F811
+                                                    arrival):
+    """A preemption as submitit signals it: SIGTERM, then USR2. `interrupt` sends both back to back
+    (`job._interrupt()`), so a step boundary may or may not fall between them; `usr2_after_the_stop` makes that
+    race certain: the USR2 comes only after the ranks stopped and saved on the TERM alone. Either way the job
+    requeues once and resumes after the saved step."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(ROOT)
+    run_dir, steps = tmp_path / "run", 16
+    overrides = [f"{k}={v}" for k, v in decoder_inputs.items()] + [
+        f"train.run_dir={run_dir}", f"train.steps={steps}", "train.batch_size=2", "checkpoint.every=0",
+        "logging.every=1", "logging.sample_every=0", "logging.wandb_mode=disabled"]
+    args, overrides = parse_args(["--config", "configs/decoder_tiny.yaml", *overrides, "--cluster", "slurm",
+                                  "--tasks-per-node", "2", "--cpus-per-task", "1", "--timeout-min", "30",
+                                  "--folder", str(tmp_path / "submitit")])
+    executor = build_executor(args)
+    job = executor.submit(TrainJob(["--config", args.config, *overrides]))
+    log = lambda: job.paths.stdout.read_text() if job.paths.stdout.exists() else ""  # noqa: E731
+
+    def detail() -> str:
+        err = job.paths.stderr.read_text() if job.paths.stderr.exists() else ""
+        return (f"job {job_fields(job.job_id)}\nlogged steps {logged_steps(run_dir)}\nstdout:\n{log()}\n"
+                f"stderr (tail):\n{err[-3000:]}")
+
+    try:
+        def training() -> bool:
+            state = job_fields(job.job_id)["JobState"]
+            assert state in ("PENDING", "RUNNING"), f"job {job.job_id} is {state} before the preemption\n{log()}"
+            return len(logged_steps(run_dir)) >= 3
+
+        wait_until(training, 150, "3 logged training steps", on_timeout=detail)
+        if arrival == "interrupt":
+            job._interrupt()  # what submitit sends for a preemption: SIGTERM, then its USR2, to every task
+        else:
+            subprocess.run(["scancel", "--signal=TERM", job.job_id], check=True)
+            wait_until(lambda: "trainer stopped on SIGTERM and saved" in log(), 120, "the ranks to stop and save",
+                       on_timeout=detail)
+            subprocess.run(["scancel", f"--signal={SlurmJobEnvironment.USR_SIG}", job.job_id], check=True)
+        wait_until(lambda: int(job_fields(job.job_id).get("Restarts", 0)) >= 1, 120, "the job to requeue",
+                   on_timeout=detail)
+        start_requeued_now(job.job_id)
+        wait_until(lambda: job_fields(job.job_id)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), 180,
+                   "the requeued job to finish", on_timeout=detail)
+        assert job.results() == [0, 0]  # both ranks of the requeued run finished
+    finally:
+        job.cancel(check=False)
+    assert job_fields(job.job_id)["Restarts"] == "1"
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    saved = [int(n[5:]) for n in ckpts if int(n[5:]) < steps]
+    assert saved and 3 <= saved[0] < steps, ckpts  # the preemption checkpoint
+    assert logged_steps(run_dir) == list(range(1, steps + 1))  # resumed after it, never from step 0
+    text = log() + job.paths.stderr.read_text()
+    assert "rank 0: trainer checkpointed for preemption" in text and f"Requeued job {job.job_id}" in text, text
