@@ -4,7 +4,7 @@ PyTorch's `scaled_dot_product_attention` (SDPA) is the default, and the only bac
 it chooses the flash or memory-efficient kernel by itself, on CPU it runs the math kernel. xformers is used
 only when a config asks for it by name (`attn_backend: xformers`, CUDA only): an installed xformers never
 changes which kernel runs. It is not a pip extra of this project either: xformers wheels pin one exact torch,
-and `pip install divae[xformers]` would replace the user's CUDA torch (README, "Install").
+and `pip install divae[xformers]` would replace the user's CUDA torch (docs/training.md, "Installation").
 
 Shapes: q (B, heads, Lq, head_dim), k and v (B, heads, Lk, head_dim) -> (B, heads, Lq, head_dim).
 """
@@ -58,8 +58,9 @@ def _xformers_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool, attn_mask: torch.Tensor | None
 ) -> torch.Tensor:
     if not _HAS_XFORMERS:
-        raise RuntimeError("attention backend 'xformers' requested but xformers is not installed: "
-                           "install an xformers build made for your torch (see README, Install) or use backend='sdpa'")
+        raise RuntimeError("attention backend 'xformers' requested but xformers is not installed: install an "
+                           "xformers build made for your torch (see docs/training.md, Installation) or use "
+                           "backend='sdpa'")
     if not q.is_cuda:
         raise RuntimeError("xformers kernels are CUDA-only; use backend='sdpa' on CPU")
     import xformers.ops as xops

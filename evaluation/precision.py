@@ -11,7 +11,7 @@
 
 The default (`default_precision`, what recon_fid and t2i_fid use without --precision) is bf16 on CUDA and
 fp32 on a CPU. On an A100 fp32 without TF32 peaks at 19.5 TFLOP/s against 312 in bf16: the planner's cost of
-the 50k-image DDPM-1000 evaluation (README) is priced in bf16, and fp32 would cost about 16x more. On a CPU
+the 50k-image DDPM-1000 evaluation (docs/training.md) is priced in bf16, and fp32 would cost about 16x more. On a CPU
 bf16 is no faster, so fp32 stays the default there.
 The previous TF32 settings are restored on exit. What bf16 moves the figures by was measured on CPU on the
 demo model with the same seeds (`MEASURED_BF16_EFFECT`, bench/RESULTS.md) and is written into results.json.

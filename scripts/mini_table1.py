@@ -17,7 +17,7 @@ What it measures, on 64x64 crops of photographs that ship inside installed packa
 Every figure carries its noise: `±` is the standard error of the mean over crops; FID comes with the spread
 over two sampler seeds. Each step is the project's own command line (printed first, as in `make demo`) and is
 skipped when its output exists, so a killed run continues where it stopped. The full run of 2026-11-30 is recorded
-in docs/mini_table1_results.json and its table and picture in the README (tests/test_mini_table1.py checks they
+in docs/mini_table1_results.json and its table and picture in docs/mini_table1.md (tests/test_mini_table1.py checks they
 agree).
 """
 

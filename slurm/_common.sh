@@ -12,7 +12,7 @@
 #   NPROC_PER_NODE        ranks per node (default: SLURM_GPUS_ON_NODE, the GPUs allocated on the node; on a node
 #                         without GPUs 1 = CPU; a node with GPUs whose count Slurm does not give is refused,
 #                         divae_nproc); "cpus": one rank per CPU the job holds on the node (CPU runs: a requeued
-#                         job given fewer CPUs then runs on fewer ranks, and resumes elastically, README
+#                         job given fewer CPUs then runs on fewer ranks, and resumes elastically, docs/reliability.md
 #                         "Elastic resume")
 #   MASTER_PORT           rendezvous port (default: 20000 + job id % 20000)
 #   DIVAE_LAUNCHER        torchrun (default) | srun (one srun task per rank, no torchrun)

@@ -24,7 +24,7 @@ ZeRO-0 needs nothing (DeepSpeed keeps its unpartitioned optimizer state in one w
 ZeRO-3 is refused: its parameters themselves are partitioned, and DeepSpeed 0.19's ZeRO-3 universal path
 was not cleanly usable with a client optimizer; relaunch with the same N.
 
-What else carries over on a change of world size (see train.py and README "Elastic resume"): model,
+What else carries over on a change of world size (see train.py and docs/reliability.md "Elastic resume"): model,
 EMA (rank 0's full copy), step, samples seen, the lr schedule, the MDS data position (mosaicml-streaming's
 elastic resume with the run's fixed `num_canonical_nodes`), the global batch (the micro-batch is kept,
 accumulation recomputed). Not carried: the per-rank RNG streams (re-derived from seed, step and rank:
