@@ -35,6 +35,7 @@ from divae.lpips import LPIPS
 from divae.model import DiVAE, read_pretrained
 from divae.unet import UNetModel
 from divae.utils.config import from_dict
+from divae.utils.params import sub_state
 from divae.vq import VQConfig, VQModel
 from trainer.tasks.base import COMMON_SECTIONS, Task, device_quartile_losses
 
@@ -117,7 +118,7 @@ class DecoderTask(Task):
                              "(e.g. decoder.vq_weights=runs/vq_tiny/divae.safetensors)")
         vq_dict, state = read_pretrained(dcfg.vq_weights)
         self.vq_cfg = from_dict(VQConfig, vq_dict["vq"])
-        self.vq_state = {k[3:]: v for k, v in state.items() if k.startswith("vq.")}
+        self.vq_state = sub_state(state, "vq")
         unet_cfg = cfg.unet
         if unet_cfg.cond_position != "none" and unet_cfg.cond_channels != self.vq_cfg.embed_dim:
             raise ValueError(f"unet.cond_channels={unet_cfg.cond_channels} but the VQ in {dcfg.vq_weights} has "
@@ -152,7 +153,7 @@ class DecoderTask(Task):
 
     def init_from(self, path: str, models: dict[str, nn.Module]) -> None:
         _, state = read_pretrained(path)
-        unet_state = {k[5:]: v for k, v in state.items() if k.startswith("unet.")}
+        unet_state = sub_state(state, "unet")
         if not unet_state:
             raise ValueError(f"{path} holds no UNet (a VQ-stage export?); checkpoint.init_from needs a decoder export")
         models["model"].unet.load_state_dict(unet_state)
@@ -216,8 +217,8 @@ class DecoderTask(Task):
         model = DiVAE(self.vq_cfg, self.unet_cfg, self.cfg.diffusion)
         model.vq.load_state_dict(self.vq_state)
         w = weights["model"]
-        model.unet.load_state_dict({k[5:]: v for k, v in w.items() if k.startswith("unet.")})
-        tuned = {k[3:]: v for k, v in w.items() if k.startswith("vq.")}
+        model.unet.load_state_dict(sub_state(w, "unet"))
+        tuned = sub_state(w, "vq")
         if tuned:
             model.vq.load_state_dict(tuned)
         model.save_pretrained(path, info)

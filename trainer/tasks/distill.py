@@ -37,6 +37,7 @@ from divae.lpips import LPIPS
 from divae.model import DiVAE, read_pretrained
 from divae.unet import UNetConfig, UNetModel
 from divae.utils.config import from_dict, to_dict
+from divae.utils.params import sub_state
 from divae.vq import VQConfig, VQModel
 from trainer.tasks.base import COMMON_SECTIONS, Task
 from trainer.tasks.decoder import DecoderNet, token_embeddings
@@ -106,8 +107,8 @@ class DistillTask(Task):
         if dcfg.tokens == "precomputed" and cfg.data.random_flip:
             raise ValueError("distill.tokens=precomputed needs data.random_flip=false")
         self.vq_cfg = from_dict(VQConfig, file_cfg["vq"])
-        self.vq_state = {k[3:]: v for k, v in state.items() if k.startswith("vq.")}
-        unet_state = {k[5:]: v for k, v in state.items() if k.startswith("unet.")}
+        self.vq_state = sub_state(state, "vq")
+        unet_state = sub_state(state, "unet")
         self.unet_cfg = replace(cfg.unet, use_checkpoint=cfg.deepspeed.activation_checkpointing)
         self.frozen_vq = VQModel(self.vq_cfg)
         self.frozen_vq.load_state_dict(self.vq_state)
@@ -125,7 +126,7 @@ class DistillTask(Task):
 
     def init_from(self, path: str, models: dict[str, nn.Module]) -> None:
         _, state = read_pretrained(path)
-        models["model"].unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+        models["model"].unet.load_state_dict(sub_state(state, "unet"))
 
     def _bf16(self) -> bool:
         return next(self.engines["model"].module.parameters()).dtype == torch.bfloat16
@@ -186,5 +187,5 @@ class DistillTask(Task):
     def export(self, path: str, weights: dict[str, dict[str, torch.Tensor]], info: dict | None = None) -> None:
         model = DiVAE(self.vq_cfg, self.unet_cfg, self.cfg.diffusion, sampling=self.cfg.distill.sampling)
         model.vq.load_state_dict(self.vq_state)
-        model.unet.load_state_dict({k[5:]: v for k, v in weights["model"].items() if k.startswith("unet.")})
+        model.unet.load_state_dict(sub_state(weights["model"], "unet"))
         model.save_pretrained(path, info)

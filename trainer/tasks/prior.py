@@ -33,6 +33,7 @@ from divae.t2i import text_to_image
 from divae.text_tokenizer import TextTokenizer
 from divae.utils.config import ConfigError, from_dict
 from divae.utils.logging import get_logger
+from divae.utils.params import sub_state
 from trainer.tasks.base import COMMON_SECTIONS, Task, detached
 
 log = get_logger(__name__)
@@ -281,7 +282,7 @@ class PriorTask(Task):
 
     def export(self, path: str, weights: dict[str, dict[str, torch.Tensor]], info: dict | None = None) -> None:
         w = weights["model"]
-        save_prior(path, self._export_model({k[6:]: v for k, v in w.items() if k.startswith("prior.")}),
+        save_prior(path, self._export_model(sub_state(w, "prior")),
                    self.tokenizer, info)
 
     def init_from(self, path: str, models: dict[str, nn.Module]) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from divae.model import DiVAE, read_pretrained
 from divae.utils.config import ConfigError
+from divae.utils.params import sub_state
 from divae.vq import VQModel
 from divae.vq_loss import LastLayerTap, VQLoss
 from trainer.tasks.base import COMMON_SECTIONS, Task, detached
@@ -120,4 +121,4 @@ class VQTask(Task):
 
     def init_from(self, path: str, models: dict[str, torch.nn.Module]) -> None:
         _, state = read_pretrained(path)
-        models["generator"].load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("vq.")})
+        models["generator"].load_state_dict(sub_state(state, "vq"))
