@@ -39,8 +39,9 @@ from divae.unet import UNetConfig, UNetModel
 from divae.utils.config import from_dict, to_dict
 from divae.utils.params import sub_state
 from divae.vq import VQConfig, VQModel
+from trainer.flops import unet_parts
 from trainer.tasks.base import COMMON_SECTIONS, Task
-from trainer.tasks.decoder import DecoderNet, token_embeddings
+from trainer.tasks.decoder import DecoderNet, token_embeddings, unet_param_counts, unet_stage_flops, vq_config_of
 
 
 @dataclass
@@ -89,6 +90,31 @@ class DistillTask(Task):
     config_sections = (*COMMON_SECTIONS, "unet", "diffusion", "distill")
     phases = ("model",)
     ema_phases = ("model",)
+
+    @classmethod
+    def required_files(cls, cfg) -> list[tuple[str, str, str]]:
+        return [("distill.teacher", cfg.distill.teacher,
+                 "a decoder-stage export (e.g. distill.teacher=runs/demo/decoder/divae.safetensors)")]
+
+    @classmethod
+    def frozen_vq_config(cls, cfg) -> VQConfig | None:
+        return vq_config_of(cfg.distill.teacher, cfg.unet)
+
+    @classmethod
+    def sample_flops(cls, cfg, vq_cfg=None, forward: bool = True) -> dict[str, float]:
+        """The student's chained calls (each call's activations kept for the one backward) and the teacher's
+        sampler, one UNet forward per step."""
+        d = cfg.distill
+        return unet_stage_flops(cfg, vq_cfg, len(d.student_timesteps), d.teacher_steps, d.tokens == "encode", False,
+                                forward)
+
+    @classmethod
+    def traced_parts(cls, cfg, checkpointing: bool, batch: int):
+        return unet_parts(replace(cfg.unet, use_checkpoint=checkpointing), batch, len(cfg.distill.student_timesteps))
+
+    @classmethod
+    def param_counts(cls, cfg, vq_cfg=None) -> tuple[int, int]:
+        return unet_param_counts(cfg, vq_cfg, 1)  # frozen: the VQ and the teacher (the student's twin)
 
     def build_models(self) -> dict[str, nn.Module]:
         cfg, dcfg = self.cfg, self.cfg.distill
