@@ -35,7 +35,8 @@ from divae.diffusion import DiffusionConfig, create_diffusion  # noqa: E402
 from divae.unet import UNET_PRESETS, UNetModel  # noqa: E402
 from divae.utils.params import count_parameters  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.flops import device_peak, stage_flops  # noqa: E402
+from trainer.flops import device_peak  # noqa: E402
+from trainer.tasks import DecoderTask  # noqa: E402
 
 
 def print_param_counts() -> None:
@@ -118,7 +119,7 @@ def bench(name: str, batch: int, steps: int, warmup: int, device: torch.device, 
     for _ in range(steps):  # interleaved A/B: drifts in machine load hit both alike
         for k, f in fns.items():
             times[k].append(timed(f, sync))
-    flops = stage_flops(TrainConfig(unet=replace(cfg, use_checkpoint=False)), forward=False)["train"]
+    flops = DecoderTask.sample_flops(TrainConfig(unet=replace(cfg, use_checkpoint=False)), forward=False)["train"]
     _, peak = device_peak(device)
     tag = f"{'bf16' if bf16 else 'fp32'}{ {'': '', 'both': ' compiled', 'ours': ' ours compiled'}[compile_]}"
     out = {"preset": name, "dtype": tag, "batch": batch, "flops_per_image": flops}

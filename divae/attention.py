@@ -12,11 +12,13 @@ Shapes: q (B, heads, Lq, head_dim), k and v (B, heads, Lk, head_dim) -> (B, head
 from __future__ import annotations
 
 import importlib.util
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "sdpa", "xformers")
+AttnBackend = Literal["auto", "sdpa", "xformers"]  # the config field of every model with attention
+BACKENDS: tuple[str, ...] = get_args(AttnBackend)
 _HAS_XFORMERS = importlib.util.find_spec("xformers") is not None
 
 

@@ -20,14 +20,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from divae.attention import attention
+from divae.attention import AttnBackend, attention
 from divae.prior_sampling import make_generators, sample_next
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class PriorConfig:
     dropout: float = 0.0
     caption_dropout: float = 0.1  # probability a training caption becomes the empty caption (for CFG)
     grad_checkpointing: bool = False  # activation checkpointing of every block while training
-    attn_backend: Literal["auto", "sdpa", "xformers"] = "auto"
+    attn_backend: AttnBackend = "auto"
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:

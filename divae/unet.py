@@ -23,11 +23,13 @@ floating dtype: the model casts them where they enter.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from divae.attention import AttnBackend
 from divae.unet_blocks import (
     AttentionBlock,
     CondAdd,
@@ -46,8 +48,10 @@ from divae.unet_blocks import (
     zero_module,
 )
 
-COND_POSITIONS = ("encoder", "middle", "decoder", "none")
-COND_METHODS = ("concat", "add", "attention")
+CondPosition = Literal["encoder", "middle", "decoder", "none"]
+CondMethod = Literal["concat", "add", "attention"]
+COND_POSITIONS: tuple[str, ...] = get_args(CondPosition)
+COND_METHODS: tuple[str, ...] = get_args(CondMethod)
 
 
 @dataclass
@@ -84,11 +88,11 @@ class UNetConfig:
     learn_sigma: bool = True
     cond_channels: int = 8
     token_grid: int = 8
-    cond_position: str = "middle"
-    cond_method: str = "concat"
+    cond_position: CondPosition = "middle"
+    cond_method: CondMethod = "concat"
     cond_embed_channels: int = 0
     use_checkpoint: bool = False
-    attn_backend: str = "auto"
+    attn_backend: AttnBackend = "auto"
     fp32_edges: bool = True
     bf16_norms: bool = False
 

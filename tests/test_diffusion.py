@@ -14,7 +14,6 @@ from divae.diffusion import (
     UniformSampler,
     create_diffusion,
     get_named_beta_schedule,
-    quartile_losses,
     space_timesteps,
 )
 from divae.diffusion.gaussian_diffusion import GaussianDiffusion
@@ -192,11 +191,13 @@ def test_respacing_25_steps_has_the_right_betas():
     assert seen[0].item() == 999
 
 
-def test_quartile_losses():
+def test_quartile_losses_split_t_at_quarters_of_T():
+    """The decoder stage's logged loss by timestep quartile: q holds t in [q T/4, (q+1) T/4), empty ones left out."""
+    from trainer.tasks.base import device_quartile_losses, host_means
+
     t = torch.tensor([0, 249, 250, 999, 998])
-    out = quartile_losses(t, {"mse": torch.tensor([1.0, 3.0, 5.0, 7.0, 9.0])}, 1000)
-    assert out == {"mse_q0": 2.0, "mse_q1": 5.0, "mse_q3": 8.0}
-    assert quartile_losses(t[:1], torch.tensor([4.0]), 1000) == {"q0": 4.0}
+    q = device_quartile_losses(t, torch.tensor([1.0, 3.0, 5.0, 7.0, 9.0]), 1000, "mse")
+    assert host_means({k: [v] for k, v in q.items()}) == {"mse_q0": 2.0, "mse_q1": 5.0, "mse_q3": 8.0}
 
 
 def test_loss_second_moment_resampler_is_unbiased_and_prefers_large_losses():

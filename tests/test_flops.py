@@ -10,7 +10,8 @@ import torch
 
 from divae.unet import UNET_PRESETS, UNetModel
 from trainer.config import load_train_config
-from trainer.flops import CARDS, Throughput, card_key, device_peak, stage_flops, trace
+from trainer.flops import CARDS, Throughput, card_key, device_peak, trace
+from trainer.tasks import TASKS
 
 
 def _unet_forward_flops_by_hand(model: UNetModel, image_size: int, token_grid: int) -> int:
@@ -59,7 +60,7 @@ def test_tiny_unet_flops_match_an_independent_per_layer_count():
     model = UNetModel(cfg).eval()
     assert any(type(m).__name__ == "AttentionBlock" for m in model.modules())
     by_hand = _unet_forward_flops_by_hand(model, cfg.image_size, cfg.token_grid)
-    counted = stage_flops(train_cfg)  # no vq_cfg: the UNet alone
+    counted = TASKS["decoder"].sample_flops(train_cfg)  # no vq_cfg: the UNet alone
     assert counted["forward"] == pytest.approx(by_hand, rel=0.02)
     # backward ~ 2 x forward (the first conv needs no input gradient; attention backward recomputes its scores)
     assert 2.8 * counted["forward"] < counted["train"] < 3.1 * counted["forward"]
@@ -143,7 +144,7 @@ def test_distillation_costs_the_students_unrolled_steps_and_the_teachers_sampler
 
     dec = load_train_config("configs/decoder_f16_v2.yaml")
     dist = load_train_config("configs/distill_f16.yaml")
-    fd, fs = stage_flops(dec), stage_flops(dist)
+    fd, fs = TASKS["decoder"].sample_flops(dec), TASKS["distill"].sample_flops(dist)
     assert fs["forward"] == fd["forward"] > 1e12
     assert fs["train"] - 20 * fs["forward"] == pytest.approx(2 * fd["train"], rel=0.01)
     assert activation_bytes(dist, False)[0] == pytest.approx(2 * activation_bytes(dec, False)[0], rel=0.02)

@@ -267,12 +267,12 @@ def test_log_lines_carry_flops_and_per_gpu_throughput(decoder_ref, vq_run):
     from divae.utils.config import from_dict
     from divae.vq import VQConfig
     from trainer.config import load_train_config
-    from trainer.flops import stage_flops
+    from trainer.tasks import DecoderTask
 
     m = metrics(decoder_ref)
     cfg = load_train_config(decoder_ref / "config.yaml")
     vq_cfg = from_dict(VQConfig, read_pretrained(vq_run / "divae.safetensors")[0]["vq"])
-    expected = stage_flops(cfg, vq_cfg, forward=False)["train"]
+    expected = DecoderTask.sample_flops(cfg, vq_cfg, forward=False)["train"]
     for row in m.values():
         assert row["flops_per_sample"] == expected > 1e9
         assert row["images_per_s_per_gpu"] == pytest.approx(row["images_per_s"] / 2, rel=1e-12)

@@ -75,7 +75,7 @@ def test_presets_load(path):
 
     cfg = load_train_config(path)
     assert cfg.train.stage in TASKS
-    if cfg.trains_unet:
+    if "unet" in TASKS[cfg.train.stage].config_sections:
         assert cfg.unet.learn_sigma == cfg.diffusion.learn_sigma
 
 

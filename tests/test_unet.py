@@ -176,3 +176,17 @@ def test_architecture_matches_the_stock_adm_256_parameter_count():
                      attention_resolutions=(32, 16, 8), num_head_channels=64, cond_position="none")
     with torch.device("meta"):
         assert count_parameters(UNetModel(cfg)) == 552_814_086
+
+
+def test_sub_state_names_a_submodule_as_its_own_state_dict_does():
+    from divae.model import DiVAE
+    from divae.utils.params import sub_state
+    from divae.vq import VQConfig
+
+    tiny_vq = VQConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=16, z_channels=8,
+                       norm_groups=4, embed_dim=4, n_embed=16)
+    model = DiVAE(tiny_vq)
+    state = model.state_dict()
+    vq = sub_state(state, "vq")
+    assert vq.keys() == model.vq.state_dict().keys() and all(vq[k] is state[f"vq.{k}"] for k in vq)
+    assert sub_state({"vqx.a": 1, "vq.b": 2, "unet.vq.c": 3}, "vq") == {"b": 2}  # the whole first name only

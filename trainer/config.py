@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from data_pipeline.loaders import DataConfig
 from divae.diffusion import DiffusionConfig
@@ -38,6 +37,7 @@ from trainer.checkpoint import CheckpointConfig
 from trainer.ema import EMAConfig
 from trainer.engine import DeepSpeedConfig, OptimConfig
 from trainer.metrics import LoggingConfig
+from trainer.tasks import TASKS
 from trainer.tasks.decoder import DecoderTaskConfig
 from trainer.tasks.distill import DistillTaskConfig
 from trainer.tasks.prior import PriorTaskConfig
@@ -46,7 +46,7 @@ from trainer.tasks.vq import VQTaskConfig
 
 @dataclass
 class TrainLoopConfig:
-    stage: Literal["vq", "decoder", "distill", "prior"] = "decoder"
+    stage: str = "decoder"  # a key of trainer.tasks.TASKS (checked by load_train_config)
     run_dir: str = "runs/default"  # checkpoints, samples, metrics.jsonl, config.yaml; resumes from here
     steps: int = 10_000  # optimizer steps (paper: 10k)
     batch_size: int = 256  # global images per optimizer step = micro batch x grad_accum x ranks (paper: 256)
@@ -132,16 +132,6 @@ class TrainConfig:
                 "data.batch_size (the trainer derives it) and set train.batch_size, the global batch")
         return micro
 
-    @property
-    def trains_unet(self) -> bool:
-        """The stage trains a diffusion UNet on a frozen VQ (decoder, distill)."""
-        return self.train.stage in ("decoder", "distill")
-
-    @property
-    def frozen_vq_file(self) -> str:
-        """The DiVAE file a UNet stage takes its frozen VQ from: decoder.vq_weights or distill.teacher."""
-        return self.distill.teacher if self.train.stage == "distill" else self.decoder.vq_weights
-
     def sections(self, names: tuple[str, ...]) -> dict:
         """The config as a plain dict with only the sections in `names` (what a stage reads)."""
         return {k: v for k, v in to_dict(self).items() if k in names}
@@ -153,4 +143,7 @@ PRESETS = {VQConfig: VQ_PRESETS, UNetConfig: UNET_PRESETS, PriorConfig: PRIOR_PR
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    return load_config(TrainConfig, path, overrides, presets=PRESETS)
+    cfg = load_config(TrainConfig, path, overrides, presets=PRESETS)
+    if cfg.train.stage not in TASKS:
+        raise ConfigError(f"train.stage: {cfg.train.stage!r} is not one of {list(TASKS)}")
+    return cfg

@@ -1,6 +1,6 @@
 """FLOPs and memory of one training sample, traced without memory, and model FLOP utilization (MFU).
 
-    fl = stage_flops(cfg, vq_cfg)              # {"train": FLOPs of one sample's fwd+bwd, "tokens": ...}
+    fl = TASKS[cfg.train.stage].sample_flops(cfg, vq_cfg)  # {"train": FLOPs of one sample's fwd+bwd, ...}
     tp = Throughput.for_run(cfg, task, device)  # once at start; then in every log line:
     means.update(tp.figures(images_per_s_global, world_size))
 
@@ -8,13 +8,17 @@ Everything is traced under `FakeTensorMode` (tensors with shapes and dtypes but 
 models cost no memory and about a second) with `torch.utils.flop_counter.FlopCounterMode`, which counts the
 matmuls, convolutions and attention of the forward and of the backward (2 FLOPs per multiply-add). The count is
 the *model* FLOPs of one sample, PaLM/nanoGPT style: activation checkpointing's recomputation is not counted
-(the trace runs with it off), so MFU compares like with like whatever the memory settings. Per stage:
+(the trace runs with it off), so MFU compares like with like whatever the memory settings. This module holds the
+tracing and the networks' (build, step) parts; each stage's Task (trainer/tasks/) says which parts its sample
+costs (`Task.sample_flops`, `Task.traced_parts`):
 
 - decoder: UNet forward + backward on (x_t, t, z_q), plus the frozen VQ encoder's forward and codebook search
   when z_q is encoded on the fly (`decoder.tokens=encode`; forward + backward with `decoder.finetune_encoder`);
 - vq: encoder, codebook search (2 N K d), decoder forward + backward, LPIPS forward + input-gradient backward
   when `vq_loss.perceptual_weight > 0`, the discriminator on the reconstruction (generator phase) and on the
   real and reconstructed image (discriminator phase), forward + backward: the cost after `vq_loss.disc_start`;
+- distill: the student's chained UNet calls (one per student timestep) forward + backward, and the teacher's
+  sampler (`distill.teacher_steps` UNet forwards), plus the VQ encoder when the tokens are encoded on the fly;
 - prior: encoder-decoder forward + backward with teacher forcing; tokens are the image tokens of a sample.
 
 MFU = achieved FLOP/s per GPU / the card's peak dense bf16 FLOP/s (`PEAK_BF16_FLOPS`, vendor figures without
@@ -27,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -191,7 +195,7 @@ def cuda_saved_bytes(build: Callable[[], Any], step: Callable[[Any], torch.Tenso
 
 
 # ---- per-stage steps ---------------------------------------------------------------------------------------
-def _unet_parts(unet_cfg, batch: int, calls: int = 1):
+def unet_parts(unet_cfg, batch: int, calls: int = 1):
     """(build, step) of the UNet; `calls` chained UNet calls in one step (the distillation student's unrolled
     sampler: each call's activations are kept for the one backward)."""
     from divae.unet import UNetModel
@@ -211,12 +215,7 @@ def _unet_parts(unet_cfg, batch: int, calls: int = 1):
     return build, step
 
 
-def _unet_calls(cfg) -> int:
-    """UNet calls per training step of a UNet stage: 1 (decoder) or the student's steps (distill)."""
-    return len(cfg.distill.student_timesteps) if cfg.train.stage == "distill" else 1
-
-
-def _vq_forward(vq, x: torch.Tensor) -> torch.Tensor:
+def vq_forward(vq, x: torch.Tensor) -> torch.Tensor:
     """Encoder, codebook search as the matmul it is (the quantizer's statistics use data-dependent shapes that
     fake tensors cannot trace) and decoder; z_q takes z_e's place (the straight-through gradient path)."""
     z = vq.encode_pre_quant(x)
@@ -226,7 +225,7 @@ def _vq_forward(vq, x: torch.Tensor) -> torch.Tensor:
     return vq.decode(z)
 
 
-def _vq_encode_flops(vq_cfg, image_size: int, backward: bool) -> int:
+def vq_encode_flops(vq_cfg, image_size: int, backward: bool) -> int:
     from divae.vq import VQModel
 
     def step(vq):
@@ -239,35 +238,7 @@ def _vq_encode_flops(vq_cfg, image_size: int, backward: bool) -> int:
     return trace(lambda: VQModel(vq_cfg), step, backward=backward).flops
 
 
-def stage_flops(cfg, vq_cfg=None, forward: bool = True) -> dict[str, float]:
-    """Per-sample figures of a training config (`trainer.config.TrainConfig`): "train" (FLOPs of one sample's
-    forward + backward, as the module docstring defines it), "forward" (forward FLOPs of the trained network,
-    e.g. one UNet call when sampling), "tokens" (prior: image tokens per sample; 0 otherwise). `vq_cfg` is the
-    frozen VQ of the decoder stage (counted when it encodes on the fly). forward=False skips the forward-only
-    trace ("forward" is then 0)."""
-    stage = cfg.train.stage
-    if cfg.trains_unet:
-        unet = replace(cfg.unet, use_checkpoint=False)
-        full = trace(*_unet_parts(unet, 1, _unet_calls(cfg))).flops
-        fwd = trace(*_unet_parts(unet, 1), backward=False).flops if forward or stage == "distill" else 0
-        extra, tune = 0, cfg.decoder.finetune_encoder and stage == "decoder"
-        encodes = cfg.decoder.tokens == "encode" or tune
-        if stage == "distill":  # and the teacher's sampler, one forward per step
-            encodes, extra = cfg.distill.tokens == "encode", fwd * cfg.distill.teacher_steps
-        if vq_cfg is not None and encodes:
-            extra += _vq_encode_flops(vq_cfg, cfg.unet.image_size, backward=tune)
-        return {"train": full + extra, "forward": fwd, "tokens": 0.0}
-    if stage == "vq":
-        return {"train": _vq_train_flops(cfg), "forward": 0.0, "tokens": 0.0}
-    if stage == "prior":
-        build, step = _prior_parts(replace(cfg.prior, grad_checkpointing=False), 1)
-        fwd = trace(build, step, backward=False).flops if forward else 0
-        return {"train": trace(build, step).flops, "forward": fwd,
-                "tokens": float(cfg.prior.image_h * cfg.prior.image_w)}
-    raise ValueError(f"unknown stage {stage!r}")
-
-
-def _vq_parts(cfg, batch: int):
+def vq_parts(cfg, batch: int):
     from divae.lpips import LPIPS
     from divae.vq import VQModel
     from divae.vq_loss import PatchDiscriminator
@@ -282,7 +253,7 @@ def _vq_parts(cfg, batch: int):
     def step(models):
         vq, lp, disc = models
         x = torch.randn(batch, 3, vcfg.resolution, vcfg.resolution)
-        x_hat = _vq_forward(vq, x)
+        x_hat = vq_forward(vq, x)
         loss = (x - x_hat).abs().mean()
         if lp is not None:
             loss = loss + lp(x, x_hat).mean()
@@ -293,12 +264,12 @@ def _vq_parts(cfg, batch: int):
     return build, step
 
 
-def _vq_train_flops(cfg) -> int:
-    build, step = _vq_parts(cfg, 1)
+def vq_train_flops(cfg) -> int:
+    build, step = vq_parts(cfg, 1)
     return trace(build, step).flops
 
 
-def _prior_parts(pcfg, batch: int):
+def prior_parts(pcfg, batch: int):
     from divae.prior import PriorModel
 
     def build():
@@ -317,16 +288,6 @@ def _prior_parts(pcfg, batch: int):
     return build, step
 
 
-def stage_parts(cfg, checkpointing: bool, batch: int):
-    """(build, step) of the trained network of a stage, with activation checkpointing on or off (the planner's
-    memory trace)."""
-    if cfg.trains_unet:
-        return _unet_parts(replace(cfg.unet, use_checkpoint=checkpointing), batch, _unet_calls(cfg))
-    if cfg.train.stage == "vq":
-        return _vq_parts(replace(cfg, vq=replace(cfg.vq, grad_checkpointing=checkpointing)), batch)
-    return _prior_parts(replace(cfg.prior, grad_checkpointing=checkpointing), batch)
-
-
 # ---- the training log --------------------------------------------------------------------------------------
 @dataclass
 class Throughput:
@@ -340,8 +301,8 @@ class Throughput:
 
     @classmethod
     def for_run(cls, cfg, task, device: torch.device) -> Throughput:
-        """Count the stage's FLOPs once at start (fake tensors: no memory, ~1 s)."""
-        fl = stage_flops(cfg, getattr(task, "vq_cfg", None) if cfg.trains_unet else None, False)
+        """Count the stage's FLOPs once at start (`task.sample_flops`: fake tensors, no memory, ~1 s)."""
+        fl = task.sample_flops(cfg, task.vq_cfg, forward=False)
         name, peak = device_peak(device)
         log.info("%s stage: %.4g GFLOPs per %s (forward + backward); device %s, peak %s", cfg.train.stage,
                  fl["train"] / 1e9, "sample" if fl["tokens"] else "image", name,

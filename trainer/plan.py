@@ -36,7 +36,8 @@ import torch
 
 from divae.utils.config import ConfigError
 from trainer.config import TrainConfig, load_train_config
-from trainer.flops import CARDS, _saved_bytes, cuda_saved_bytes, stage_flops, stage_parts
+from trainer.flops import CARDS, _saved_bytes, cuda_saved_bytes
+from trainer.tasks import TASKS
 
 GiB = 2**30
 DEFAULT_MFU = 0.35  # conservative; a measured figure (bench/gpu_check.sh's results) replaces it
@@ -84,40 +85,9 @@ class Plan:
         return max(int(free // (self.act_ckpt if ckpt else self.act)), 0)
 
 
-def _frozen_vq_cfg(cfg: TrainConfig):
-    """The VQ a decoder config reads: from decoder.vq_weights when the file exists, else the paper preset
-    with the same token grid and embedding width."""
-    from divae.model import read_pretrained
-    from divae.utils.config import from_dict
-    from divae.vq import VQ_PRESETS, VQConfig
-
-    if cfg.frozen_vq_file and Path(cfg.frozen_vq_file).is_file():
-        return from_dict(VQConfig, read_pretrained(cfg.frozen_vq_file)[0]["vq"])
-    for v in VQ_PRESETS.values():
-        if v.embed_dim == cfg.unet.cond_channels and v.resolution // v.downsample_factor == cfg.unet.token_grid:
-            return v
-    return None
-
-
 def _param_counts(cfg: TrainConfig, vq_cfg) -> tuple[int, int]:
-    from divae.lpips import LPIPS
-    from divae.prior import PriorModel
-    from divae.unet import UNetModel
-    from divae.utils.params import count_parameters
-    from divae.vq import VQModel
-    from divae.vq_loss import PatchDiscriminator
-
     with torch.device("meta"):
-        if cfg.trains_unet:  # frozen: the VQ, and the distillation's teacher (the student's twin)
-            unet = count_parameters(UNetModel(cfg.unet))
-            teacher = unet if cfg.train.stage == "distill" else 0
-            return unet, (count_parameters(VQModel(vq_cfg)) if vq_cfg else 0) + teacher
-        if cfg.train.stage == "prior":
-            return count_parameters(PriorModel(cfg.prior)), 0
-        lc = cfg.vq_loss
-        disc = PatchDiscriminator(lc.disc_in_channels, lc.disc_ndf, lc.disc_n_layers, lc.disc_norm)
-        lp = count_parameters(LPIPS(pretrained=False)) if lc.perceptual_weight > 0 else 0
-        return count_parameters(VQModel(cfg.vq)) + count_parameters(disc), lp
+        return TASKS[cfg.train.stage].param_counts(cfg, vq_cfg)
 
 
 @contextlib.contextmanager
@@ -157,7 +127,7 @@ def activation_bytes(cfg: TrainConfig, ckpt: bool) -> tuple[float, float]:
     bf16 = cfg.deepspeed.precision == "bf16"
     sizes = []
     for b in (1, 2):
-        build, step = stage_parts(cfg, ckpt, b)
+        build, step = TASKS[cfg.train.stage].traced_parts(cfg, ckpt, b)
         extra, largest, seen = [0], [0], {}
         with _checkpoint_inputs(extra, largest, seen) if ckpt else contextlib.nullcontext():
             saved = cuda_saved_bytes(build, step, bf16, seen)
@@ -167,8 +137,9 @@ def activation_bytes(cfg: TrainConfig, ckpt: bool) -> tuple[float, float]:
 
 
 def make_plan(cfg: TrainConfig, name: str = "") -> Plan:
-    vq_cfg = _frozen_vq_cfg(cfg) if cfg.trains_unet else None
-    fl = stage_flops(cfg, vq_cfg)
+    task = TASKS[cfg.train.stage]
+    vq_cfg = task.frozen_vq_config(cfg)
+    fl = task.sample_flops(cfg, vq_cfg)
     params, frozen = _param_counts(cfg, vq_cfg)
     act, fixed = activation_bytes(cfg, False)
     act_ckpt, _ = activation_bytes(cfg, True)

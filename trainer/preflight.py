@@ -24,6 +24,7 @@ from divae.utils.config import ConfigError
 from trainer.checkpoint import LATEST, CheckpointError, check_compatible, read_latest, read_meta
 from trainer.config import TrainConfig
 from trainer.launch import detect_env
+from trainer.tasks import TASKS
 
 PREPARE_HINT = "python -m data_pipeline.prepare_folder|prepare_imagenet|prepare_cc|prepare_coco"
 
@@ -73,22 +74,11 @@ def check_inputs(cfg: TrainConfig) -> None:
             check_compatible(meta, int(detect_env()["WORLD_SIZE"]), latest)
     if cfg.checkpoint.init_from and not resuming:
         _must_exist("checkpoint.init_from", cfg.checkpoint.init_from)
-    if cfg.train.stage == "decoder":
-        if not cfg.decoder.vq_weights:
-            raise ConfigError("decoder.vq_weights is required: the DiVAE file the VQ stage wrote "
-                              "(e.g. decoder.vq_weights=runs/vq_tiny/divae.safetensors)")
-        _must_exist("decoder.vq_weights", cfg.decoder.vq_weights)
-    if cfg.train.stage == "distill":
-        if not cfg.distill.teacher:
-            raise ConfigError("distill.teacher is required: a decoder-stage export "
-                              "(e.g. distill.teacher=runs/demo/decoder/divae.safetensors)")
-        _must_exist("distill.teacher", cfg.distill.teacher)
-    if cfg.train.stage == "prior":
-        for key, value in (("prior_task.tokenizer", cfg.prior_task.tokenizer),
-                           ("prior_task.divae_weights", cfg.prior_task.divae_weights)):
-            if value:
-                _must_exist(key, value)
-
+    for key, value, example in TASKS[cfg.train.stage].required_files(cfg):
+        if not value and example:
+            raise ConfigError(f"{key} is required: {example}")
+        if value:
+            _must_exist(key, value)
 
 def check_batch(cfg: TrainConfig, world_size: int, micro_batch: int) -> None:
     """The data must fill one global batch (micro_batch per rank on world_size ranks), with data.drop_last."""

@@ -201,28 +201,6 @@ def _default_respacing(sampler: str, n: int, total: int) -> str | list[int]:
     return str(n)
 
 
-def quartile_losses(
-    t: torch.Tensor, losses: torch.Tensor | dict[str, torch.Tensor], num_timesteps: int
-) -> dict[str, float]:
-    """Mean loss per timestep quartile, for logging: quartile q holds t in [q T/4, (q+1) T/4).
-
-    t: (B,) long; losses: (B,) tensor (keys "q0".."q3") or a dict of them (keys "{name}_q0"...).
-    Quartiles with no sample in the batch are left out.
-    """
-    items = losses.items() if isinstance(losses, dict) else [("", losses)]
-    quart = (t.detach().cpu() * 4 // num_timesteps).clamp(0, 3)
-    out: dict[str, float] = {}
-    for name, value in items:
-        value = value.detach().float().cpu()
-        if value.shape != t.shape:
-            raise ValueError(f"losses {name!r} have shape {tuple(value.shape)}, expected {tuple(t.shape)}")
-        for q in range(4):
-            sel = quart == q
-            if sel.any():
-                out[f"{name}_q{q}" if name else f"q{q}"] = value[sel].mean().item()
-    return out
-
-
 __all__ = [
     "DEFAULT_STEPS",
     "SAMPLERS",
@@ -235,7 +213,6 @@ __all__ = [
     "create_schedule_sampler",
     "generators_from_seeds",
     "get_named_beta_schedule",
-    "quartile_losses",
     "rescale_zero_terminal_snr",
     "sample",
     "space_timesteps",

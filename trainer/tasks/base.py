@@ -30,9 +30,44 @@ class Task:
     max_zero_stage: int = 3
     export_name: str = "divae.safetensors"  # file name of `export` in each checkpoint and in the run folder
 
+    vq_cfg: Any = None  # the VQ's config once `build_models` ran: the frozen one of a UNet stage, the VQ stage's own
+
     def __init__(self, cfg: Any, device: torch.device):
         self.cfg, self.device = cfg, device
         self.engines: dict[str, Any] = {}
+
+    # ---- the stage from its config alone (no weights, no process group): what preflight checks, and what the
+    # planner (trainer/plan.py) and the MFU log (trainer/flops.py) count. A new stage defines these here, so that
+    # neither module holds a branch per stage.
+    @classmethod
+    def required_files(cls, cfg: Any) -> list[tuple[str, str, str]]:
+        """(config key, value, example) of each file the stage reads besides the data, checked before any rank
+        starts: a given path must be a file; an empty value is refused when there is an example (required)."""
+        return []
+
+    @classmethod
+    def frozen_vq_config(cls, cfg: Any) -> Any:
+        """The config of a frozen VQ the stage encodes with (read from its file, else guessed from the presets
+        for the planner), or None."""
+        return None
+
+    @classmethod
+    def sample_flops(cls, cfg: Any, vq_cfg: Any = None, forward: bool = True) -> dict[str, float]:
+        """Per-sample FLOPs (trainer/flops.py's definition): "train" (one sample's forward + backward), "forward"
+        (one forward of the trained network, 0 when `forward` is False or it has no sampling use), "tokens"
+        (image tokens per sample, 0 for image stages). `vq_cfg`: `frozen_vq_config`'s, when it costs compute."""
+        raise NotImplementedError(f"{cls.__name__} does not count its FLOPs")
+
+    @classmethod
+    def traced_parts(cls, cfg: Any, checkpointing: bool, batch: int) -> tuple[Any, Any]:
+        """(build, step) of the trained networks at `batch` samples, with activation checkpointing on or off, for
+        the planner's memory trace (trainer.flops.cuda_saved_bytes)."""
+        raise NotImplementedError(f"{cls.__name__} has no traced parts")
+
+    @classmethod
+    def param_counts(cls, cfg: Any, vq_cfg: Any = None) -> tuple[int, int]:
+        """(trained parameters, frozen parameters held in memory beside them), built on the meta device."""
+        raise NotImplementedError(f"{cls.__name__} does not count its parameters")
 
     def build_models(self) -> dict[str, nn.Module]:
         """Trainable module per phase (frozen helpers live on the task itself)."""

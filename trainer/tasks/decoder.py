@@ -22,7 +22,8 @@ the VQ's CNN reconstruction, the diffusion reconstruction (`decoder.sampler`, `d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -35,8 +36,43 @@ from divae.lpips import LPIPS
 from divae.model import DiVAE, read_pretrained
 from divae.unet import UNetModel
 from divae.utils.config import from_dict
+from divae.utils.params import count_parameters, sub_state
 from divae.vq import VQConfig, VQModel
+from trainer.flops import trace, unet_parts, vq_encode_flops
 from trainer.tasks.base import COMMON_SECTIONS, Task, device_quartile_losses
+
+
+def vq_config_of(path: str, unet_cfg) -> VQConfig | None:
+    """The VQ a UNet stage reads: from the DiVAE file at `path` when it exists, else (for the planner, before the
+    VQ stage ran) the paper preset with the UNet's token grid and conditioning width; None if none fits."""
+    from divae.vq import VQ_PRESETS
+
+    if path and Path(path).is_file():
+        return from_dict(VQConfig, read_pretrained(path)[0]["vq"])
+    for v in VQ_PRESETS.values():
+        if v.embed_dim == unet_cfg.cond_channels and v.resolution // v.downsample_factor == unet_cfg.token_grid:
+            return v
+    return None
+
+
+def unet_stage_flops(cfg, vq_cfg, calls: int, teacher_forwards: int, encodes: bool, tune_encoder: bool,
+                     forward: bool) -> dict[str, float]:
+    """Per-sample FLOPs of a UNet stage: `calls` chained UNet calls forward + backward, `teacher_forwards` more
+    UNet forwards without gradient, and the VQ encoder (forward, + backward with `tune_encoder`) when the tokens
+    are encoded on the fly (`encodes`, and the VQ's config is known)."""
+    unet = replace(cfg.unet, use_checkpoint=False)
+    full = trace(*unet_parts(unet, 1, calls)).flops
+    fwd = trace(*unet_parts(unet, 1), backward=False).flops if forward or teacher_forwards else 0
+    extra = fwd * teacher_forwards
+    if vq_cfg is not None and (encodes or tune_encoder):
+        extra += vq_encode_flops(vq_cfg, cfg.unet.image_size, backward=tune_encoder)
+    return {"train": float(full + extra), "forward": float(fwd if forward else 0), "tokens": 0.0}
+
+
+def unet_param_counts(cfg, vq_cfg, frozen_unets: int) -> tuple[int, int]:
+    """(the UNet's parameters, the frozen VQ's plus `frozen_unets` frozen UNets of the same config)."""
+    unet = count_parameters(UNetModel(cfg.unet))
+    return unet, (count_parameters(VQModel(vq_cfg)) if vq_cfg else 0) + frozen_unets * unet
 
 
 @dataclass
@@ -110,6 +146,28 @@ class DecoderTask(Task):
     phases = ("model",)
     ema_phases = ("model",)
 
+    @classmethod
+    def required_files(cls, cfg) -> list[tuple[str, str, str]]:
+        return [("decoder.vq_weights", cfg.decoder.vq_weights,
+                 "the DiVAE file the VQ stage wrote (e.g. decoder.vq_weights=runs/vq_tiny/divae.safetensors)")]
+
+    @classmethod
+    def frozen_vq_config(cls, cfg) -> VQConfig | None:
+        return vq_config_of(cfg.decoder.vq_weights, cfg.unet)
+
+    @classmethod
+    def sample_flops(cls, cfg, vq_cfg=None, forward: bool = True) -> dict[str, float]:
+        tune = cfg.decoder.finetune_encoder
+        return unet_stage_flops(cfg, vq_cfg, 1, 0, cfg.decoder.tokens == "encode", tune, forward)
+
+    @classmethod
+    def traced_parts(cls, cfg, checkpointing: bool, batch: int):
+        return unet_parts(replace(cfg.unet, use_checkpoint=checkpointing), batch)
+
+    @classmethod
+    def param_counts(cls, cfg, vq_cfg=None) -> tuple[int, int]:
+        return unet_param_counts(cfg, vq_cfg, 0)
+
     def build_models(self) -> dict[str, nn.Module]:
         cfg, dcfg = self.cfg, self.cfg.decoder
         if not dcfg.vq_weights:
@@ -117,7 +175,7 @@ class DecoderTask(Task):
                              "(e.g. decoder.vq_weights=runs/vq_tiny/divae.safetensors)")
         vq_dict, state = read_pretrained(dcfg.vq_weights)
         self.vq_cfg = from_dict(VQConfig, vq_dict["vq"])
-        self.vq_state = {k[3:]: v for k, v in state.items() if k.startswith("vq.")}
+        self.vq_state = sub_state(state, "vq")
         unet_cfg = cfg.unet
         if unet_cfg.cond_position != "none" and unet_cfg.cond_channels != self.vq_cfg.embed_dim:
             raise ValueError(f"unet.cond_channels={unet_cfg.cond_channels} but the VQ in {dcfg.vq_weights} has "
@@ -152,7 +210,7 @@ class DecoderTask(Task):
 
     def init_from(self, path: str, models: dict[str, nn.Module]) -> None:
         _, state = read_pretrained(path)
-        unet_state = {k[5:]: v for k, v in state.items() if k.startswith("unet.")}
+        unet_state = sub_state(state, "unet")
         if not unet_state:
             raise ValueError(f"{path} holds no UNet (a VQ-stage export?); checkpoint.init_from needs a decoder export")
         models["model"].unet.load_state_dict(unet_state)
@@ -216,8 +274,8 @@ class DecoderTask(Task):
         model = DiVAE(self.vq_cfg, self.unet_cfg, self.cfg.diffusion)
         model.vq.load_state_dict(self.vq_state)
         w = weights["model"]
-        model.unet.load_state_dict({k[5:]: v for k, v in w.items() if k.startswith("unet.")})
-        tuned = {k[3:]: v for k, v in w.items() if k.startswith("vq.")}
+        model.unet.load_state_dict(sub_state(w, "unet"))
+        tuned = sub_state(w, "vq")
         if tuned:
             model.vq.load_state_dict(tuned)
         model.save_pretrained(path, info)

@@ -37,9 +37,11 @@ from divae.lpips import LPIPS
 from divae.model import DiVAE, read_pretrained
 from divae.unet import UNetConfig, UNetModel
 from divae.utils.config import from_dict, to_dict
+from divae.utils.params import sub_state
 from divae.vq import VQConfig, VQModel
+from trainer.flops import unet_parts
 from trainer.tasks.base import COMMON_SECTIONS, Task
-from trainer.tasks.decoder import DecoderNet, token_embeddings
+from trainer.tasks.decoder import DecoderNet, token_embeddings, unet_param_counts, unet_stage_flops, vq_config_of
 
 
 @dataclass
@@ -89,6 +91,31 @@ class DistillTask(Task):
     phases = ("model",)
     ema_phases = ("model",)
 
+    @classmethod
+    def required_files(cls, cfg) -> list[tuple[str, str, str]]:
+        return [("distill.teacher", cfg.distill.teacher,
+                 "a decoder-stage export (e.g. distill.teacher=runs/demo/decoder/divae.safetensors)")]
+
+    @classmethod
+    def frozen_vq_config(cls, cfg) -> VQConfig | None:
+        return vq_config_of(cfg.distill.teacher, cfg.unet)
+
+    @classmethod
+    def sample_flops(cls, cfg, vq_cfg=None, forward: bool = True) -> dict[str, float]:
+        """The student's chained calls (each call's activations kept for the one backward) and the teacher's
+        sampler, one UNet forward per step."""
+        d = cfg.distill
+        return unet_stage_flops(cfg, vq_cfg, len(d.student_timesteps), d.teacher_steps, d.tokens == "encode", False,
+                                forward)
+
+    @classmethod
+    def traced_parts(cls, cfg, checkpointing: bool, batch: int):
+        return unet_parts(replace(cfg.unet, use_checkpoint=checkpointing), batch, len(cfg.distill.student_timesteps))
+
+    @classmethod
+    def param_counts(cls, cfg, vq_cfg=None) -> tuple[int, int]:
+        return unet_param_counts(cfg, vq_cfg, 1)  # frozen: the VQ and the teacher (the student's twin)
+
     def build_models(self) -> dict[str, nn.Module]:
         cfg, dcfg = self.cfg, self.cfg.distill
         if not dcfg.teacher:
@@ -106,8 +133,8 @@ class DistillTask(Task):
         if dcfg.tokens == "precomputed" and cfg.data.random_flip:
             raise ValueError("distill.tokens=precomputed needs data.random_flip=false")
         self.vq_cfg = from_dict(VQConfig, file_cfg["vq"])
-        self.vq_state = {k[3:]: v for k, v in state.items() if k.startswith("vq.")}
-        unet_state = {k[5:]: v for k, v in state.items() if k.startswith("unet.")}
+        self.vq_state = sub_state(state, "vq")
+        unet_state = sub_state(state, "unet")
         self.unet_cfg = replace(cfg.unet, use_checkpoint=cfg.deepspeed.activation_checkpointing)
         self.frozen_vq = VQModel(self.vq_cfg)
         self.frozen_vq.load_state_dict(self.vq_state)
@@ -125,7 +152,7 @@ class DistillTask(Task):
 
     def init_from(self, path: str, models: dict[str, nn.Module]) -> None:
         _, state = read_pretrained(path)
-        models["model"].unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+        models["model"].unet.load_state_dict(sub_state(state, "unet"))
 
     def _bf16(self) -> bool:
         return next(self.engines["model"].module.parameters()).dtype == torch.bfloat16
@@ -186,5 +213,5 @@ class DistillTask(Task):
     def export(self, path: str, weights: dict[str, dict[str, torch.Tensor]], info: dict | None = None) -> None:
         model = DiVAE(self.vq_cfg, self.unet_cfg, self.cfg.diffusion, sampling=self.cfg.distill.sampling)
         model.vq.load_state_dict(self.vq_state)
-        model.unet.load_state_dict({k[5:]: v for k, v in weights["model"].items() if k.startswith("unet.")})
+        model.unet.load_state_dict(sub_state(weights["model"], "unet"))
         model.save_pretrained(path, info)

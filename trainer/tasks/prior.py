@@ -33,6 +33,8 @@ from divae.t2i import text_to_image
 from divae.text_tokenizer import TextTokenizer
 from divae.utils.config import ConfigError, from_dict
 from divae.utils.logging import get_logger
+from divae.utils.params import count_parameters, sub_state
+from trainer.flops import prior_parts, trace
 from trainer.tasks.base import COMMON_SECTIONS, Task, detached
 
 log = get_logger(__name__)
@@ -86,6 +88,26 @@ class PriorTask(Task):
     phases = ("model",)
     ema_phases = ("model",)
     export_name = "prior.safetensors"
+
+    @classmethod
+    def required_files(cls, cfg) -> list[tuple[str, str, str]]:
+        t = cfg.prior_task
+        return [("prior_task.tokenizer", t.tokenizer, ""), ("prior_task.divae_weights", t.divae_weights, "")]
+
+    @classmethod
+    def sample_flops(cls, cfg, vq_cfg=None, forward: bool = True) -> dict[str, float]:
+        build, step = prior_parts(replace(cfg.prior, grad_checkpointing=False), 1)
+        fwd = trace(build, step, backward=False).flops if forward else 0
+        return {"train": float(trace(build, step).flops), "forward": float(fwd),
+                "tokens": float(cfg.prior.image_h * cfg.prior.image_w)}
+
+    @classmethod
+    def traced_parts(cls, cfg, checkpointing: bool, batch: int):
+        return prior_parts(replace(cfg.prior, grad_checkpointing=checkpointing), batch)
+
+    @classmethod
+    def param_counts(cls, cfg, vq_cfg=None) -> tuple[int, int]:
+        return count_parameters(PriorModel(cfg.prior)), 0
 
     def build_models(self) -> dict[str, nn.Module]:
         cfg, tcfg = self.cfg, self.cfg.prior_task
@@ -281,7 +303,7 @@ class PriorTask(Task):
 
     def export(self, path: str, weights: dict[str, dict[str, torch.Tensor]], info: dict | None = None) -> None:
         w = weights["model"]
-        save_prior(path, self._export_model({k[6:]: v for k, v in w.items() if k.startswith("prior.")}),
+        save_prior(path, self._export_model(sub_state(w, "prior")),
                    self.tokenizer, info)
 
     def init_from(self, path: str, models: dict[str, nn.Module]) -> None:

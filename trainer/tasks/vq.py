@@ -14,15 +14,17 @@ decoder: the same tokens, its own loss family (taming's L1 + LPIPS, GAN optional
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 
 from divae.model import DiVAE, read_pretrained
 from divae.utils.config import ConfigError
+from divae.utils.params import count_parameters, sub_state
 from divae.vq import VQModel
 from divae.vq_loss import LastLayerTap, VQLoss
+from trainer.flops import vq_parts, vq_train_flops
 from trainer.tasks.base import COMMON_SECTIONS, Task, detached
 
 
@@ -36,6 +38,25 @@ class VQTask(Task):
     phases = ("generator", "discriminator")
     ema_phases = ("generator",)
     max_zero_stage = 2  # the adaptive weight differentiates w.r.t. the full last-layer weight
+
+    @classmethod
+    def sample_flops(cls, cfg, vq_cfg=None, forward: bool = True) -> dict[str, float]:
+        return {"train": float(vq_train_flops(cfg)), "forward": 0.0, "tokens": 0.0}
+
+    @classmethod
+    def traced_parts(cls, cfg, checkpointing: bool, batch: int):
+        return vq_parts(replace(cfg, vq=replace(cfg.vq, grad_checkpointing=checkpointing)), batch)
+
+    @classmethod
+    def param_counts(cls, cfg, vq_cfg=None) -> tuple[int, int]:
+        """Trained: the VQ and the discriminator; frozen: LPIPS (when the perceptual term is on)."""
+        from divae.lpips import LPIPS
+        from divae.vq_loss import PatchDiscriminator
+
+        lc = cfg.vq_loss
+        disc = PatchDiscriminator(lc.disc_in_channels, lc.disc_ndf, lc.disc_n_layers, lc.disc_norm)
+        lp = count_parameters(LPIPS(pretrained=False)) if lc.perceptual_weight > 0 else 0
+        return count_parameters(VQModel(cfg.vq)) + count_parameters(disc), lp
 
     def build_models(self) -> dict[str, torch.nn.Module]:
         cfg = self.cfg
@@ -120,4 +141,4 @@ class VQTask(Task):
 
     def init_from(self, path: str, models: dict[str, torch.nn.Module]) -> None:
         _, state = read_pretrained(path)
-        models["generator"].load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("vq.")})
+        models["generator"].load_state_dict(sub_state(state, "vq"))
