@@ -74,9 +74,9 @@ def check_inputs(cfg: TrainConfig) -> None:
             check_compatible(meta, int(detect_env()["WORLD_SIZE"]), latest)
     if cfg.checkpoint.init_from and not resuming:
         _must_exist("checkpoint.init_from", cfg.checkpoint.init_from)
-    for key, value, example in TASKS[cfg.train.stage].required_files(cfg):
-        if not value and example:
-            raise ConfigError(f"{key} is required: {example}")
+    task = TASKS[cfg.train.stage]
+    task.check_required(cfg)
+    for key, value, _ in task.required_files(cfg):
         if value:
             _must_exist(key, value)
 

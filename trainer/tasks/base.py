@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from divae.utils.config import ConfigError
+
 COMMON_SECTIONS = ("train", "data", "optim", "deepspeed", "ema", "checkpoint", "logging")
 
 
@@ -44,6 +46,14 @@ class Task:
         """(config key, value, example) of each file the stage reads besides the data, checked before any rank
         starts: a given path must be a file; an empty value is refused when there is an example (required)."""
         return []
+
+    @classmethod
+    def check_required(cls, cfg: Any) -> None:
+        """Refuse, in one line, an empty setting that `required_files` marks as required (preflight and
+        `build_models` both call this: one message for each)."""
+        for key, value, example in cls.required_files(cfg):
+            if not value and example:
+                raise ConfigError(f"{key} is required: {example}")
 
     @classmethod
     def frozen_vq_config(cls, cfg: Any) -> Any:

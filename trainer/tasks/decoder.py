@@ -170,9 +170,7 @@ class DecoderTask(Task):
 
     def build_models(self) -> dict[str, nn.Module]:
         cfg, dcfg = self.cfg, self.cfg.decoder
-        if not dcfg.vq_weights:
-            raise ValueError("decoder.vq_weights is required: the DiVAE file the VQ stage wrote "
-                             "(e.g. decoder.vq_weights=runs/vq_tiny/divae.safetensors)")
+        self.check_required(cfg)
         vq_dict, state = read_pretrained(dcfg.vq_weights)
         self.vq_cfg = from_dict(VQConfig, vq_dict["vq"])
         self.vq_state = sub_state(state, "vq")

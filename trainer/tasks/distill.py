@@ -118,9 +118,7 @@ class DistillTask(Task):
 
     def build_models(self) -> dict[str, nn.Module]:
         cfg, dcfg = self.cfg, self.cfg.distill
-        if not dcfg.teacher:
-            raise ValueError("distill.teacher is required: a decoder-stage export (e.g. "
-                             "distill.teacher=runs/demo/decoder/divae.safetensors)")
+        self.check_required(cfg)
         file_cfg, state = read_pretrained(dcfg.teacher)
         if not file_cfg.get("unet"):
             raise ValueError(f"{dcfg.teacher} holds no UNet (a VQ-stage export?): distill.teacher needs a decoder "
