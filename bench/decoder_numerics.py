@@ -143,7 +143,7 @@ def main() -> None:
     args = p.parse_args()
 
     os.environ.setdefault("OMP_NUM_THREADS", "2")
-    from trainer.launch import init_distributed
+    from runtime.launch import init_distributed
 
     init_distributed()
     train_imgs = photos(["astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry"])

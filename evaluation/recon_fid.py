@@ -7,7 +7,7 @@ The protocol core is `evaluation.protocol` (re-exported here: `evaluate_reconstr
 ...). This module is the command line: the DiVAE reconstruct callable, the sampling precision
 (`evaluation.precision`), partial saves every --save-every images and --save-every-min minutes, and the stop on
 SIGUSR1/SIGTERM: every rank saves its partial sums at the next batch boundary. After SIGUSR1 (time limit,
-preemption) rank 0 leaves `<out>/REQUEUE`, the ranks exit with `trainer.preemption.REQUEUE_EXIT_CODE` (75),
+preemption) rank 0 leaves `<out>/REQUEUE`, the ranks exit with `runtime.signals.REQUEUE_EXIT_CODE` (75),
 `slurm/recon_fid.sh` requeues the job and the rerun resumes; after SIGTERM (a plain `scancel`) they exit with
 STOP_EXIT_CODE (143) and nothing requeues (a later rerun still resumes). The process group uses a long timeout
 (--pg-timeout-min, default 120) so a rank that waits for a slow peer at a collective is not killed by the default
@@ -48,14 +48,15 @@ from evaluation.protocol import (  # noqa: F401 - re-exported: the library entry
     Preempted,
     ReconEvalConfig,
     Reconstruct,
-    StopFlag,
     evaluate_reconstructions,
+    exit_after_stop,
     load_image,
     shard_indices,
 )
 from evaluation.report import save_grid, write_results_md
-from trainer.launch import broadcast_object, init_distributed, process_group_timeout_s, rank_and_world
-from trainer.preemption import REQUEUE_MARKER, exit_for_signal
+from runtime import signals
+from runtime.collectives import broadcast_object, rank_and_world
+from runtime.launch import init_distributed, process_group_timeout_s
 
 log = get_logger(__name__)
 
@@ -165,14 +166,14 @@ def main(argv: list[str] | None = None) -> list[dict] | int:
     """The CLI: the results of each decoder, or REQUEUE_EXIT_CODE after a signal (partial sums saved)."""
     args = parse_args(argv)
     dataset = check_args(args)
-    stop = StopFlag().install()  # first: a signal during start-up is kept and acted on at the first batch
+    signals.install()  # first: a signal during start-up is kept and acted on at the first batch
     try:
-        return _run(args, dataset, stop)
+        return _run(args, dataset)
     finally:
-        stop.restore()
+        signals.restore()
 
 
-def _run(args: argparse.Namespace, dataset, stop: StopFlag) -> list[dict] | int:
+def _run(args: argparse.Namespace, dataset) -> list[dict] | int:
     device = init_distributed(60 * args.pg_timeout_min, engines=False).device
     args.precision = resolve_precision(args.precision, device)  # bf16 on CUDA, fp32 on CPU unless asked
     from divae.model import DiVAE
@@ -208,17 +209,11 @@ def _run(args: argparse.Namespace, dataset, stop: StopFlag) -> list[dict] | int:
             res = evaluate_reconstructions(dataset, rec, extractor=extractor, cfg=cfg,
                                            out_dir=out / dec if len(decoders) > 1 else out, protocol=protocol,
                                            codebook_size=codebook_size, lpips=lpips, ref_stats_path=ref_path,
-                                           label=label, stop=stop,
+                                           label=label, stop_on_signals=True,
                                            extra={"process_group_timeout_s": process_group_timeout_s(),
                                                   "precision_effect_measured": measured_precision_effect()})
         except Preempted as e:
-            code, requeue = exit_for_signal(e.signum)
-            if requeue and rank_and_world()[0] == 0:
-                (out / REQUEUE_MARKER).write_text(f"{e.pos}\n")
-            log.warning("%s: %s; exiting with code %d (%s)", label, e, code, "requeue" if requeue else "stopped")
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            return code
+            return exit_after_stop(e, out, label)
         log.info("%s: FID %.3f  PSNR %.2f  SSIM %s  LPIPS %s  (%d images, %.2f images/s)", label, res["fid"],
                  res["psnr"], res["ssim"], res["lpips"], res["num_images"], res["images_per_s"] or 0)
         all_results.append(res)
@@ -233,7 +228,7 @@ def _run(args: argparse.Namespace, dataset, stop: StopFlag) -> list[dict] | int:
             save_grid([torch.stack([s[0][i][0] for i in order])] + [torch.stack([x[i][1] for i in order]) for x in s],
                       out / "samples.png")
     if rank_and_world()[0] == 0:
-        (out / REQUEUE_MARKER).unlink(missing_ok=True)
+        (out / signals.REQUEUE_MARKER).unlink(missing_ok=True)
     if dist.is_initialized():
         dist.destroy_process_group()
     return all_results

@@ -58,11 +58,12 @@ from evaluation.precision import PRECISIONS, resolve_precision, sampling_precisi
 from evaluation.protocol import (
     Preempted,
     ReconEvalConfig,
-    StopFlag,
     evaluate_reconstructions,
+    exit_after_stop,
 )
-from trainer.launch import broadcast_object, init_distributed, process_group_timeout_s, rank_and_world
-from trainer.preemption import REQUEUE_MARKER, exit_for_signal
+from runtime import signals
+from runtime.collectives import broadcast_object, rank_and_world
+from runtime.launch import init_distributed, process_group_timeout_s
 
 log = get_logger(__name__)
 
@@ -330,14 +331,14 @@ def main(argv: list[str] | None = None) -> dict | int:
     """The CLI: the results dict, or the exit code after a stop signal (partial sums saved)."""
     args = parse_args(argv)
     pairs = check_args(args)
-    stop = StopFlag().install()
+    signals.install()
     try:
-        return _run(args, pairs, stop)
+        return _run(args, pairs)
     finally:
-        stop.restore()
+        signals.restore()
 
 
-def _run(args: argparse.Namespace, pairs: CaptionPairs, stop: StopFlag) -> dict | int:
+def _run(args: argparse.Namespace, pairs: CaptionPairs) -> dict | int:
     device = init_distributed(60 * args.pg_timeout_min, engines=False).device
     args.precision = resolve_precision(args.precision, device)  # bf16 on CUDA, fp32 on CPU unless asked
     from divae.model import DiVAE
@@ -396,21 +397,16 @@ def _run(args: argparse.Namespace, pairs: CaptionPairs, stop: StopFlag) -> dict 
     try:
         res = evaluate_reconstructions(pairs, gen, extractor=extractor, cfg=cfg, out_dir=out, protocol=protocol,
                                        codebook_size=prior.cfg.image_vocab_size, ref_stats_path=ref_path,
-                                       label=label, stop=stop, score=clip, score_name="clip_score", report=report,
+                                       label=label, stop_on_signals=True, score=clip, score_name="clip_score",
+                                       report=report,
                                        extra={"draw": draw, "process_group_timeout_s": process_group_timeout_s()})
     except Preempted as e:
-        code, requeue = exit_for_signal(e.signum)
-        if requeue and rank == 0:
-            (out / REQUEUE_MARKER).write_text(f"{e.pos}\n")
-        log.warning("%s: %s; exiting with code %d (%s)", label, e, code, "requeue" if requeue else "stopped")
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return code
+        return exit_after_stop(e, out, label)
     res.setdefault("clip_score", None)
     log.info("%s: FID %.3f  CLIP %s  (%d captions, %.2f images/s)", label, res["fid"], res["clip_score"],
              res["num_images"], res["images_per_s"] or 0)
     if rank == 0:
-        (out / REQUEUE_MARKER).unlink(missing_ok=True)
+        (out / signals.REQUEUE_MARKER).unlink(missing_ok=True)
     if dist.is_initialized():
         dist.destroy_process_group()
     return res

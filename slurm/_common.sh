@@ -3,7 +3,7 @@
 # `torchrun` with c10d rendezvous on the job's first node; the batch shell forwards preemption
 # signals to the step and requeues the job when the trainer stopped for preemption.
 #
-# Signals (submitit's convention, trainer/preemption.py): USR1 (`--signal=B:USR1@N` before the time limit,
+# Signals (submitit's convention, runtime/signals.py): USR1 (`--signal=B:USR1@N` before the time limit,
 # or `scancel --signal=USR1 --full`) = checkpoint, then requeue and resume. A plain `scancel JOBID`
 # (SIGTERM) = checkpoint at the next step, then the job ends for good: never requeued.
 #
@@ -21,16 +21,16 @@
 #   DIVAE_RESIGNAL_S      after a USR1, repeat it to the step every this many seconds until the step ends, for
 #                         ranks still starting up when it came (default 10)
 #   OMP_NUM_THREADS       default: CPUs of the task / ranks per node
-#   DIVAE_INIT_TIMEOUT_S  seconds the ranks wait for each other at start-up (default 300; trainer/launch.py), apart
+#   DIVAE_INIT_TIMEOUT_S  seconds the ranks wait for each other at start-up (default 300; runtime/launch.py), apart
 #                         from the collective timeout (30 min training, --pg-timeout-min evaluation)
 #   DIVAE_NCCL_DUMP_DIR   where NCCL's flight recorder writes each rank's last collectives when a collective times
-#                         out (default <submit dir>/nccl_dumps/<job id>; trainer/launch.py sets the TORCH_NCCL_*)
+#                         out (default <submit dir>/nccl_dumps/<job id>; runtime/launch.py sets the TORCH_NCCL_*)
 #
 # Rendezvous: the first host of SLURM_JOB_NODELIST (`scontrol show hostnames`) is the c10d endpoint, and every
 # torchrun passes its own Slurm node name as --local-addr, so the MASTER_ADDR the ranks (and the watchdog)
 # connect to is a name from the node list, not the rank-0 agent's getfqdn(), which may not resolve elsewhere.
 
-# Exit code of a preempted rank and the marker file it leaves in the run folder (trainer/preemption.py).
+# Exit code of a preempted rank and the marker file it leaves in the run folder (runtime/signals.py).
 DIVAE_REQUEUE_EXIT_CODE=75
 DIVAE_REQUEUE_MARKER=REQUEUE
 

@@ -74,7 +74,7 @@ def _longest_modules_first(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="module")
 def single_process_group():
     """A one-process gloo group (world 1) for the tests of real DeepSpeed engines; one per test module."""
-    from trainer.launch import cleanup, init_distributed
+    from runtime.launch import cleanup, init_distributed
 
     # init_distributed exports RANK, MASTER_PORT, ... into os.environ: restore the environment exactly, or every
     # later subprocess would inherit this process's rendezvous variables.

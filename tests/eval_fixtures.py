@@ -71,7 +71,7 @@ def extractor():
 
 
 def run_eval(out_dir, batch_size: int, save_every: int, ref_stats_path=None, reconstruct=None, num_images=None,
-             save_every_min: float = 0.0, stop=None):
+             save_every_min: float = 0.0, stop_on_signals: bool = False):
     from evaluation.recon_fid import ReconEvalConfig, evaluate_reconstructions
 
     rec = reconstruct or BlurNoiseReconstruct()
@@ -79,7 +79,8 @@ def run_eval(out_dir, batch_size: int, save_every: int, ref_stats_path=None, rec
                           save_every_min=save_every_min)
     return evaluate_reconstructions(make_dataset(), rec, extractor=extractor(), cfg=cfg, out_dir=out_dir,
                                     protocol={"decoder": "blur-noise"}, codebook_size=rec.codebook_size,
-                                    ref_stats_path=ref_stats_path, label="blur-noise", stop=stop)
+                                    ref_stats_path=ref_stats_path, label="blur-noise",
+                                    stop_on_signals=stop_on_signals)
 
 
 @pytest.fixture(scope="module")
@@ -130,13 +131,19 @@ def evaluate_blur(data: Path, out: Path, stop_at_once: bool = False) -> dict:
     import signal
 
     from evaluation.data import open_dataset
-    from evaluation.recon_fid import ReconEvalConfig, StopFlag, evaluate_reconstructions
+    from evaluation.recon_fid import ReconEvalConfig, evaluate_reconstructions
+    from runtime import signals
 
     def blur(images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.avg_pool2d(images.float(), 3, 1, 1).round().byte()
 
-    stop = StopFlag()
-    stop.received = signal.SIGTERM if stop_at_once else None
-    return evaluate_reconstructions(open_dataset(data), blur, extractor=small_extractor(),
-                                    cfg=ReconEvalConfig(batch_size=4, num_show=2), out_dir=out,
-                                    protocol={"data": str(data), "decoder": "blur"}, label="blur", stop=stop)
+    signals.install()
+    try:
+        if stop_at_once:
+            signal.raise_signal(signal.SIGTERM)  # recorded by the handler; acted on at the first batch boundary
+        return evaluate_reconstructions(open_dataset(data), blur, extractor=small_extractor(),
+                                        cfg=ReconEvalConfig(batch_size=4, num_show=2), out_dir=out,
+                                        protocol={"data": str(data), "decoder": "blur"}, label="blur",
+                                        stop_on_signals=True)
+    finally:
+        signals.restore()

@@ -25,7 +25,7 @@ from eval_fixtures import (  # noqa: F401 - inputs: the tiny DiVAE file and MDS 
 from helpers import descendants, free_port, kill_tree
 
 from evaluation.recon_fid import main
-from trainer.preemption import REQUEUE_EXIT_CODE
+from runtime.signals import REQUEUE_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parents[1]
 N = N_IMAGES  # the photos in `inputs`
@@ -115,7 +115,8 @@ def test_evaluation_is_bf16_on_cuda_and_fp32_on_cpu_by_default():
 
 
 def test_time_based_and_signal_saves_in_process(tmp_path):
-    from evaluation.protocol import Preempted, StopFlag
+    from evaluation.protocol import Preempted
+    from runtime import signals
 
     ref = tmp_path / "ref.npz"  # the real images' Inception statistics, computed once for the seven runs
 
@@ -141,23 +142,25 @@ def test_time_based_and_signal_saves_in_process(tmp_path):
     class TermAt(SignalAt):
         sig = signal.SIGTERM
 
-    stop = StopFlag().install()  # SIGTERM (a plain scancel) also saves and stops, but the CLI does not requeue
+    signals.install()  # SIGTERM (a plain scancel) also saves and stops, but the CLI does not requeue
     try:
         with pytest.raises(Preempted, match="SIGTERM") as term:
-            run_eval(tmp_path / "term", batch_size=2, save_every=0, ref_stats_path=ref, reconstruct=TermAt(), stop=stop)
+            run_eval(tmp_path / "term", batch_size=2, save_every=0, ref_stats_path=ref, reconstruct=TermAt(),
+                     stop_on_signals=True)
     finally:
-        stop.restore()
-    from trainer.preemption import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, exit_for_signal
+        signals.restore()
+    from runtime.signals import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, exit_for_signal
 
     assert term.value.pos == 4 and exit_for_signal(term.value.signum) == (STOP_EXIT_CODE, False)
     assert exit_for_signal(signal.SIGUSR1) == (REQUEUE_EXIT_CODE, True)
 
-    stop = StopFlag().install()
+    signals.install()
     try:
         with pytest.raises(Preempted, match="SIGUSR1") as info:
-            run_eval(tmp_path / "s", batch_size=2, save_every=0, ref_stats_path=ref, reconstruct=SignalAt(), stop=stop)
+            run_eval(tmp_path / "s", batch_size=2, save_every=0, ref_stats_path=ref, reconstruct=SignalAt(),
+                     stop_on_signals=True)
     finally:
-        stop.restore()
+        signals.restore()
     assert info.value.pos == 4  # saved at the end of the batch the signal arrived in
     assert json.loads((tmp_path / "s" / "partial" / "rank00000-of-00001.json").read_text())["pos"] == 4
     rec = BlurNoiseReconstruct()

@@ -348,30 +348,28 @@ def test_no_pip_extra_can_replace_torch():
 
 # ---- item 5 (no cluster needed) -------------------------------------------------------------------------------
 def test_sigterm_asks_to_stop_and_sigusr1_to_requeue():
-    from trainer import preemption as pre
+    from runtime import signals
 
-    saved = {s: signal.getsignal(s) for s in pre.SIGNALS}
+    before = {s: signal.getsignal(s) for s in signals.SIGNALS}
     try:
-        pre._received.clear()
-        p = pre.Preemption()
-        assert not p.should_stop() and p.request == pre.NONE
+        signals.install()
+        assert signals.agreed_request() == signals.NONE and signals.received() is None
         os.kill(os.getpid(), signal.SIGTERM)
-        assert p.should_stop() and p.request == pre.STOP and not p.requeue
+        assert signals.agreed_request() == signals.STOP and signals.signal_of(signals.STOP) == signal.SIGTERM
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert p.should_stop() and p.requeue  # USR1 (time limit / preemption) outranks a later or earlier TERM
-        pre._received.clear()
-        os.kill(os.getpid(), signal.SIGUSR1)
-        pre.install()  # installing again (the trainer's main, then train) keeps what was received
-        assert pre.Preemption().should_stop() and p.received == signal.SIGUSR1
-        assert pre.STOP_EXIT_CODE == 143 and pre.REQUEUE_EXIT_CODE == 75
+        assert signals.agreed_request() == signals.REQUEUE  # USR1 (time limit / preemption) outranks TERM
+        signals.install()  # installing again (the trainer's main, then train) keeps what was received
+        assert signals.agreed_request() == signals.REQUEUE and signals.received() == signal.SIGUSR1
+        assert signals.exit_for_signal(signal.SIGUSR1) == (signals.REQUEUE_EXIT_CODE, True) == (75, True)
+        assert signals.exit_for_signal(signal.SIGTERM) == (signals.STOP_EXIT_CODE, False) == (143, False)
     finally:
-        pre._received.clear()
-        for s, h in saved.items():
-            signal.signal(s, h)
+        signals.restore()
+    # restore() puts back the handlers install() replaced (not its own) and forgets what was received
+    assert {s: signal.getsignal(s) for s in signals.SIGNALS} == before and signals.received() is None
 
 
 def test_one_visible_gpu_per_task_uses_device_0():
-    from trainer.launch import cuda_device_index
+    from runtime.launch import cuda_device_index
 
     assert cuda_device_index(3, 1) == 0  # srun bound one GPU to this task (CUDA_VISIBLE_DEVICES=<its GPU>)
     assert cuda_device_index(3, 8) == 3
@@ -405,9 +403,9 @@ def test_streaming_shared_memory_is_not_wiped_by_default(tmp_path, monkeypatch):
 
 
 def test_engines_build_after_the_process_group_is_restarted(single_process_group):
-    """trainer.launch.cleanup forgets DeepSpeed's cached groups, so a second init in the same process (two runs,
+    """runtime.launch.cleanup forgets DeepSpeed's cached groups, so a second init in the same process (two runs,
     or two test modules) builds working engines."""
-    from trainer.launch import cleanup, init_distributed
+    from runtime.launch import cleanup, init_distributed
 
     _engine(DeepSpeedConfig(zero_stage=2))
     cleanup()

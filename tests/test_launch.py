@@ -59,7 +59,7 @@ def test_unknown_gpus_per_node_is_refused_in_one_line(tmp_path):
 
 
 def test_flight_recorder_variables_and_the_start_up_timeout(tmp_path):
-    from trainer.launch import flight_recorder_env, init_timeout_s
+    from runtime.launch import flight_recorder_env, init_timeout_s
 
     fr = flight_recorder_env({"DIVAE_NCCL_DUMP_DIR": str(tmp_path)})
     assert fr == {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
@@ -74,14 +74,14 @@ def test_a_rank_that_never_comes_up_fails_the_start_in_the_short_timeout():
     env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(port), DIVAE_INIT_TIMEOUT_S="3", PYTHONPATH=str(ROOT))
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-c", "from trainer.launch import init_distributed\n"
+    r = subprocess.run([sys.executable, "-c", "from runtime.launch import init_distributed\n"
                         "init_distributed(1800, engines=False)"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "Timed out" in r.stderr, r.stderr[-2000:]
     assert time.time() - t0 < 60
 
 
 def test_after_start_up_the_group_has_the_collective_timeout(monkeypatch):
-    from trainer.launch import cleanup, init_distributed, process_group_timeout_s
+    from runtime.launch import cleanup, init_distributed, process_group_timeout_s
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)

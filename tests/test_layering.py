@@ -1,11 +1,11 @@
 """The import graph of the project's own modules, read from the source (every `import`, at module level or inside a
 function, except `if TYPE_CHECKING:` blocks): no circle anywhere, and the layers of docs/CODE_MAP.md hold:
 
-    divae.utils  <-  divae  <-  data_pipeline  <-  trainer  <-  evaluation  <-  scripts, bench
+    divae.utils  <-  divae  <-  data_pipeline  <-  runtime  <-  trainer, evaluation  <-  scripts, bench
 
 (an arrow points from the importer down to what it imports; `data_pipeline` uses only `divae.utils` and the caption
-tokenizer, `evaluation` only `trainer`'s launch and preemption helpers, and no package imports `scripts`, `bench`
-or `tests`)."""
+tokenizer, `runtime` only `divae.utils`; `trainer` and `evaluation` are siblings that share `runtime` and import
+nothing of each other, and no package imports `scripts`, `bench` or `tests`)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,16 @@ from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("divae", "data_pipeline", "trainer", "evaluation", "scripts", "bench")
+PACKAGES = ("divae", "data_pipeline", "runtime", "trainer", "evaluation", "scripts", "bench")
 
 # importer prefix -> the project modules it may import (prefixes); anything else of the project is an upward arrow
 ALLOWED = {
     "divae.utils": ("divae.utils",),
     "divae": ("divae",),
     "data_pipeline": ("data_pipeline", "divae.utils", "divae.text_tokenizer"),
-    "trainer": ("trainer", "divae", "data_pipeline"),
-    "evaluation": ("evaluation", "divae", "data_pipeline", "trainer.launch", "trainer.preemption"),
+    "runtime": ("runtime", "divae.utils"),
+    "trainer": ("trainer", "divae", "data_pipeline", "runtime"),
+    "evaluation": ("evaluation", "divae", "data_pipeline", "runtime"),
     "scripts": PACKAGES,
     "bench": PACKAGES,
 }
@@ -96,6 +97,7 @@ def test_the_graph_is_read_from_the_source():
     graph = _graph()
     assert len(graph) > 80
     assert "trainer.checkpoint" in graph["trainer.train"] and "divae.unet" in graph["divae.model"]
+    assert "runtime.signals" in graph["trainer.train"] and "runtime.collectives" in graph["evaluation.protocol"]
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) is not None and _cycle({"a": {"b"}, "b": set()}) is None
 
 

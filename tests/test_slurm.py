@@ -24,7 +24,7 @@ from slurm_cluster import (  # noqa: F401  (slurm_cluster is a fixture)
 )
 from submitit.slurm.slurm import SlurmJobEnvironment
 
-from trainer.preemption import REQUEUE_EXIT_CODE, REQUEUE_MARKER
+from runtime.signals import REQUEUE_EXIT_CODE, REQUEUE_MARKER
 from trainer.submit import TrainJob, build_executor, parse_args
 
 SCRIPTS = ["train_vq.sh", "train_decoder.sh", "train_prior.sh"]
@@ -205,8 +205,8 @@ def test_plain_scancel_checkpoints_and_ends_the_job(slurm_cluster, decoder_input
     """A plain `scancel JOBID` (SIGTERM to the batch shell and every rank: the user's stop) ends the job for
     good: the ranks save a checkpoint at the next step (within the cluster's KillWait of 10 s), exit without
     the requeue marker, and the script does not requeue. About 1 minute."""
+    from runtime.signals import STOP_EXIT_CODE
     from trainer.checkpoint import select_checkpoint
-    from trainer.preemption import STOP_EXIT_CODE
 
     run_dir, out = tmp_path / "run", tmp_path / "job.out"
     job = _sbatch(_overrides(decoder_inputs, run_dir, "checkpoint.every=2"), out, "--time=10")

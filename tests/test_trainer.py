@@ -213,7 +213,7 @@ def test_nan_guard_with_grad_accum_keeps_the_boundary_and_resumes_bitwise(shards
 
 
 def test_sigusr1_checkpoints_and_exits_with_requeue_code(shards, vq_run, tmp_path):
-    from trainer.preemption import REQUEUE_EXIT_CODE
+    from runtime.signals import REQUEUE_EXIT_CODE
 
     run_dir = tmp_path / "dec_usr1"
     run_dir.mkdir()

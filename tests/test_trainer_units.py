@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from divae.utils.config import ConfigError
+from runtime.launch import detect_env
 from trainer.config import TrainConfig, load_train_config
 from trainer.ema import EMA, EMAConfig
 from trainer.engine import DeepSpeedConfig, OptimConfig, ds_config, lr_factor
-from trainer.launch import detect_env
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))

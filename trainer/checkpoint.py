@@ -59,9 +59,9 @@ from divae.utils.cli import one_line
 from divae.utils.config import ConfigError
 from divae.utils.files import sha256_file
 from divae.utils.logging import get_logger
+from runtime.collectives import all_gather_object, barrier, rank_and_world
 from trainer import elastic, faults
 from trainer.elastic import CheckpointError  # noqa: F401  (its home is elastic.py; callers import it from here)
-from trainer.launch import all_gather_object, barrier, rank_and_world
 
 log = get_logger(__name__)
 

@@ -153,9 +153,10 @@ def _numel(shape: list[int]) -> int:
 
 def convert(path: str | Path) -> Path:
     """Collective (torchrun with the ranks that wrote the checkpoint): add the world-size-free optimizer state."""
+    from runtime.collectives import barrier
+    from runtime.launch import init_distributed
     from trainer.config import load_train_config
     from trainer.engine import build_engine
-    from trainer.launch import barrier, init_distributed
     from trainer.tasks import TASKS
 
     folder = resolve(path)
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             print(inspect(args.path, args.config, overrides))
         else:
             folder = convert(args.path)
-            from trainer.launch import rank_and_world
+            from runtime.collectives import rank_and_world
 
             if rank_and_world()[0] == 0:
                 print(f"wrote the world-size-free state into {folder}")

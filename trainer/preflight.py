@@ -21,9 +21,9 @@ from data_pipeline.integrity import check_shards
 from data_pipeline.shards import MANIFEST, load_manifest
 from divae.utils.cli import writable_dir
 from divae.utils.config import ConfigError
+from runtime.launch import detect_env
 from trainer.checkpoint import LATEST, CheckpointError, check_compatible, read_latest, read_meta
 from trainer.config import TrainConfig
-from trainer.launch import detect_env
 from trainer.tasks import TASKS
 
 PREPARE_HINT = "python -m data_pipeline.prepare_folder|prepare_imagenet|prepare_cc|prepare_coco"

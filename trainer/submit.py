@@ -5,7 +5,7 @@
     python -m trainer.submit --config configs/decoder_tiny.yaml --cluster local --tasks-per-node 2 --wait
 
 Every submitit task is one trainer rank: RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT come from
-submitit's `JobEnvironment` and the trainer runs in the task's process (`trainer.launch` sees a torchrun-style
+submitit's `JobEnvironment` and the trainer runs in the task's process (`runtime.launch` sees a torchrun-style
 environment).
 
 Preemption and time limits: Slurm sends submitit's signal (USR2, `--signal-delay-s` before the limit, or
@@ -35,9 +35,9 @@ from pathlib import Path
 import submitit
 from submitit.core.utils import DelayedSubmission
 
-from trainer.preemption import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
+from runtime.signals import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
 
-TRAINER_SIGNAL = signal.SIGUSR1  # what trainer.preemption listens to (besides SIGTERM)
+TRAINER_SIGNAL = signal.SIGUSR1  # what runtime.signals listens to (besides SIGTERM)
 FOLLOW_UP_WAIT_S = 20.0  # after a SIGTERM stop: how long to wait for a preemption's USR2 (under Slurm's KillWait)
 
 

@@ -18,9 +18,10 @@ import random
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,28 +31,20 @@ from divae.utils.cli import one_line, rank_emit, report
 from divae.utils.config import ConfigError, dump_config
 from divae.utils.files import FolderBusy, folder_lock
 from divae.utils.logging import get_logger
+from runtime import signals
+from runtime.collectives import all_gather_object, all_reduce_max, all_reduce_sum, barrier
+from runtime.launch import DistInfo, cleanup, init_distributed
 from trainer import checkpoint as ckpt
 from trainer import elastic, faults
 from trainer.config import TrainConfig, load_train_config
 from trainer.ema import EMA
 from trainer.engine import build_engine, engine_lr, grad_norm
 from trainer.flops import Throughput
-from trainer.launch import (
-    DistInfo,
-    all_gather_object,
-    all_reduce_max,
-    all_reduce_sum,
-    barrier,
-    cleanup,
-    init_distributed,
-)
 from trainer.metrics import RunLogger, WindowMeter, new_wandb_id, peak_memory_mb
-from trainer.preemption import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, Preemption
-from trainer.preemption import install as install_signal_handlers
 from trainer.preflight import check_batch, check_inputs
 from trainer.profiling import StepProfiler, oom_snapshot
 from trainer.tasks import TASKS
-from trainer.tasks.base import host_means
+from trainer.tasks.base import Task, host_means
 from trainer.watchdog import PeerFailure, PeerWatchdog, peer_failure
 
 log = get_logger("trainer")
@@ -131,25 +124,64 @@ def train(cfg: TrainConfig, dist: DistInfo) -> int:
         return _train(cfg, dist)
 
 
+@dataclass
+class _Run:
+    """What one training run holds between steps: built by `_build`, restored by `_restore`, advanced by `_loop`."""
+
+    cfg: TrainConfig  # as this run trains it: a resume's grad_accum, the per-rank data.batch_size
+    dist: DistInfo
+    task: Task
+    engines: dict[str, Any]  # phase -> DeepSpeed engine
+    emas: dict[str, EMA]  # phase -> EMA of that engine's fp32 master weights
+    throughput: Throughput
+    loader: Any
+    micro: int  # per-rank micro-batch
+    asked_ga: int  # train.grad_accum as configured (a resume on another world size runs another)
+    resized: bool  # resumed on another world size than the checkpoint's (elastic)
+    config_yaml: str
+    wandb_id: str
+    step: int = 0
+    samples_seen: int = 0
+    bad_in_a_row: int = 0
+    sample_batch: dict | None = None  # the first batch of this session: the logged sample grids decode it
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.train.run_dir)
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.cfg.train.grad_accum * self.dist.world_size
+
+
 def _train(cfg: TrainConfig, dist: DistInfo) -> int:
-    run_dir = Path(cfg.train.run_dir)
-    ckpt_root = run_dir / "checkpoints"
     barrier()
+    run, latest = _build(cfg, dist)
+    if latest is not None:
+        _restore(run, latest)
+    elif dist.is_main:
+        (run.run_dir / "config.yaml").write_text(run.config_yaml)
+    if dist.is_main:
+        signals.clear_marker(run.run_dir)
+    signals.install()  # idempotent (main installed them first); here for a train() called directly
+    return _loop(run)
+
+
+def _build(cfg: TrainConfig, dist: DistInfo) -> tuple[_Run, Path | None]:
+    """Pick the checkpoint to resume (the newest intact one, verified against its manifest) and the batch split on
+    this world size, failing before anything is built when it cannot resume; then build the task, one engine per
+    phase, the EMAs and the loader. Returns the run and the checkpoint to restore (None: a fresh start)."""
     task_cls = TASKS[cfg.train.stage]
     if cfg.deepspeed.zero_stage > task_cls.max_zero_stage:
         raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} is not supported by the "
                           f"{cfg.train.stage} stage (max {task_cls.max_zero_stage})")
-    # the newest intact checkpoint (verified against its manifest; a damaged one is passed over with a warning)
-    latest = ckpt.select_checkpoint(ckpt_root, cfg.checkpoint.verify) if cfg.checkpoint.resume else None
+    latest = ckpt.select_checkpoint(Path(cfg.train.run_dir) / "checkpoints", cfg.checkpoint.verify) \
+        if cfg.checkpoint.resume else None
     prev = ckpt.read_meta(latest) if latest is not None else None
-    # fail before building anything when the checkpoint cannot resume on this world size
-    is_elastic = prev is not None and ckpt.check_compatible(prev, dist.world_size, latest, cfg.train.batch_size)
+    resized = prev is not None and ckpt.check_compatible(prev, dist.world_size, latest, cfg.train.batch_size)
     asked_ga = cfg.train.grad_accum
-    cfg, micro = _resume_batch(cfg, prev, is_elastic, dist.world_size)
+    cfg, micro = _resume_batch(cfg, prev, resized, dist.world_size)
     cfg = _fix_canonical_nodes(cfg, prev, dist)
-    config_yaml = dump_config(cfg.sections(task_cls.config_sections))
-    ga, total = cfg.train.grad_accum, cfg.train.steps
-
     check_batch(cfg, dist.world_size, micro)
 
     seed_all(cfg.train.seed)  # identical initial weights on every rank
@@ -157,8 +189,9 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
     models = task.build_models()
     if latest is None and cfg.checkpoint.init_from:
         task.init_from(cfg.checkpoint.init_from, models)
-    engines = {name: build_engine(models[name], cfg.deepspeed, cfg.optim, micro_batch=micro, grad_accum=ga,
-                                  world_size=dist.world_size, grad_clip=cfg.train.grad_clip, total_steps=total)
+    engines = {name: build_engine(models[name], cfg.deepspeed, cfg.optim, micro_batch=micro,
+                                  grad_accum=cfg.train.grad_accum, world_size=dist.world_size,
+                                  grad_clip=cfg.train.grad_clip, total_steps=cfg.train.steps)
                for name in task.phases}
     task.attach(engines)
     emas = {n: EMA(engines[n].module.inner, cfg.ema, engine=engines[n])  # of the fp32 master weights, sharded
@@ -166,166 +199,215 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
     throughput = Throughput.for_run(cfg, task, dist.device)  # FLOPs per sample, once (fake tensors, no memory)
     loader = build_loader(cfg, dist)
     seed_all(cfg.train.seed + 1000 * dist.rank + 1)  # per-rank randomness (noise, timesteps)
+    run = _Run(cfg, dist, task, engines, emas, throughput, loader, micro, asked_ga, resized,
+               dump_config(cfg.sections(task_cls.config_sections)), new_wandb_id())
+    return run, latest
 
-    step, samples_seen, wandb_id = 0, 0, new_wandb_id()
-    if latest is not None:
-        meta, rank_state, ema_states = ckpt.load(latest, rank=dist.rank, world_size=dist.world_size,
-                                                 engines=engines)
-        step, samples_seen, wandb_id = meta["step"], meta["samples_seen"], meta["wandb_id"]
-        loader.load_state_dict(rank_state["loader"])
-        task.load_state_dict(rank_state["task"])
-        for n, ema in emas.items():
-            ema.load_state_dict(ema_states[n], meta["ema_updates"][n])
-        if is_elastic:  # this rank's stream did not exist in the N-rank run: derive it (reproducible)
-            seed_all(elastic.rank_seed(cfg.train.seed, step, dist.rank, dist.world_size))
-            faults.dump_elastic(engines, dist.rank)
-        else:
-            ckpt.set_rng_state(rank_state["rng"])
-    elif dist.is_main:
-        (run_dir / "config.yaml").write_text(config_yaml)
-    if dist.is_main:
-        Preemption.clear_marker(run_dir)
-    preempt = Preemption()
-    logger = RunLogger(cfg.logging, run_dir, dist.is_main, wandb_id, total, step,
-                       cfg.sections(task_cls.config_sections))
-    batches = Batches(loader)
-    meter = WindowMeter()
-    bad_in_a_row, sample_batch, nan_fault = 0, None, faults.nan_loss_at()
-    trace = faults.sample_tracer(dist.rank)
-    global_batch = micro * ga * dist.world_size
 
-    def save(at_step: int) -> None:
-        export_ema = cfg.checkpoint.export_ema and bool(emas)
-        ema_states = {n: e.state_dict() for n, e in emas.items()}  # a collective (the EMA is sharded): once
-        exports = []  # (file name, {phase: state dict}, weights info) of each export
-        if export_ema:
-            exports.append((task.export_name, ema_states,
-                            {"kind": "ema", "step": at_step, "decay": cfg.ema.decay, "warmup": cfg.ema.warmup,
-                             "updates": next(iter(emas.values())).num_updates}))
-        if cfg.checkpoint.export and (not export_ema or cfg.checkpoint.export_raw):  # a collective under ZeRO-3
-            raw = {n: _gathered_state(engines[n], cfg.deepspeed.zero_stage) for n in task.ema_phases}
-            name = task.export_name if not export_ema else task.export_name.replace(".safetensors", ".raw.safetensors")
-            exports.append((name, raw, {"kind": "raw", "step": at_step}))
+def _restore(run: _Run, latest: Path) -> None:
+    """The checkpoint's engines, EMAs, loader position, task state and this rank's RNG streams (derived from the
+    step on a resize: the rank's stream did not exist in the N-rank run)."""
+    dist = run.dist
+    meta, rank_state, ema_states = ckpt.load(latest, rank=dist.rank, world_size=dist.world_size, engines=run.engines)
+    run.step, run.samples_seen, run.wandb_id = meta["step"], meta["samples_seen"], meta["wandb_id"]
+    run.loader.load_state_dict(rank_state["loader"])
+    run.task.load_state_dict(rank_state["task"])
+    for n, ema in run.emas.items():
+        ema.load_state_dict(ema_states[n], meta["ema_updates"][n])
+    if run.resized:
+        seed_all(elastic.rank_seed(run.cfg.train.seed, run.step, dist.rank, dist.world_size))
+        faults.dump_elastic(run.engines, dist.rank)
+    else:
+        ckpt.set_rng_state(rank_state["rng"])
 
-        def export_fn(folder: Path) -> list[str]:
-            for name, weights, info in exports:
-                task.export(str(folder / name), weights, info)
-            return [name for name, _, _ in exports]
 
-        if not cfg.checkpoint.state:  # weights only, into the run folder (no resumable state)
-            rng = ckpt.rng_state()
-            if dist.is_main and cfg.checkpoint.export:
-                tmp = run_dir / ".export_tmp"
-                tmp.mkdir(exist_ok=True)
-                for name in export_fn(tmp):  # whole files only: a kill mid-write leaves the previous export
-                    os.replace(tmp / name, run_dir / name)
-            ckpt.set_rng_state(rng)  # as below: saving does not move the RNG streams
-            barrier()
-            return
-
-        meta = {"step": at_step, "samples_seen": samples_seen, "world_size": dist.world_size,
-                "zero_stage": cfg.deepspeed.zero_stage, "stage": cfg.train.stage, "wandb_id": wandb_id,
-                "engines": list(engines), "optimizer_steps": {n: int(e.global_steps) for n, e in engines.items()},
-                "ema": list(emas), "ema_updates": {n: e.num_updates for n, e in emas.items()},
-                "micro_batch": micro, "grad_accum": ga, "grad_accum_config": asked_ga, "global_batch": global_batch,
-                "data_format": cfg.data.format, "num_canonical_nodes": cfg.data.num_canonical_nodes,
-                "elastic": [n for n, e in engines.items() if elastic.supported(e)], "time": time.time()}
-        rng = ckpt.rng_state()
-        rank_state = {"rng": rng, "loader": loader.state_dict(), "task": task.state_dict()}
-        ckpt.save(ckpt_root, at_step, rank=dist.rank, engines=engines, rank_state=rank_state, meta=meta,
-                  config_yaml=config_yaml, ema=ema_states,
-                  export_fn=export_fn if cfg.checkpoint.export else None, keep_last=cfg.checkpoint.keep_last)
-        # Saving must not move the RNG streams (the export builds modules, whose init draws random
-        # numbers): the run continues from exactly the state a resume restores.
-        ckpt.set_rng_state(rng)
-
+def _loop(run: _Run) -> int:
+    """Optimizer steps until train.steps or an agreed stop signal; returns the exit code."""
+    cfg, dist = run.cfg, run.dist
+    logger = RunLogger(cfg.logging, run.run_dir, dist.is_main, run.wandb_id, cfg.train.steps, run.step,
+                       cfg.sections(run.task.config_sections))
+    batches, meter = Batches(run.loader), WindowMeter()
+    profiler = StepProfiler(cfg.logging.profile_every, cfg.logging.profile_steps, run.run_dir / "profile", dist.rank,
+                            dist.device, run.step)
+    probes = faults.nan_loss_at(), faults.sample_tracer(dist.rank)
     exit_code = 0
-    profiler = StepProfiler(cfg.logging.profile_every, cfg.logging.profile_steps, run_dir / "profile", dist.rank,
-                            dist.device, step)
-    while step < total:
+    while run.step < cfg.train.steps:
         t_step = time.perf_counter()
-        data_wait = 0.0
-        micro_metrics: dict[str, list[torch.Tensor | float]] = {}  # device tensors: read once per step
-        bad_keys: list[str] = []
-        for micro_idx in range(ga):
-            t_data = time.perf_counter()
-            batch = batches.next()
-            data_wait += time.perf_counter() - t_data
-            if trace is not None:
-                trace(step + 1, batch)
-            if sample_batch is None:
-                sample_batch = batch
-            for phase in task.phases:
-                out = task.loss(batch, phase, step)
-                if out is None:
-                    continue
-                loss, metrics = out
-                if nan_fault == (step, micro_idx, dist.rank) and phase == task.phases[0]:
-                    loss = loss * float("nan")
-                # The one host sync per micro-batch that stays: every rank must know before backward whether any
-                # rank's loss is bad (backward under ZeRO starts collectives that all ranks must join alike).
-                if all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0:
-                    bad_keys = list(batch.get("key", []))[:16]
-                    micro_metrics.setdefault(f"{phase}_bad", []).append(1.0)
-                    if ga == 1:
-                        continue  # nothing accumulated: skip backward and optimizer step on every rank
-                    # DeepSpeed counts backward/step calls to find the accumulation boundary: skipping one would
-                    # shift it for the rest of the run. The bad micro-batch contributes a zero gradient instead.
-                    loss, metrics = _zero_loss(task.inner(phase)), {}
-                engines[phase].backward(loss)
-                engines[phase].step()
-                for k, v in metrics.items():
-                    key = k if phase == task.phases[0] else f"{phase}/{k}" if "/" not in k else k
-                    micro_metrics.setdefault(key, []).append(v)
-        step_metrics = host_means(micro_metrics)  # one host sync for every metric of the step
-        step += 1
-        profiler.step(step)
-        samples_seen += global_batch
-        if bad_keys:
-            bad_in_a_row += 1
-            log.warning("step %d: non-finite loss on some rank, %s (%d in a row); batch keys on this rank: %s", step,
-                        "step skipped" if ga == 1 else "its micro-batch gave a zero gradient", bad_in_a_row, bad_keys)
-            if bad_in_a_row >= cfg.train.max_bad_steps:
-                raise BadStepsError(f"{bad_in_a_row} steps in a row had a non-finite loss (last batch keys "
-                                    f"{bad_keys}); lower optim.lr, check the data, or resume from an earlier "
-                                    "checkpoint")
-        else:
-            bad_in_a_row = 0
-        for ema in emas.values():
-            ema.update(step)
+        step_metrics, bad_keys, data_wait = _accumulate(run, batches, *probes)
+        run.step += 1
+        profiler.step(run.step)
+        run.samples_seen += run.global_batch
+        _count_bad_step(run, bad_keys)
+        for ema in run.emas.values():
+            ema.update(run.step)
         dt = time.perf_counter() - t_step
-        first = engines[task.phases[0]]
+        first = run.engines[run.task.phases[0]]
         step_metrics.update(lr=engine_lr(first), grad_norm=grad_norm(first), step_time=dt, data_wait=data_wait,
-                            images_per_s=global_batch / dt)
-        meter.add(step_metrics)
-        logger.progress(step, step_metrics.get("loss", float("nan")), global_batch / dt)
-        if step % cfg.logging.every == 0 or step == total:
-            means = meter.means_over_ranks(dist.device)  # averaged over every rank, not rank 0's alone
-            means["peak_mem_mb"] = all_reduce_max(peak_memory_mb(dist.device))
-            means["skipped_samples"] = all_reduce_sum(getattr(loader, "skipped", 0))  # data.bad_samples=skip
-            means["samples_seen"] = samples_seen
-            means.update(throughput.figures(means.get("images_per_s", 0.0), dist.world_size))  # MFU, FLOP/s
-            logger.log(step, means)
-        if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == total):
-            logger.grid(step, task.sample(sample_batch))
-        stop = preempt.should_stop()
-        if stop or step == total or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-            save(step)
-        if stop and preempt.requeue:
-            log.warning("preemption signal received: checkpoint at step %d saved, exiting with %d",
-                        step, REQUEUE_EXIT_CODE)
-            if dist.is_main:
-                Preemption.write_marker(run_dir, step)
-            exit_code = REQUEUE_EXIT_CODE
-            break
-        if stop:  # SIGTERM: a cancel (scancel JOBID); end for good, no requeue marker
-            log.warning("stop signal (SIGTERM) received: checkpoint at step %d saved, exiting with %d "
-                        "(not requeueing)", step, STOP_EXIT_CODE)
-            exit_code = STOP_EXIT_CODE
+                            images_per_s=run.global_batch / dt)
+        _report(run, logger, meter, step_metrics)
+        request = signals.agreed_request()
+        if request or run.step == cfg.train.steps or (cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0):
+            _save(run)
+        if request:
+            exit_code = _stop(run, request)
             break
     profiler.close()
     logger.close()
     return exit_code
+
+
+def _accumulate(run: _Run, batches: Batches, nan_fault: tuple | None, trace) -> tuple[dict, list[str], float]:
+    """One optimizer step's micro-batches through every phase. Returns (the step's metrics, averaged over its
+    micro-batches; the keys of a batch with a non-finite loss on this rank, or []; seconds waited for data)."""
+    micro_metrics: dict[str, list[torch.Tensor | float]] = {}  # device tensors: read once per step
+    bad_keys: list[str] = []
+    data_wait = 0.0
+    for micro_idx in range(run.cfg.train.grad_accum):
+        t_data = time.perf_counter()
+        batch = batches.next()
+        data_wait += time.perf_counter() - t_data
+        if trace is not None:
+            trace(run.step + 1, batch)
+        if run.sample_batch is None:
+            run.sample_batch = batch
+        for phase in run.task.phases:
+            poison = nan_fault == (run.step, micro_idx, run.dist.rank) and phase == run.task.phases[0]
+            if _micro_step(run, batch, phase, poison, micro_metrics):
+                bad_keys = list(batch.get("key", []))[:16]
+    return host_means(micro_metrics), bad_keys, data_wait
+
+
+def _micro_step(run: _Run, batch: dict, phase: str, poison: bool, micro_metrics: dict[str, list]) -> bool:
+    """Loss, backward and (at the accumulation boundary, DeepSpeed's count) the optimizer step of one phase on one
+    micro-batch, its metrics appended to `micro_metrics`. Returns True when some rank's loss was not finite."""
+    out = run.task.loss(batch, phase, run.step)
+    if out is None:
+        return False
+    loss, metrics = out
+    if poison:
+        loss = loss * float("nan")
+    # The one host sync per micro-batch that stays: every rank must know before backward whether any rank's
+    # loss is bad (backward under ZeRO starts collectives that all ranks must join alike).
+    bad = all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0
+    if bad:
+        micro_metrics.setdefault(f"{phase}_bad", []).append(1.0)
+        if run.cfg.train.grad_accum == 1:
+            return True  # nothing accumulated: skip backward and optimizer step on every rank
+        # DeepSpeed counts backward/step calls to find the accumulation boundary: skipping one would shift it for
+        # the rest of the run. The bad micro-batch contributes a zero gradient instead.
+        loss, metrics = _zero_loss(run.task.inner(phase)), {}
+    run.engines[phase].backward(loss)
+    run.engines[phase].step()
+    for k, v in metrics.items():
+        key = k if phase == run.task.phases[0] else f"{phase}/{k}" if "/" not in k else k
+        micro_metrics.setdefault(key, []).append(v)
+    return bad
+
+
+def _count_bad_step(run: _Run, bad_keys: list[str]) -> None:
+    """Warn about a step with a non-finite loss; raise BadStepsError after train.max_bad_steps in a row."""
+    if not bad_keys:
+        run.bad_in_a_row = 0
+        return
+    run.bad_in_a_row += 1
+    log.warning("step %d: non-finite loss on some rank, %s (%d in a row); batch keys on this rank: %s", run.step,
+                "step skipped" if run.cfg.train.grad_accum == 1 else "its micro-batch gave a zero gradient",
+                run.bad_in_a_row, bad_keys)
+    if run.bad_in_a_row >= run.cfg.train.max_bad_steps:
+        raise BadStepsError(f"{run.bad_in_a_row} steps in a row had a non-finite loss (last batch keys {bad_keys}); "
+                            "lower optim.lr, check the data, or resume from an earlier checkpoint")
+
+
+def _report(run: _Run, logger: RunLogger, meter: WindowMeter, step_metrics: dict) -> None:
+    """The progress bar every step; every logging.every steps the window's means over all ranks (with peak
+    memory, skipped samples, MFU); every logging.sample_every steps a sample grid."""
+    cfg, step = run.cfg, run.step
+    meter.add(step_metrics)
+    logger.progress(step, step_metrics.get("loss", float("nan")), step_metrics["images_per_s"])
+    if step % cfg.logging.every == 0 or step == cfg.train.steps:
+        means = meter.means_over_ranks(run.dist.device)  # averaged over every rank, not rank 0's alone
+        means["peak_mem_mb"] = all_reduce_max(peak_memory_mb(run.dist.device))
+        means["skipped_samples"] = all_reduce_sum(getattr(run.loader, "skipped", 0))  # data.bad_samples=skip
+        means["samples_seen"] = run.samples_seen
+        means.update(run.throughput.figures(means.get("images_per_s", 0.0), run.dist.world_size))  # MFU, FLOP/s
+        logger.log(step, means)
+    if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == cfg.train.steps):
+        logger.grid(step, run.task.sample(run.sample_batch))
+
+
+def _stop(run: _Run, request: int) -> int:
+    """The exit code after an agreed stop signal (the checkpoint is saved): SIGUSR1 requeues (rank 0 leaves the
+    requeue marker for the Slurm script), SIGTERM ends for good."""
+    if request == signals.REQUEUE:
+        log.warning("preemption signal received: checkpoint at step %d saved, exiting with %d",
+                    run.step, signals.REQUEUE_EXIT_CODE)
+        if run.dist.is_main:
+            signals.write_marker(run.run_dir, run.step)
+        return signals.REQUEUE_EXIT_CODE
+    log.warning("stop signal (SIGTERM) received: checkpoint at step %d saved, exiting with %d (not requeueing)",
+                run.step, signals.STOP_EXIT_CODE)
+    return signals.STOP_EXIT_CODE
+
+
+def _save(run: _Run) -> None:
+    """A checkpoint of the run at its current step (or, with checkpoint.state false, only the exported weights
+    in the run folder). Saving does not move the RNG streams: the export builds modules, whose init draws random
+    numbers, and the run must continue from exactly the state a resume restores."""
+    cfg = run.cfg
+    ema_states = {n: e.state_dict() for n, e in run.emas.items()}  # a collective (the EMA is sharded): once
+    exports = _exports(run, ema_states)
+
+    def export_fn(folder: Path) -> list[str]:
+        for name, weights, info in exports:
+            run.task.export(str(folder / name), weights, info)
+        return [name for name, _, _ in exports]
+
+    rng = ckpt.rng_state()
+    if not cfg.checkpoint.state:  # weights only, into the run folder (no resumable state)
+        if run.dist.is_main and cfg.checkpoint.export:
+            tmp = run.run_dir / ".export_tmp"
+            tmp.mkdir(exist_ok=True)
+            for name in export_fn(tmp):  # whole files only: a kill mid-write leaves the previous export
+                os.replace(tmp / name, run.run_dir / name)
+    else:
+        rank_state = {"rng": rng, "loader": run.loader.state_dict(), "task": run.task.state_dict()}
+        ckpt.save(run.run_dir / "checkpoints", run.step, rank=run.dist.rank, engines=run.engines,
+                  rank_state=rank_state, meta=_checkpoint_meta(run), config_yaml=run.config_yaml, ema=ema_states,
+                  export_fn=export_fn if cfg.checkpoint.export else None, keep_last=cfg.checkpoint.keep_last)
+    ckpt.set_rng_state(rng)
+    if not cfg.checkpoint.state:
+        barrier()
+
+
+def _exports(run: _Run, ema_states: dict) -> list[tuple[str, dict, dict]]:
+    """(file name, {phase: state dict}, weights info) of each weights file a save writes: the EMA weights under
+    the task's export name when checkpoint.export_ema, the raw weights (beside them with checkpoint.export_raw)."""
+    cfg, step = run.cfg, run.step
+    export_ema = cfg.checkpoint.export_ema and bool(run.emas)
+    exports = []
+    if export_ema:
+        exports.append((run.task.export_name, ema_states,
+                        {"kind": "ema", "step": step, "decay": cfg.ema.decay, "warmup": cfg.ema.warmup,
+                         "updates": next(iter(run.emas.values())).num_updates}))
+    if cfg.checkpoint.export and (not export_ema or cfg.checkpoint.export_raw):  # a collective under ZeRO-3
+        raw = {n: _gathered_state(run.engines[n], cfg.deepspeed.zero_stage) for n in run.task.ema_phases}
+        name = run.task.export_name if not export_ema else run.task.export_name.replace(".safetensors",
+                                                                                        ".raw.safetensors")
+        exports.append((name, raw, {"kind": "raw", "step": step}))
+    return exports
+
+
+def _checkpoint_meta(run: _Run) -> dict:
+    """meta.json of a checkpoint: what a resume (on any world size) and `trainer.checkpoint_tool` read."""
+    cfg, engines = run.cfg, run.engines
+    return {"step": run.step, "samples_seen": run.samples_seen, "world_size": run.dist.world_size,
+            "zero_stage": cfg.deepspeed.zero_stage, "stage": cfg.train.stage, "wandb_id": run.wandb_id,
+            "engines": list(engines), "optimizer_steps": {n: int(e.global_steps) for n, e in engines.items()},
+            "ema": list(run.emas), "ema_updates": {n: e.num_updates for n, e in run.emas.items()},
+            "micro_batch": run.micro, "grad_accum": cfg.train.grad_accum, "grad_accum_config": run.asked_ga,
+            "global_batch": run.global_batch, "data_format": cfg.data.format,
+            "num_canonical_nodes": cfg.data.num_canonical_nodes,
+            "elastic": [n for n, e in engines.items() if elastic.supported(e)], "time": time.time()}
 
 
 def _resume_batch(cfg: TrainConfig, prev: dict | None, is_elastic: bool, world_size: int) -> tuple[TrainConfig, int]:
@@ -395,7 +477,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """The CLI boundary: expected errors print one line (exit 2 usage/config, 1 runtime), bugs a traceback.
     With several ranks, a failing rank tells the others (trainer.watchdog) and every rank ends at once."""
-    install_signal_handlers()  # first: a USR1/TERM that arrives while the models are built is kept
+    signals.install()  # first: a USR1/TERM that arrives while the models are built is kept
     args = parse_args(argv)
     fail = partial(report, prog="trainer.train", debug=args.debug, emit=rank_emit,
                    runtime=(ckpt.CheckpointError, ShardError, BadStepsError, PeerFailure, FolderBusy))

@@ -3,7 +3,7 @@
 Without it, a rank killed by SIGKILL (the out-of-memory killer, a lost node) or one that raises leaves the
 others blocked in their next collective: NCCL waits out the process-group timeout (30 min), gloo waits until
 the dead process's sockets close, and the exit path then joins DataLoader workers; torchrun's SIGTERM to
-the survivors is taken for a stop request (trainer.preemption), so they end only when torchrun
+the survivors is taken for a stop request (runtime.signals), so they end only when torchrun
 escalates to SIGKILL after its shutdown timeout (30 s; 100 s under slurm/).
 
     wd = PeerWatchdog.start()   # after init_distributed, on every rank (a collective; a no-op for 1 rank)
@@ -44,7 +44,7 @@ import torch
 
 from divae.utils.cli import one_line
 from divae.utils.logging import get_logger
-from trainer.launch import all_gather_object, barrier, rank_and_world
+from runtime.collectives import all_gather_object, barrier, rank_and_world
 
 log = get_logger(__name__)
 

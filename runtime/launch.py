@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 
 from divae.utils.logging import get_logger
+from runtime import collectives
 
 log = get_logger(__name__)
-_DEVICE = torch.device("cpu")  # where small collectives run (the rank's device after init_distributed)
 INIT_TIMEOUT_ENV, DEFAULT_INIT_TIMEOUT_S = "DIVAE_INIT_TIMEOUT_S", 300.0
 NCCL_DUMP_ENV = "DIVAE_NCCL_DUMP_DIR"
 
@@ -193,8 +193,7 @@ def init_distributed(timeout_s: float = 1800, *, engines: bool = True) -> DistIn
 
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
                                    auto_mpi_discovery=False, verbose=False)
-    global _DEVICE
-    _DEVICE = device
+    collectives.set_device(device)
     info = DistInfo(rank, world, local_rank, local_world, device, backend, launcher)
     log.info("distributed: %s launch, world size %d, backend %s, device %s", launcher, world, backend, device)
     return info
@@ -207,53 +206,6 @@ def process_group_timeout_s() -> float | None:
     kind = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
     backend = torch.distributed.group.WORLD._get_backend(torch.device(kind))
     return backend.options._timeout.total_seconds()
-
-
-def barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def all_reduce_max(value: float) -> float:
-    """max over ranks of a Python number (a cheap agreement primitive)."""
-    return _all_reduce_number(value, torch.distributed.ReduceOp.MAX)
-
-
-def all_reduce_sum(value: float) -> float:
-    """Sum over ranks of a Python number."""
-    return _all_reduce_number(value, torch.distributed.ReduceOp.SUM)
-
-
-def _all_reduce_number(value: float, op) -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_DEVICE)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t, op=op)
-    return float(t.item())
-
-
-def all_gather_object(obj: object) -> list:
-    """[obj of rank 0, obj of rank 1, ...] (a collective; [obj] without torch.distributed)."""
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        out = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
-def broadcast_object(obj: object) -> object:
-    """Rank 0's `obj` on every rank (a collective; `obj` itself without torch.distributed)."""
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of torch.distributed, or (0, 1) when it is not initialised."""
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def cleanup() -> None:

@@ -18,9 +18,12 @@ trainer also writes `<run_dir>/REQUEUE` (the step, one line) before exiting: a s
 checks for that file (and deletes it) instead of the exit code. `STOP_EXIT_CODE = 143` (128 + SIGTERM, what a
 shell reports for a process ended by SIGTERM).
 
-`install()` sets the handlers; `trainer.train.main` calls it first thing, so a signal that arrives while the
-models are built (the batch shell may forward USR1 at any time; torchrun's children inherit it ignored) is
-kept and acted on at the first step boundary.
+The trainer and the evaluation CLIs share this one record of the process's signals (handlers are
+process-wide anyway). `install()` sets the handlers, remembering the ones it replaced; `trainer.train.main` and the
+evaluation CLIs call it first thing, so a signal that arrives while the models are built (the batch shell may
+forward USR1 at any time; torchrun's children inherit it ignored) is kept and acted on at the first boundary.
+`restore()` puts the previous handlers back and forgets what was received (a CLI called in-process, by a test or a
+notebook, leaves the process as it found it). `agreed_request()` is the collective check at a boundary.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from trainer.launch import all_reduce_max
+from runtime.collectives import all_reduce_max
 
 REQUEUE_EXIT_CODE = 75
 STOP_EXIT_CODE = 128 + signal.SIGTERM
@@ -37,7 +40,9 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # what each signal asks for, ordered: the all-reduce keeps the largest request of any rank
 NONE, STOP, REQUEUE = 0, 1, 2
 _REQUEST = {signal.SIGTERM: STOP, signal.SIGUSR1: REQUEUE}
+_SIGNAL = {STOP: signal.SIGTERM, REQUEUE: signal.SIGUSR1}
 _received: list[int] = []  # signals seen by this process since install(), in order
+_previous: dict[int, object] = {}  # the handlers install() replaced, for restore()
 
 
 def _handler(signum: int, frame) -> None:  # noqa: ARG001
@@ -47,8 +52,22 @@ def _handler(signum: int, frame) -> None:  # noqa: ARG001
 def install() -> None:
     """Install the SIGTERM / SIGUSR1 handlers (idempotent; keeps what was already received)."""
     for sig in SIGNALS:
-        if signal.getsignal(sig) is not _handler:
-            signal.signal(sig, _handler)
+        previous = signal.signal(sig, _handler)
+        if previous is not _handler:
+            _previous[sig] = previous
+
+
+def restore() -> None:
+    """Put back the handlers `install()` replaced and forget the signals received."""
+    for sig, handler in _previous.items():
+        signal.signal(sig, handler)
+    _previous.clear()
+    _received.clear()
+
+
+def received() -> int | None:
+    """The last signal this process received since install(), or None."""
+    return _received[-1] if _received else None
 
 
 def local_request() -> int:
@@ -56,35 +75,15 @@ def local_request() -> int:
     return max((_REQUEST[s] for s in _received), default=NONE)
 
 
-class Preemption:
-    """Installs the handlers; `should_stop()` is the collective check at a step boundary."""
+def agreed_request() -> int:
+    """The largest request of any rank (a collective: call it on all ranks at the same boundary): NONE, STOP (a
+    SIGTERM reached some rank) or REQUEUE (a SIGUSR1 did; it outranks TERM)."""
+    return int(all_reduce_max(float(local_request())))
 
-    def __init__(self) -> None:
-        install()
-        self.request = NONE  # the agreed request, set by should_stop()
 
-    @property
-    def received(self) -> int | None:
-        """The last signal this process received, or None."""
-        return _received[-1] if _received else None
-
-    def should_stop(self) -> bool:
-        """True on every rank when any rank received a signal (a collective: call it on all ranks); then
-        `self.request` says whether to requeue (REQUEUE) or end (STOP)."""
-        self.request = int(all_reduce_max(float(local_request())))
-        return self.request != NONE
-
-    @property
-    def requeue(self) -> bool:
-        return self.request == REQUEUE
-
-    @staticmethod
-    def write_marker(run_dir: str | Path, step: int) -> None:
-        (Path(run_dir) / REQUEUE_MARKER).write_text(f"{step}\n")
-
-    @staticmethod
-    def clear_marker(run_dir: str | Path) -> None:
-        (Path(run_dir) / REQUEUE_MARKER).unlink(missing_ok=True)
+def signal_of(request: int) -> int | None:
+    """The signal that asks for `request` (SIGTERM for STOP, SIGUSR1 for REQUEUE), None for NONE."""
+    return _SIGNAL.get(request)
 
 
 def exit_for_signal(signum: int) -> tuple[int, bool]:
@@ -93,3 +92,13 @@ def exit_for_signal(signum: int) -> tuple[int, bool]:
     if _REQUEST.get(signum) == REQUEUE:
         return REQUEUE_EXIT_CODE, True
     return STOP_EXIT_CODE, False
+
+
+def write_marker(run_dir: str | Path, step: int) -> None:
+    """`<run_dir>/REQUEUE` holding the step: the Slurm scripts requeue when they find it (torchrun hides the
+    ranks' exit codes)."""
+    (Path(run_dir) / REQUEUE_MARKER).write_text(f"{step}\n")
+
+
+def clear_marker(run_dir: str | Path) -> None:
+    (Path(run_dir) / REQUEUE_MARKER).unlink(missing_ok=True)
