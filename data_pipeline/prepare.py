@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import json
@@ -298,23 +299,79 @@ def run_prepare(items: Iterable[Item], out_dir: str, *, fmt: str = "mds", cfg: I
                            extra_json=extra_json)
 
 
+@dataclasses.dataclass
+class _Run:
+    """What one locked run writes where, and what it knows of its chunks (chunk c: inputs c * shard_size to
+    (c + 1) * shard_size - 1, written as shard c)."""
+
+    out_dir: str
+    fmt: str
+    columns: dict[str, str]
+    done: dict[int, dict]  # chunk -> its record, from an earlier run or this one
+    inputs: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # chunk -> inputs read
+    fingerprints: dict[int, str] = dataclasses.field(default_factory=dict)  # chunk -> sha256 of its inputs
+    keys: _Keys = dataclasses.field(default_factory=_Keys)
+
+
 def _run_locked(items: Iterable[Item], out_dir: str, *, fmt: str, cfg: ImageConfig, shard_size: int,
                 workers: int, source: dict, extra_columns: dict | None, limit: int | None, progress: bool,
                 total: int | None, manifest_extra: dict | None, max_file_bytes: int | None,
                 extra_json: dict[str, object] | None) -> dict:
+    """The body of `run_prepare`, under the lock: check the folder, write the chunks not done yet, then the
+    manifest. Returns the manifest dict."""
     columns = {**STANDARD_COLUMNS, **(extra_columns or {})}
     source = dict(source, limit=limit)
     settings = _settings(fmt, cfg, shard_size, source, columns, max_file_bytes)
-    partial = os.path.join(out_dir, PARTIAL)
+    m = _complete_manifest(out_dir, settings)
+    if m is not None:
+        print(f"{out_dir}: already complete ({m['num_samples']} samples); nothing to do")
+        return m
+    _start_partial(out_dir, settings)
+    run = _Run(out_dir, fmt, columns, done=_done_chunks(out_dir))
+
+    t0 = time.time()
+    bar = tqdm(total=total if limit is None or total is None else min(total, limit), unit="img",
+               disable=not progress, smoothing=0.1, dynamic_ncols=True)
+    if run.done:
+        bar.write(f"resuming: {len(run.done)} shard(s) already done in {out_dir}")
+    todo = _todo(run, items, shard_size, limit, bar.write)
+    processed = _write_chunks(run, _ordered_map(todo, cfg, workers, max_file_bytes), bar)
+    bar.close()
+
+    recs = _records(run)
+    skipped = [s for r in recs for s in r["skipped"]]
+    counts = _counts(recs, skipped, inputs=sum(run.inputs.values()))
+    shards = [r["shard"] for r in recs]
+    _remove_stale_shards(out_dir, shards)
+    for name, obj in (extra_json or {}).items():
+        write_json_atomic(os.path.join(out_dir, name), obj)
+    m = finalize(out_dir, fmt, columns, shards, source=source, preprocessing=settings["preprocessing"],
+                 shard_size=shard_size, counts=counts, skipped=skipped, renamed_keys=run.keys.renamed,
+                 settings=settings, **(manifest_extra or {}))
+    _remove_partial(out_dir)
+    _print_done(out_dir, m, counts, time.time() - t0, processed, renamed=len(run.keys.renamed))
+    return m
+
+
+def _complete_manifest(out_dir: str, settings: dict) -> dict | None:
+    """The manifest of a finished run with the same settings (nothing to do), or None when there is no
+    manifest; raises UsageError when `out_dir` holds a dataset prepared with other settings."""
     mpath = os.path.join(out_dir, MANIFEST)
-    if os.path.exists(mpath):
-        with open(mpath) as f:
-            m = json.load(f)
-        if m.get("complete") and _same(m.get("settings", {}), settings):
-            print(f"{out_dir}: already complete ({m['num_samples']} samples); nothing to do")
-            return m
-        raise UsageError(f"{out_dir} already holds a dataset prepared with other settings; "
-                         "choose a new --out (or delete that folder)")
+    if not os.path.exists(mpath):
+        return None
+    with open(mpath) as f:
+        m = json.load(f)
+    if m.get("complete") and _same(m.get("settings", {}), settings):
+        return m
+    raise UsageError(f"{out_dir} already holds a dataset prepared with other settings; "
+                     "choose a new --out (or delete that folder)")
+
+
+def _start_partial(out_dir: str, settings: dict) -> None:
+    """Record `settings` in `.partial/settings.json`, or check them against the interrupted run's there (raises
+    UsageError when they differ: its chunks would not fit this run's); remove the temporary files of shards
+    that were being written when that run died."""
+    partial = os.path.join(out_dir, PARTIAL)
     os.makedirs(partial, exist_ok=True)
     cpath = os.path.join(partial, "settings.json")
     if os.path.exists(cpath):
@@ -328,111 +385,124 @@ def _run_locked(items: Iterable[Item], out_dir: str, *, fmt: str, cfg: ImageConf
     for tmp in glob.glob(os.path.join(out_dir, ".shard.*.tmp")):
         os.remove(tmp)
 
+
+def _done_chunks(out_dir: str) -> dict[int, dict]:
+    """{chunk: record} of the chunks an earlier run finished: a record whose shard is in place with its
+    recorded size (or that has no shard: no valid image)."""
     done: dict[int, dict] = {}
-    for rec_path in glob.glob(os.path.join(partial, "chunk.*.json")):
+    for rec_path in glob.glob(os.path.join(out_dir, PARTIAL, "chunk.*.json")):
         with open(rec_path) as f:
             rec = json.load(f)
         shard = rec["shard"]
         spath = os.path.join(out_dir, shard["basename"]) if shard["basename"] else None
         if shard["samples"] == 0 or (os.path.isfile(spath) and os.path.getsize(spath) == shard["bytes"]):
             done[rec["chunk"]] = rec
+    return done
 
-    t0 = time.time()
-    stats = {"processed": 0}
-    chunk_inputs: dict[int, int] = collections.Counter()
-    fingerprints: dict[int, str] = {}
-    keys = _Keys()
 
-    def todo() -> Iterator[tuple[int, Item]]:
-        """(chunk, item) for every input of a chunk not done yet. The inputs of a done chunk are held until
-        the chunk ends; if their fingerprint differs from its record's (the source changed), they are
-        processed after all and the chunk is redone."""
-        cur, h, held = None, None, []
+def _todo(run: _Run, items: Iterable[Item], shard_size: int, limit: int | None,
+          write: Callable[[str], None]) -> Iterator[tuple[int, Item]]:
+    """(chunk, item) for every input of a chunk not done yet, keys assigned and inputs counted. The inputs of
+    a done chunk are held until the chunk ends; if their fingerprint differs from its record's (the source
+    changed), they are processed after all and the chunk is redone. `write` prints a line (beside the bar)."""
+    cur, h, held = None, None, []
+    for n, item in enumerate(items):
+        if limit is not None and n >= limit:
+            break
+        c = n // shard_size
+        if c != cur:
+            if cur is not None:
+                yield from ((cur, it) for it in _end_chunk(run, cur, h.hexdigest(), held, write))
+            cur, h, held = c, hashlib.sha256(), []
+        run.inputs[c] += 1
+        item = run.keys.assign(item)
+        h.update(item_fingerprint(item))
+        if c in run.done:
+            held.append(item)
+        else:
+            yield c, item
+    if cur is not None:
+        yield from ((cur, it) for it in _end_chunk(run, cur, h.hexdigest(), held, write))
 
-        def end_chunk() -> list[Item]:
-            fp = h.hexdigest()
-            fingerprints[cur] = fp
-            if cur in done and done[cur].get("inputs_sha256") != fp:
-                bar.write(f"source changed since the interrupted run: the inputs of shard {cur} differ from "
-                          "those it was made from; redoing it")
-                del done[cur]
-                return held
-            return []
 
-        for n, item in enumerate(items):
-            if limit is not None and n >= limit:
-                break
-            c = n // shard_size
-            if c != cur:
-                if cur is not None:
-                    yield from ((cur, it) for it in end_chunk())
-                cur, h, held = c, hashlib.sha256(), []
-            chunk_inputs[c] += 1
-            item = keys.assign(item)
-            h.update(item_fingerprint(item))
-            if c in done:
-                held.append(item)
-            else:
-                yield c, item
-        if cur is not None:
-            yield from ((cur, it) for it in end_chunk())
+def _end_chunk(run: _Run, c: int, fp: str, held: list[Item], write: Callable[[str], None]) -> list[Item]:
+    """Record chunk c's input fingerprint `fp`; returns its held inputs when the chunk must be redone (it was
+    done from other inputs), else []."""
+    run.fingerprints[c] = fp
+    if c in run.done and run.done[c].get("inputs_sha256") != fp:
+        write(f"source changed since the interrupted run: the inputs of shard {c} differ from "
+              "those it was made from; redoing it")
+        del run.done[c]
+        return held
+    return []
 
-    bar = tqdm(total=total if limit is None or total is None else min(total, limit), unit="img",
-               disable=not progress, smoothing=0.1, dynamic_ncols=True)
-    if done:
-        bar.write(f"resuming: {len(done)} shard(s) already done in {out_dir}")
 
-    def flush(c: int, samples: list[dict], skipped: list[dict]) -> None:
-        info = write_shard(out_dir, c, fmt, samples, columns) if samples else \
-            {"basename": None, "samples": 0, "bytes": 0, "sha256": None}
-        rec = {"chunk": c, "shard": info, "skipped": skipped, "inputs_sha256": fingerprints[c]}
-        write_json_atomic(os.path.join(partial, f"chunk.{c:05d}.json"), rec)
-        done[c] = rec
-
-    cur, samples, skipped = None, [], []
-    for c, (sample, skip) in _ordered_map(todo(), cfg, workers, max_file_bytes):
+def _write_chunks(run: _Run, results: Iterable[tuple[int, tuple]], bar: tqdm) -> int:
+    """Write each chunk's shard and record as soon as its last processed input arrives (`results`: (chunk,
+    process_item result), in input order). Returns the number of inputs processed."""
+    cur, samples, skipped, processed = None, [], [], 0
+    for c, (sample, skip) in results:
         if cur is not None and c != cur:
-            flush(cur, samples, skipped)
+            _write_chunk(run, cur, samples, skipped)
             samples, skipped = [], []
         cur = c
         (samples.append(sample) if sample is not None else skipped.append(skip))
-        stats["processed"] += 1
+        processed += 1
         bar.update(1)
     if cur is not None:
-        flush(cur, samples, skipped)
-    bar.close()
+        _write_chunk(run, cur, samples, skipped)
+    return processed
 
-    n_chunks = max(chunk_inputs) + 1 if chunk_inputs else 0
+
+def _write_chunk(run: _Run, c: int, samples: list[dict], skipped: list[dict]) -> None:
+    """Write chunk c's shard (none when it has no valid image), then its record `.partial/chunk.NNNNN.json`
+    (after the rename, so a record means the shard is in place)."""
+    info = write_shard(run.out_dir, c, run.fmt, samples, run.columns) if samples else \
+        {"basename": None, "samples": 0, "bytes": 0, "sha256": None}
+    rec = {"chunk": c, "shard": info, "skipped": skipped, "inputs_sha256": run.fingerprints[c]}
+    write_json_atomic(os.path.join(run.out_dir, PARTIAL, f"chunk.{c:05d}.json"), rec)
+    run.done[c] = rec
+
+
+def _records(run: _Run) -> list[dict]:
+    """The records of chunks 0 .. n - 1, in order."""
+    n_chunks = max(run.inputs) + 1 if run.inputs else 0
     # Chunks whose items were all pre-skipped still pass through _ordered_map, so every chunk has a record.
-    missing = [c for c in range(n_chunks) if c not in done]
+    missing = [c for c in range(n_chunks) if c not in run.done]
     if missing:
         raise RuntimeError(f"internal: chunks {missing[:5]} have no record")
-    recs = [done[c] for c in range(n_chunks)]
-    skipped_all = [s for r in recs for s in r["skipped"]]
-    reasons = dict(sorted(collections.Counter(s["reason"] for s in skipped_all).items()))
+    return [run.done[c] for c in range(n_chunks)]
+
+
+def _counts(recs: list[dict], skipped: list[dict], inputs: int) -> dict:
+    """The manifest's `counts`: inputs read, samples written, inputs skipped (in all and by reason)."""
+    reasons = dict(sorted(collections.Counter(s["reason"] for s in skipped).items()))
     written = sum(r["shard"]["samples"] for r in recs)
-    inputs = sum(chunk_inputs.values())
-    counts = {"inputs": inputs, "written": written, "skipped": len(skipped_all), "skipped_by_reason": reasons}
-    shards = [r["shard"] for r in recs]
-    # shards of an earlier, interrupted run on a source that has since shrunk, or redone as empty
+    return {"inputs": inputs, "written": written, "skipped": len(skipped), "skipped_by_reason": reasons}
+
+
+def _remove_stale_shards(out_dir: str, shards: list[dict]) -> None:
+    """Remove the shards not in `shards`: those of an earlier, interrupted run on a source that has since
+    shrunk, or redone as empty."""
     keep = {s["basename"] for s in shards if s["basename"]}
     for f in os.listdir(out_dir):
         if f.startswith("shard.") and f not in keep:
             os.remove(os.path.join(out_dir, f))
-    for name, obj in (extra_json or {}).items():
-        write_json_atomic(os.path.join(out_dir, name), obj)
-    m = finalize(out_dir, fmt, columns, shards, source=source, preprocessing=settings["preprocessing"],
-                 shard_size=shard_size, counts=counts, skipped=skipped_all, renamed_keys=keys.renamed,
-                 settings=settings, **(manifest_extra or {}))
+
+
+def _remove_partial(out_dir: str) -> None:
+    partial = os.path.join(out_dir, PARTIAL)
     for f in glob.glob(os.path.join(partial, "*")):
         os.remove(f)
     os.rmdir(partial)
-    dt = time.time() - t0
+
+
+def _print_done(out_dir: str, m: dict, counts: dict, dt: float, processed: int, renamed: int) -> None:
+    """The run's summary line (`dt` seconds; `processed` inputs decoded by this run), and a note on renamed keys."""
     nbytes = sum(s["bytes"] for s in m["shards"])
-    print(f"done: {out_dir}: {written} written, {len(skipped_all)} skipped {reasons}, "
+    print(f"done: {out_dir}: {counts['written']} written, {counts['skipped']} skipped {counts['skipped_by_reason']}, "
           f"{len(m['shards'])} shards, {nbytes / 1e6:.1f} MB, {dt:.1f} s "
-          f"({stats['processed'] / max(dt, 1e-9):.1f} images/s processed this run)")
-    if keys.renamed:
-        print(f"note: {len(keys.renamed)} key(s) renamed (not valid UTF-8, or a duplicate); see renamed_keys in "
+          f"({processed / max(dt, 1e-9):.1f} images/s processed this run)")
+    if renamed:
+        print(f"note: {renamed} key(s) renamed (not valid UTF-8, or a duplicate); see renamed_keys in "
               f"{MANIFEST}")
-    return m

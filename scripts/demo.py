@@ -329,21 +329,42 @@ def eval_floors(data: Path, refs_dir: Path, batch_size: int, tokens_hw: tuple[in
     uniform noise (seeded), the per-pixel mean of the training images (one image for every input), and the
     equal-bits floor (`evaluation.floors`): bicubic upsampling of the largest 8-bit RGB thumbnail with no more
     bits than the tokens carry. data holds train/ and eval/ shards; refs_dir the originals' cached statistics."""
-    import torch
-
     from data_pipeline.reader import ShardReader
-    from evaluation.fid import load_stats
-    from evaluation.floors import equal_bits_side, thumbnail_reconstruction, token_bits
+    from evaluation.floors import equal_bits_side, token_bits
     from evaluation.inception import load_inception
     from evaluation.recon_fid import ReconEvalConfig, evaluate_reconstructions
 
     train, dataset = ShardReader(str(data / "train")), ShardReader(str(data / "eval"))
+    bits = token_bits(tokens_hw, codebook_size)
+    side = equal_bits_side(bits)
+    fns = _floor_fns(train, side)
+    extractor = _memo_features(load_inception(None, "cpu"))
+    lpips = _lpips()
+    ref = _cached_ref_stats(refs_dir, len(dataset))
+    cfg = ReconEvalConfig(batch_size=batch_size, save_every=0, num_show=0)
+    res = {}
+    for name in floors:
+        fn = fns[name]
+        r = evaluate_reconstructions(dataset, fn, extractor=extractor, cfg=cfg, lpips=lpips,
+                                     ref_stats_path=ref, label=name)
+        res[name] = {k: v for k, v in r.items() if k in FIGURE_KEYS}
+    if "thumbnail" in res:
+        res["thumbnail"].update(side=side, thumbnail_bits=24 * side * side, token_bits=bits)
+    return res
+
+
+def _floor_fns(train, side: int) -> dict:
+    """{"noise", "mean", "thumbnail"}: (uint8 images (B, 3, H, W), their indices (B,)) -> the floor's uint8
+    'reconstructions' (B, 3, H, W); `train` is the training ShardReader (for the mean image), `side` the
+    equal-bits thumbnail's side."""
+    import torch
+
+    from evaluation.floors import thumbnail_reconstruction
+
     mean = np.zeros(train[0]["image"].shape, np.float64)
     for i in range(len(train)):
         mean += train[i]["image"]
     mean_img = torch.from_numpy(np.round(mean / len(train)).astype(np.uint8)).permute(2, 0, 1)
-    bits = token_bits(tokens_hw, codebook_size)
-    side = equal_bits_side(bits)
 
     def noise(images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         g = [torch.Generator().manual_seed(NOISE_SEED + int(i)) for i in idx]
@@ -355,9 +376,15 @@ def eval_floors(data: Path, refs_dir: Path, batch_size: int, tokens_hw: tuple[in
     def thumbnail(images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return thumbnail_reconstruction(images, side)
 
-    class MemoFeatures(torch.nn.Module):
-        """The Inception with a cache keyed by image bytes: the mean-image floor shows one image N times."""
+    return {"noise": noise, "mean": mean_image, "thumbnail": thumbnail}
 
+
+def _memo_features(inner):
+    """`inner` (the Inception feature extractor) with a cache keyed by image bytes: the mean-image floor shows
+    one image N times."""
+    import torch
+
+    class MemoFeatures(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module):
             super().__init__()
             self.inner, self.cache = inner, {}
@@ -371,22 +398,16 @@ def eval_floors(data: Path, refs_dir: Path, batch_size: int, tokens_hw: tuple[in
                     self.cache[keys[i]] = f
             return torch.stack([self.cache[k] for k in keys])
 
-    extractor = MemoFeatures(load_inception(None, "cpu"))
-    lpips = _lpips()
-    # the originals' statistics that recon_fid cached for all the eval crops (else they are computed again)
-    refs = [p for p in sorted(refs_dir.glob("fid_ref_*.npz")) if load_stats(p)[2] == len(dataset)]
-    ref = refs[0] if refs else None
-    cfg = ReconEvalConfig(batch_size=batch_size, save_every=0, num_show=0)
-    res = {}
-    fns = {"noise": noise, "mean": mean_image, "thumbnail": thumbnail}
-    for name in floors:
-        fn = fns[name]
-        r = evaluate_reconstructions(dataset, fn, extractor=extractor, cfg=cfg, lpips=lpips,
-                                     ref_stats_path=ref, label=name)
-        res[name] = {k: v for k, v in r.items() if k in FIGURE_KEYS}
-    if "thumbnail" in res:
-        res["thumbnail"].update(side=side, thumbnail_bits=24 * side * side, token_bits=bits)
-    return res
+    return MemoFeatures(inner)
+
+
+def _cached_ref_stats(refs_dir: Path, num_images: int) -> Path | None:
+    """The originals' statistics that recon_fid cached for all the `num_images` eval crops, or None (then they
+    are computed again)."""
+    from evaluation.fid import load_stats
+
+    refs = [p for p in sorted(refs_dir.glob("fid_ref_*.npz")) if load_stats(p)[2] == num_images]
+    return refs[0] if refs else None
 
 
 def _lpips():

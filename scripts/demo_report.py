@@ -84,39 +84,19 @@ def demo_checks(ev: dict) -> dict:
 
 
 def write_report(out: Path, sched: Schedule, info: dict, timings: dict, commands: list[str]) -> Path:
-    ev, data = info["eval"], info["data"]
-    fast_label = f"DiVAE, {sched.fast_sampler} {sched.fast_steps} steps"
-    ddpm_label = f"DiVAE, DDPM {sched.ddpm_steps} steps"
-    thumb = ev["thumbnail"]
-    thumb_label = (f"Equal-bits floor: {thumb['side']}x{thumb['side']} thumbnail, bicubic "
-                   f"({thumb['thumbnail_bits']} <= {thumb['token_bits']:.0f} token bits)")
-    rows = [("Uniform noise (floor)", ev["noise"]), ("Mean training image (floor)", ev["mean"]), (thumb_label, thumb),
-            ("VQGAN baseline (CNN decoder)", ev["cnn"]), (fast_label, ev["fast"]), (ddpm_label, ev["ddpm"])]
-    table = ["| Reconstruction | PSNR (dB) ↑ | SSIM ↑ | LPIPS ↓ | FID ↓ | Images |", "|---|---|---|---|---|---|"]
-    table += [f"| {name} | {pm(r, 'psnr', 2)} | {pm(r, 'ssim', 3)} | {pm(r, 'lpips', 3)} | {_f(r['fid'], 1)} | "
-              f"{r['num_images']} |" for name, r in rows]
-    cnn, fast, ddpm = ev["cnn"], ev["fast"], ev["ddpm"]
-    checks = demo_checks(ev)
+    """report.md: the reconstruction table with the floors and the verdicts, training, timings, the commands
+    that ran, and how to go further; `info` holds the steps' results (data, vq, decoder, eval)."""
+    text = (_intro(sched, info["eval"]["cnn"], timings) + _recon_section(sched, info) + _training_section(info)
+            + _runs_section(timings, commands) + _going_further(out))
+    path = out / "report.md"
+    path.write_text(text)
+    return path
 
-    def winner(key: str, lower: bool) -> str:
-        a, b = cnn[key], fast[key]
-        if a is None or b is None:
-            return f"{key}: -"
-        noise = _gap_noise(cnn, fast, key)
-        best = "VQGAN" if (a < b) == lower else "DiVAE"
-        verdict = f"{best} by {abs(a - b):.3g}"
-        if noise is not None:
-            gap = "a gap" if abs(a - b) > 2 * noise else "within the noise"
-            verdict += f" (twice its noise: {2 * noise:.2g}, {gap})"
-        return f"{key.upper()} {_f(a, 3)} vs {_f(b, 3)}: {verdict}"
 
-    vq, dec = info["vq"]["last"], info["decoder"]["last"]
-    cb = cnn.get("codebook") or {}
+def _intro(sched: Schedule, cnn: dict, timings: dict) -> str:
     total = sum(t["seconds"] for t in timings.values())
-    timing_rows = [f"| {k} | {v['seconds']:.0f} | {'reused from an earlier run' if v.get('reused') else ''} |"
-                   for k, v in timings.items()]
     cpu = os.cpu_count()
-    text = f"""# DiVAE demo report
+    return f"""# DiVAE demo report
 
 Everything below ran on this machine ({cpu} CPU cores, {platform.machine()}, Python {platform.python_version()}), from
 photographs that ship inside scikit-image. Total wall time of the steps: **{total / 60:.1f} min**.
@@ -128,20 +108,59 @@ architecture trained without its GAN term at this budget); DiVAE (the
 diffusion decoder) with {sched.fast_sampler} in {sched.fast_steps} steps; DiVAE with DDPM ancestral sampling
 ({sched.ddpm_steps} of the T = 1000 timesteps). Every reconstruction starts from the same {_tok(cnn)} tokens.
 
-## Reconstructions of the held-out photo
+"""
+
+
+def _recon_table(sched: Schedule, ev: dict) -> list[str]:
+    """The markdown rows of the reconstruction table: the three floors, VQGAN, DiVAE (fast sampler, DDPM)."""
+    fast_label = f"DiVAE, {sched.fast_sampler} {sched.fast_steps} steps"
+    ddpm_label = f"DiVAE, DDPM {sched.ddpm_steps} steps"
+    thumb = ev["thumbnail"]
+    thumb_label = (f"Equal-bits floor: {thumb['side']}x{thumb['side']} thumbnail, bicubic "
+                   f"({thumb['thumbnail_bits']} <= {thumb['token_bits']:.0f} token bits)")
+    rows = [("Uniform noise (floor)", ev["noise"]), ("Mean training image (floor)", ev["mean"]), (thumb_label, thumb),
+            ("VQGAN baseline (CNN decoder)", ev["cnn"]), (fast_label, ev["fast"]), (ddpm_label, ev["ddpm"])]
+    table = ["| Reconstruction | PSNR (dB) ↑ | SSIM ↑ | LPIPS ↓ | FID ↓ | Images |", "|---|---|---|---|---|---|"]
+    table += [f"| {name} | {pm(r, 'psnr', 2)} | {pm(r, 'ssim', 3)} | {pm(r, 'lpips', 3)} | {_f(r['fid'], 1)} | "
+              f"{r['num_images']} |" for name, r in rows]
+    return table
+
+
+def _winner(cnn: dict, fast: dict, key: str, lower: bool) -> str:
+    """Which of VQGAN (`cnn`) and DiVAE (`fast`) is better on `key` (`lower`: lower is better), and whether the
+    gap exceeds twice its noise."""
+    a, b = cnn[key], fast[key]
+    if a is None or b is None:
+        return f"{key}: -"
+    noise = _gap_noise(cnn, fast, key)
+    best = "VQGAN" if (a < b) == lower else "DiVAE"
+    verdict = f"{best} by {abs(a - b):.3g}"
+    if noise is not None:
+        gap = "a gap" if abs(a - b) > 2 * noise else "within the noise"
+        verdict += f" (twice its noise: {2 * noise:.2g}, {gap})"
+    return f"{key.upper()} {_f(a, 3)} vs {_f(b, 3)}: {verdict}"
+
+
+def _recon_section(sched: Schedule, info: dict) -> str:
+    ev, data = info["eval"], info["data"]
+    thumb, cnn, fast, ddpm = ev["thumbnail"], ev["cnn"], ev["fast"], ev["ddpm"]
+    checks = demo_checks(ev)
+    cb = cnn.get("codebook") or {}
+    return f"""## Reconstructions of the held-out photo
 
 {info['data']['eval']} crops ({sched.image_size}x{sched.image_size}, several scales) of \
 `skimage.data.{data['eval_photo']}`, a photograph the models never saw; the models trained on \
 {info['data']['train']} crops of {len(data['train_photos'])} other photos ({', '.join(data['train_photos'])}).
 
-{chr(10).join(table)}
+{chr(10).join(_recon_table(sched, ev))}
 
 - FID here is computed on {info['data']['eval']} images (DDPM: the first {ddpm['num_images']}) against the originals'
   TF-Inception statistics: with so few images it is dominated by estimation noise and only the large gaps mean
   anything (noise and the mean image against real reconstructions). Read it beside PSNR, SSIM and LPIPS.
 - `±` is the standard error of the mean over the crops (a gap under about twice the combined errors is noise).
 - DiVAE against the VQGAN baseline at this tiny scale (a few minutes of CPU training; the paper trains for days
-  on GPUs): {winner('psnr', False)}; {winner('lpips', True)}; {winner('fid', True)} (FID on so few images has no
+  on GPUs): {_winner(cnn, fast, 'psnr', False)}; {_winner(cnn, fast, 'lpips', True)}; \
+{_winner(cnn, fast, 'fid', True)} (FID on so few images has no
   error bar here; only large gaps mean anything). Both decoders see the same tokens; the CNN decoder regresses to
   the mean, which PSNR rewards, while the diffusion decoder samples detail, which the perceptual figures reward.
 - The tokenizer against the equal-bits floor (a {thumb['side']}x{thumb['side']} 8-bit thumbnail carries
@@ -151,7 +170,12 @@ diffusion decoder) with {sched.fast_sampler} in {sched.fast_steps} steps; DiVAE 
 - Codebook: {cb.get('usage', 0) * 100:.0f}% of the K = {cnn['protocol'].get('codebook_size')} codes used on the
   held-out crops (perplexity {_f(cb.get('perplexity'), 1)}).
 
-## Training
+"""
+
+
+def _training_section(info: dict) -> str:
+    vq, dec, cnn = info["vq"]["last"], info["decoder"]["last"], info["eval"]["cnn"]
+    return f"""## Training
 
 | Stage | Steps | Last logged figures |
 |---|---|---|
@@ -162,7 +186,14 @@ diffusion decoder) with {sched.fast_sampler} in {sched.fast_steps} steps; DiVAE 
 Beside this report: loss curves in `vq/metrics.jsonl` and `decoder/metrics.jsonl`, training sample grids in
 `vq/samples/` and `decoder/samples/`, the evaluation's own tables in `eval/*/results.md`.
 
-## Timings
+"""
+
+
+def _runs_section(timings: dict, commands: list[str]) -> str:
+    """The timings of the steps (reused ones marked) and the commands that ran."""
+    timing_rows = [f"| {k} | {v['seconds']:.0f} | {'reused from an earlier run' if v.get('reused') else ''} |"
+                   for k, v in timings.items()]
+    return f"""## Timings
 
 | Step | Seconds | |
 |---|---|---|
@@ -174,7 +205,11 @@ Beside this report: loss curves in `vq/metrics.jsonl` and `decoder/metrics.jsonl
 {chr(10).join(commands) if commands else '(none recorded)'}
 ```
 
-## Going further
+"""
+
+
+def _going_further(out: Path) -> str:
+    return f"""## Going further
 
 - Train longer here: the trainer resumes a run folder from its last checkpoint, so this continues the demo's
   decoder to 3000 steps, after which `python scripts/demo.py` re-evaluates the new weights (and keeps the rest):
@@ -194,9 +229,6 @@ Beside this report: loss curves in `vq/metrics.jsonl` and `decoder/metrics.jsonl
       --data data/imagenet256/val --decoder both --out runs/eval_f16   # or torchrun --nproc_per_node 8 -m ...
   ```
 """
-    path = out / "report.md"
-    path.write_text(text)
-    return path
 
 
 def write_summary(out: Path, ev: dict, timings: dict) -> Path:

@@ -23,6 +23,7 @@ A rerun skips what is done (complete shards, a finished prior run, an evaluation
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -30,12 +31,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from data_pipeline.reader import ShardReader
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -228,6 +234,45 @@ def _vq_info(path: Path) -> tuple[int, int, int]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    args = _parse_args(argv)
+    sched = QUICK if args.quick else Schedule()
+    if args.prior_steps:
+        sched.prior_steps = args.prior_steps
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = Runner(args.nproc)
+    grid, k, size = _vq_info(Path(args.vq))
+    # seconds of each step when it ran (a rerun that reuses a step keeps the time it took)
+    timings: dict[str, float] = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() \
+        else {}
+    data = out / "data"
+
+    with _timed(run, timings, "data"):
+        _make_data(run, data, sched, size)
+    say(f"[demo-t2i] data    {sched.train_scenes} training and {sched.heldout_scenes} held-out captioned scenes")
+    with _timed(run, timings, "tokens"):
+        tok_dir = _make_tokens(run, args.vq, data)
+    with _timed(run, timings, "prior"):
+        prior_file = _train_prior(run, out / "prior", tok_dir, sched, grid, k)
+
+    # 4. text-to-image FID of the held-out captions: DiVAE's diffusion decoder, and the VQ's CNN decoder (VQGAN)
+    from data_pipeline.reader import ShardReader
+
+    real = ShardReader(str(data / "heldout"))
+    prior_sha = _sha(prior_file)
+    evals = {}
+    for dec in ("diffusion", "cnn"):
+        with _timed(run, timings, f"eval_{dec}"):
+            evals[dec] = _evaluate(run, out, dec, prior_file, prior_sha, args.divae, sched)
+
+    figures = _caption_match(evals, real, args.divae, sched, grid, k)
+    _write_results(out, figures, timings, sched, run.commands, evals["diffusion"][0])
+    _print_summary(out, figures, timings)
+    return figures
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; exits with a message when the demo's VQ or DiVAE file is missing."""
     p = argparse.ArgumentParser(prog="python scripts/demo_t2i.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo_t2i")
@@ -241,44 +286,43 @@ def main(argv: list[str] | None = None) -> dict:
         if not Path(path).is_file():
             raise SystemExit(f"[demo-t2i] {flag} {path} does not exist: run `make demo` (python scripts/demo.py) "
                              f"first, or pass {flag}")
-    sched = QUICK if args.quick else Schedule()
-    if args.prior_steps:
-        sched.prior_steps = args.prior_steps
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    run = Runner(args.nproc)
-    grid, k, size = _vq_info(Path(args.vq))
-    # seconds of each step when it ran (a rerun that reuses a step keeps the time it took)
-    timings: dict[str, float] = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() \
-        else {}
+    return args
 
-    # 1. data
+
+@contextlib.contextmanager
+def _timed(run: Runner, timings: dict[str, float], name: str) -> Iterator[None]:
+    """Record the seconds of the step in the block as timings[name] when it ran a command (a step that reuses
+    an earlier run's output keeps the time it took then)."""
     t0, n_cmds = time.perf_counter(), len(run.commands)
-    data = out / "data"
+    yield
+    if n_cmds < len(run.commands):
+        timings[name] = time.perf_counter() - t0
+
+
+def _make_data(run: Runner, data: Path, sched: Schedule, size: int) -> None:
+    """1. The training and held-out scenes as shards in data/train and data/heldout."""
     for name, n, seed in (("train", sched.train_scenes, 0), ("heldout", sched.heldout_scenes, 1)):
         if not _complete(data / name):
             tsv = write_scenes(data / f"{name}_png", n, seed)
             run("data_pipeline.prepare_cc", "--tsv", str(tsv), "--out", str(data / name), "--size", str(size),
                 "--workers", "0", "--shard-size", "500", "--no-progress")
-    if n_cmds < len(run.commands):
-        timings["data"] = time.perf_counter() - t0
-    say(f"[demo-t2i] data    {sched.train_scenes} training and {sched.heldout_scenes} held-out captioned scenes")
 
-    # 2. tokens and tokenizer
-    t0, n_cmds = time.perf_counter(), len(run.commands)
+
+def _make_tokens(run: Runner, vq: str, data: Path) -> Path:
+    """2. The training shards with the VQ's tokens, and the caption tokenizer beside them; returns that folder."""
     tok_dir = data / "train_tok"
     if not _complete(tok_dir):
-        run("trainer.pre_encode", "--vq", args.vq, "--src", str(data / "train"), "--dst", str(tok_dir),
+        run("trainer.pre_encode", "--vq", vq, "--src", str(data / "train"), "--dst", str(tok_dir),
             "--batch-size", "64", "--workers", "0", "--precision", "fp32", distributed=True)
     if not (tok_dir / "tokenizer.json").is_file():
         run("data_pipeline.train_tokenizer", "--shards", str(tok_dir), "--vocab-size", "320", "--min-frequency",
             "1", "--max-length", "16")
-    if n_cmds < len(run.commands):
-        timings["tokens"] = time.perf_counter() - t0
+    return tok_dir
 
-    # 3. prior
-    t0 = time.perf_counter()
-    prior_dir = out / "prior"
+
+def _train_prior(run: Runner, prior_dir: Path, tok_dir: Path, sched: Schedule, grid: int, k: int) -> Path:
+    """3. The prior (grid x grid tokens of K = k codes), unless a run of the same steps finished; returns its
+    weights file."""
     prior_file = prior_dir / "prior.safetensors"
     if not (prior_file.is_file() and (prior_dir / "checkpoints" / f"step_{sched.prior_steps:08d}").is_dir()):
         run("trainer.train", "--config", str(ROOT / "configs" / "prior_tiny.yaml"), f"train.run_dir={prior_dir}",
@@ -288,65 +332,80 @@ def main(argv: list[str] | None = None) -> dict:
             f"optim.warmup_steps={min(50, sched.prior_steps)}", f"checkpoint.every={sched.prior_steps}",
             "checkpoint.keep_last=1", f"logging.every={max(1, sched.prior_steps // 20)}", "logging.sample_every=0",
             "logging.progress=false", "logging.wandb_mode=disabled", "ema.decay=0.99", distributed=True)
-        timings["prior"] = time.perf_counter() - t0
+    return prior_file
 
-    # 4. text-to-image FID of the held-out captions: DiVAE's diffusion decoder, and the VQ's CNN decoder (VQGAN)
-    from data_pipeline.reader import ShardReader
 
-    real = ShardReader(str(data / "heldout"))
-    prior_sha = _sha(prior_file)
-    evals = {}
-    for dec in ("diffusion", "cnn"):
-        t0 = time.perf_counter()
-        ev = out / ("t2i_eval" if dec == "diffusion" else "t2i_eval_cnn")
-        if not (ev / "results.json").is_file() or \
-                json.loads((ev / "results.json").read_text())["protocol"]["prior_sha256"] != prior_sha:
-            run("evaluation.t2i_fid", "--prior", str(prior_file), "--divae", args.divae, "--data",
-                str(data / "heldout"), "--out", str(ev), "--num-captions", str(sched.heldout_scenes), "--decoder", dec,
-                *(["--sampler", sched.sampler, "--steps", str(sched.steps)] if dec == "diffusion" else []),
-                "--guidance-scale", str(sched.guidance_scale), "--batch-size", str(sched.eval_batch), "--num-show",
-                str(sched.num_show), "--save-images", str(ev / "images"), "--ref-stats-dir", str(out / "fid_ref"),
-                *(["--top-k", str(sched.top_k)] if sched.top_k else []), distributed=True)
-            timings[f"eval_{dec}"] = time.perf_counter() - t0
-        evals[dec] = (ev, json.loads((ev / "results.json").read_text()))
+def _evaluate(run: Runner, out: Path, dec: str, prior_file: Path, prior_sha: str, divae: str,
+              sched: Schedule) -> tuple[Path, dict]:
+    """4. Text-to-image FID of the held-out captions through decoder `dec`, unless an evaluation of the same
+    prior is there; returns (its folder, its results)."""
+    data = out / "data"
+    ev = out / ("t2i_eval" if dec == "diffusion" else "t2i_eval_cnn")
+    if not (ev / "results.json").is_file() or \
+            json.loads((ev / "results.json").read_text())["protocol"]["prior_sha256"] != prior_sha:
+        run("evaluation.t2i_fid", "--prior", str(prior_file), "--divae", divae, "--data",
+            str(data / "heldout"), "--out", str(ev), "--num-captions", str(sched.heldout_scenes), "--decoder", dec,
+            *(["--sampler", sched.sampler, "--steps", str(sched.steps)] if dec == "diffusion" else []),
+            "--guidance-scale", str(sched.guidance_scale), "--batch-size", str(sched.eval_batch), "--num-show",
+            str(sched.num_show), "--save-images", str(ev / "images"), "--ref-stats-dir", str(out / "fid_ref"),
+            *(["--top-k", str(sched.top_k)] if sched.top_k else []), distributed=True)
+    return ev, json.loads((ev / "results.json").read_text())
 
-    # 5. caption match
-    ev, res = evals["diffusion"]
-    caps = [c["caption"] for c in json.loads((ev / "captions.json").read_text())]
-    real_imgs = [real[i]["image"] for i in res["draw"]["indices"]]
-    order = np.random.default_rng(7).permutation(len(caps))  # image order[i] is checked against caption order[i+1]
+
+def _other_captions(caps: list[str]) -> list[str]:
+    """The random-caption baseline: another held-out caption for each image (image order[i] is checked
+    against caption order[i+1], a seeded permutation)."""
+    order = np.random.default_rng(7).permutation(len(caps))
     other = [""] * len(caps)
     for i, j in enumerate(order):
         other[j] = caps[order[(i + 1) % len(caps)]]
+    return other
+
+
+def _caption_match(evals: dict[str, tuple[Path, dict]], real: ShardReader, divae: str, sched: Schedule, grid: int,
+                   k: int) -> dict:
+    """5. The figures: per decoder its FID and the caption-match rates of the generated images, of the same
+    images against other captions, and of reconstructions of the real scenes; the detector's rate on the real
+    scenes (`real`: the held-out shards)."""
+    ev, res = evals["diffusion"]
+    caps = [c["caption"] for c in json.loads((ev / "captions.json").read_text())]
+    real_imgs = [real[i]["image"] for i in res["draw"]["indices"]]
+    other = _other_captions(caps)
     n_rec = min(len(caps), 64)
     figures = {"num_captions": len(caps), "detector_on_real_scenes": rates(real_imgs, caps),
                "num_reconstructions": n_rec, "prior_steps": sched.prior_steps, "grid": grid, "codebook_size": k,
                "sampler": f"{sched.sampler} {sched.steps}", "guidance_scale": sched.guidance_scale}
     for dec, (ev, r) in evals.items():
         gen = [np.asarray(Image.open(ev / "images" / f"{j:05d}.png").convert("RGB")) for j in range(len(caps))]
-        rec = reconstructions(args.divae, real_imgs[:n_rec], dec, sched.sampler, sched.steps)
+        rec = reconstructions(divae, real_imgs[:n_rec], dec, sched.sampler, sched.steps)
         figures[dec] = {"fid": r["fid"], "generated": rates(gen, caps), "random_caption_baseline": rates(gen, other),
                         "reconstructions": rates(rec, caps[:n_rec])}
     figures["fid"] = figures["diffusion"]["fid"]
+    return figures
 
-    # 6. report
+
+def _write_results(out: Path, figures: dict, timings: dict[str, float], sched: Schedule, commands: list[str],
+                   diffusion_eval: Path) -> None:
+    """6. timings.json, results.json, report.md and samples.png (the diffusion evaluation's) in `out`."""
     timings["total"] = sum(v for k_, v in timings.items() if k_ != "total")
     figures["timings_s"] = {k_: round(v, 1) for k_, v in timings.items()}
     figures["schedule"] = asdict(sched)
     (out / "timings.json").write_text(json.dumps(timings))
     (out / "results.json").write_text(json.dumps(figures, indent=1))
-    write_report(out, figures, run.commands)
-    if (evals["diffusion"][0] / "samples.png").is_file():
-        (out / "samples.png").write_bytes((evals["diffusion"][0] / "samples.png").read_bytes())
-    for dec in evals:
+    write_report(out, figures, commands)
+    if (diffusion_eval / "samples.png").is_file():
+        (out / "samples.png").write_bytes((diffusion_eval / "samples.png").read_bytes())
+
+
+def _print_summary(out: Path, figures: dict, timings: dict[str, float]) -> None:
+    for dec in ("diffusion", "cnn"):
         g, b, r = (figures[dec][x] for x in ("generated", "random_caption_baseline", "reconstructions"))
-        say(f"[demo-t2i] {dec} decoder: FID {figures[dec]['fid']:.1f} on {len(caps)} held-out captions; caption "
-            f"match (shapes / colours / both): generated {g['shapes']:.0%} / {g['colours']:.0%} / {g['all']:.0%}, "
-            f"random-caption baseline {b['shapes']:.0%} / {b['colours']:.0%} / {b['all']:.0%}, reconstructions of "
-            f"the scenes {r['shapes']:.0%} / {r['colours']:.0%} / {r['all']:.0%}")
+        say(f"[demo-t2i] {dec} decoder: FID {figures[dec]['fid']:.1f} on {figures['num_captions']} held-out "
+            f"captions; caption match (shapes / colours / both): generated {g['shapes']:.0%} / {g['colours']:.0%} / "
+            f"{g['all']:.0%}, random-caption baseline {b['shapes']:.0%} / {b['colours']:.0%} / {b['all']:.0%}, "
+            f"reconstructions of the scenes {r['shapes']:.0%} / {r['colours']:.0%} / {r['all']:.0%}")
     say(f"[demo-t2i] {timings['total'] / 60:.1f} min of work (this run and the runs it reused); report "
         f"{out / 'report.md'}")
-    return figures
 
 
 def _sha(path: Path) -> str:

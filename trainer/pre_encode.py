@@ -26,10 +26,12 @@ with other settings is refused. Rank 0 writes index.json and manifest.json (last
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -93,19 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from data_pipeline.shards import MANIFEST, finalize, load_manifest, write_shard
+    from data_pipeline.shards import MANIFEST, load_manifest
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if not 0 <= rank < world:
-        raise UsageError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
-    if args.batch_size < 1 or args.workers < 0:
-        raise UsageError("--batch-size must be >= 1 and --workers >= 0")
-    if not Path(args.vq).is_file():
-        raise UsageError(f"--vq {args.vq}: no such file (the VQ stage's divae.safetensors)")
-    try:
-        m = load_manifest(args.src)
-    except FileNotFoundError as e:
-        raise UsageError(f"--src: {e}") from None
+    m = _check_args(args, rank, world)
     dst = Path(args.dst)
     if (dst / MANIFEST).is_file():
         done = load_manifest(str(dst))
@@ -115,6 +108,45 @@ def main(argv: list[str] | None = None) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu"))
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    settings = _check_settings(args, dst, m, precision)
+
+    model = DiVAE.from_pretrained(args.vq, device=device).eval().requires_grad_(False)
+    dtype = tokens_dtype(model.vq.cfg.n_embed)
+    receipt = [dst / STATE_DIR / f"{s['basename']}.json" for s in m["shards"]]
+    mine = [k for k in range(len(receipt)) if k % world == rank and not receipt[k].is_file()]
+    if mine:
+        encode = functools.partial(_encode, model, device=device, precision=precision, dtype=dtype)
+        _encode_shards(args, dst, m, mine, receipt, encode, rank)
+    if rank != 0:
+        return {}
+    _wait_for_receipts(receipt, args.wait_min)
+    manifest = _write_manifest(args, dst, m, receipt, settings)
+    print(f"wrote {manifest['num_samples']} samples with `tokens` ({dtype.name}, f={model.downsample_factor}, "
+          f"{precision}) to {dst}")
+    return manifest
+
+
+def _check_args(args: argparse.Namespace, rank: int, world: int) -> dict:
+    """Check the ranks and the arguments before any work (raises UsageError); returns the source manifest."""
+    from data_pipeline.shards import load_manifest
+
+    if not 0 <= rank < world:
+        raise UsageError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
+    if args.batch_size < 1 or args.workers < 0:
+        raise UsageError("--batch-size must be >= 1 and --workers >= 0")
+    if not Path(args.vq).is_file():
+        raise UsageError(f"--vq {args.vq}: no such file (the VQ stage's divae.safetensors)")
+    try:
+        return load_manifest(args.src)
+    except FileNotFoundError as e:
+        raise UsageError(f"--src: {e}") from None
+
+
+def _check_settings(args: argparse.Namespace, dst: Path, m: dict, precision: str) -> dict:
+    """The settings the tokens depend on, recorded in `<dst>/.pre_encode/settings.json` by the first run; raises
+    UsageError when a partial pre-encoding there used other ones (its shards would differ from this run's)."""
+    from data_pipeline.shards import MANIFEST
+
     settings = {"vq_sha256": sha256_file(args.vq), "src": os.path.abspath(args.src),
                 "src_manifest_sha256": sha256_file(Path(args.src) / MANIFEST), "batch_size": args.batch_size,
                 "precision": precision, "format": m["format"]}
@@ -127,63 +159,75 @@ def main(argv: list[str] | None = None) -> dict:
         diff = sorted(k for k in settings if old.get(k) != settings[k])
         raise UsageError(f"--dst {dst} holds a partial pre-encoding with other settings ({', '.join(diff)}); rerun "
                          f"with the same ones, or delete {dst} to start over")
+    return settings
 
-    model = DiVAE.from_pretrained(args.vq, device=device).eval().requires_grad_(False)
-    dtype = tokens_dtype(model.vq.cfg.n_embed)
+
+def _encode(model: DiVAE, images: list[np.ndarray], *, device: torch.device, precision: str,
+            dtype: np.dtype) -> list[bytes]:
+    """uint8 (H, W, 3) images -> each one's (h, w) token indices as row-major `dtype` bytes."""
     f = model.downsample_factor
+    imgs = np.stack(images)  # (B, H, W, 3) uint8
+    if imgs.shape[1] % f or imgs.shape[2] % f:
+        raise ValueError(f"images of {imgs.shape[1]}x{imgs.shape[2]} are not divisible by the VQ's f={f}")
+    x = torch.from_numpy(imgs).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        idx = model.encode(x).cpu().numpy().astype(dtype)
+    return [row.tobytes() for row in idx]
+
+
+def _encode_shards(args: argparse.Namespace, dst: Path, m: dict, mine: list[int], receipt: list[Path],
+                   encode: Callable[[list[np.ndarray]], list[bytes]], rank: int) -> None:
+    """Write this rank's shards `mine` (source shard k -> output shard k, with `tokens`), each followed by its
+    receipt; the DataLoader's batches never cross a shard."""
+    from data_pipeline.shards import write_shard
+
     columns = {**m["columns"], "tokens": "bytes"}
     counts = [s["samples"] for s in m["shards"]]
     starts = np.cumsum([0] + counts[:-1]).tolist()
-    receipt = [state / f"{s['basename']}.json" for s in m["shards"]]
-    mine = [k for k in range(len(counts)) if k % world == rank and not receipt[k].is_file()]
-
-    def encode(images: list[np.ndarray]) -> list[bytes]:
-        imgs = np.stack(images)  # (B, H, W, 3) uint8
-        if imgs.shape[1] % f or imgs.shape[2] % f:
-            raise ValueError(f"images of {imgs.shape[1]}x{imgs.shape[2]} are not divisible by the VQ's f={f}")
-        x = torch.from_numpy(imgs).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            idx = model.encode(x).cpu().numpy().astype(dtype)
-        return [row.tobytes() for row in idx]
-
     t0, n_done = time.perf_counter(), 0
-    if mine:
-        loader = torch.utils.data.DataLoader(_Samples(args.src), batch_sampler=_batches(starts, counts, mine,
-                                                                                        args.batch_size),
-                                             num_workers=args.workers, collate_fn=list)
-        it = iter(loader)
-        for k in mine:
-            samples = []
-            while len(samples) < counts[k]:
-                batch = next(it)
-                for s, tok in zip(batch, encode([s["image"] for s in batch])):
-                    samples.append({**{c: s[c] for c in m["columns"]}, "tokens": tok})
-            info = write_shard(str(dst), k, m["format"], samples, columns)
-            faults.kill_after_shard(k)
-            if info["basename"] != m["shards"][k]["basename"]:
-                raise RuntimeError(f"shard {k} was written as {info['basename']}, the source calls it "
-                                   f"{m['shards'][k]['basename']}")
-            _write_json(receipt[k], info)
-            n_done += counts[k]
-            print(f"rank {rank}: shard {k + 1}/{len(counts)} done ({n_done} samples this run, "
-                  f"{n_done / (time.perf_counter() - t0):.1f} images/s)", flush=True)
-    if rank != 0:
-        return {}
-    deadline = time.monotonic() + 60 * args.wait_min
+    loader = torch.utils.data.DataLoader(_Samples(args.src), batch_sampler=_batches(starts, counts, mine,
+                                                                                    args.batch_size),
+                                         num_workers=args.workers, collate_fn=list)
+    it = iter(loader)
+    for k in mine:
+        samples = []
+        while len(samples) < counts[k]:
+            batch = next(it)
+            for s, tok in zip(batch, encode([s["image"] for s in batch])):
+                samples.append({**{c: s[c] for c in m["columns"]}, "tokens": tok})
+        info = write_shard(str(dst), k, m["format"], samples, columns)
+        faults.kill_after_shard(k)
+        if info["basename"] != m["shards"][k]["basename"]:
+            raise RuntimeError(f"shard {k} was written as {info['basename']}, the source calls it "
+                               f"{m['shards'][k]['basename']}")
+        _write_json(receipt[k], info)
+        n_done += counts[k]
+        print(f"rank {rank}: shard {k + 1}/{len(counts)} done ({n_done} samples this run, "
+              f"{n_done / (time.perf_counter() - t0):.1f} images/s)", flush=True)
+
+
+def _wait_for_receipts(receipt: list[Path], wait_min: float) -> None:
+    """Wait (rank 0) until every shard has its receipt; raises RuntimeError after `wait_min` minutes."""
+    deadline = time.monotonic() + 60 * wait_min
     while not all(r.is_file() for r in receipt):
         if time.monotonic() > deadline:
             missing = [r.stem for r in receipt if not r.is_file()]
-            raise RuntimeError(f"waited {args.wait_min} min for {len(missing)} shards of the other ranks "
+            raise RuntimeError(f"waited {wait_min} min for {len(missing)} shards of the other ranks "
                                f"({missing[:3]}...); rerun the command to finish them")
         time.sleep(1.0)
+
+
+def _write_manifest(args: argparse.Namespace, dst: Path, m: dict, receipt: list[Path], settings: dict) -> dict:
+    """index.json and manifest.json (last) of `dst` from the receipts, keeping the source's description."""
+    from data_pipeline.shards import finalize
+
+    columns = {**m["columns"], "tokens": "bytes"}
     shards = [json.loads(r.read_text()) for r in receipt]
     keep = {k: m[k] for k in ("source", "preprocessing", "classes") if k in m}
-    manifest = finalize(str(dst), m["format"], columns, shards, counts={"written": sum(counts)},
-                        derived_from={"path": os.path.abspath(args.src), "added_column": "tokens",
-                                      "vq_sha256": settings["vq_sha256"], "precision": precision,
-                                      "batch_size": args.batch_size}, **keep)
-    print(f"wrote {manifest['num_samples']} samples with `tokens` ({dtype.name}, f={f}, {precision}) to {dst}")
-    return manifest
+    return finalize(str(dst), m["format"], columns, shards, counts={"written": sum(s["samples"] for s in m["shards"])},
+                    derived_from={"path": os.path.abspath(args.src), "added_column": "tokens",
+                                  "vq_sha256": settings["vq_sha256"], "precision": settings["precision"],
+                                  "batch_size": args.batch_size}, **keep)
 
 
 def cli(argv: list[str] | None = None) -> int:
