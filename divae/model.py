@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from divae.diffusion import DiffusionConfig, sample
 from divae.unet import UNetConfig, UNetModel
 from divae.utils.config import from_dict, to_dict
 from divae.vq import VQConfig, VQModel
+from divae.weights_file import WeightsFileError, metadata_json, read_metadata
 
 WEIGHTS_KEY = "weights"
 
@@ -176,26 +176,25 @@ def save_pretrained_state(path: str | Path, state: dict[str, torch.Tensor], conf
     save_file(state, str(path), metadata=meta)
 
 
+# What to do about a file that is not DiVAE weights (divae.weights_file's errors end with it).
+DIVAE_FILE_FIX = ("train the stage that writes them (python -m trainer.train ...; <run_dir>/divae.safetensors) "
+                  "or fix the path")
+
+
 def weights_info(path: str | Path) -> dict:
     """Which weights a trainer export holds (metadata `weights`): e.g. {"kind": "ema", "decay": 0.9999,
     "updates": 10000, "step": 10000}; {} for a file written without it."""
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {}).get(WEIGHTS_KEY, "{}"))
+    meta = read_metadata(path, "DiVAE weights", DIVAE_FILE_FIX)
+    return metadata_json(path, meta, WEIGHTS_KEY, {})
 
 
 def read_pretrained(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config dict, state dict) of a DiVAE file, with a clear error for a missing or foreign file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"DiVAE weights {path} do not exist: train the stage that writes them "
-                                "(python -m trainer.train ...; <run_dir>/divae.safetensors) or fix the path")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if "divae_config" not in meta:
-            raise ValueError(f"{path} is a safetensors file without `divae_config` metadata; it was not written "
-                             "by DiVAE.save_pretrained")
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    return json.loads(meta["divae_config"]), state
+    meta = read_metadata(path, "DiVAE weights", DIVAE_FILE_FIX)
+    if "divae_config" not in meta:
+        raise WeightsFileError(f"{path} is a safetensors file without `divae_config` metadata; it was not written "
+                               "by DiVAE.save_pretrained")
+    return metadata_json(path, meta, "divae_config"), load_file(str(path), device="cpu")
 
 
 def check_config_size(path: str | Path, build: Callable[[], nn.Module], state: dict[str, torch.Tensor]) -> None:

@@ -16,6 +16,7 @@ import torch
 from divae.model import check_config_size
 from divae.prior import PriorConfig, PriorModel
 from divae.utils.config import from_dict, to_dict
+from divae.weights_file import WeightsFileError, metadata_json, read_metadata
 
 if TYPE_CHECKING:
     from divae.text_tokenizer import TextTokenizer
@@ -46,21 +47,16 @@ def load_prior(path: str | Path, device: torch.device | str = "cpu",
                **overrides) -> tuple[PriorModel, TextTokenizer]:
     """Load (model, tokenizer) written by `save_prior`; `overrides` replace config fields that do not
     change weights (e.g. attn_backend="sdpa", grad_checkpointing=True). The model is in eval mode."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from divae.text_tokenizer import TextTokenizer
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prior checkpoint {path} not found: pass the .safetensors file written by "
-                                "save_prior (or exported by the trainer's prior task)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = read_metadata(path, "prior checkpoint", "pass the .safetensors file written by save_prior (or exported "
+                         "by the trainer's prior task)")
     if meta.get("format") != PRIOR_FORMAT or "prior_config" not in meta or "text_tokenizer" not in meta:
-        raise ValueError(f"{path} is not a prior checkpoint (metadata format={meta.get('format')!r}, expected "
-                         f"{PRIOR_FORMAT!r} with prior_config and text_tokenizer)")
-    cfg = replace(from_dict(PriorConfig, json.loads(meta["prior_config"])), **overrides)
+        raise WeightsFileError(f"{path} is not a prior checkpoint (metadata format={meta.get('format')!r}, "
+                               f"expected {PRIOR_FORMAT!r} with prior_config and text_tokenizer)")
+    cfg = replace(from_dict(PriorConfig, metadata_json(path, meta, "prior_config")), **overrides)
     state = load_file(str(path), device="cpu")  # bounded by the file's size (safetensors checks it)
     check_config_size(path, lambda: PriorModel(cfg), state)  # before anything is allocated for the config
     model = PriorModel(cfg)

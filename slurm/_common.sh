@@ -1,4 +1,5 @@
-# Shared launch helpers for slurm/train_*.sh (divae_train) and slurm/recon_fid.sh, t2i_fid.sh (divae_eval)
+# Shared launch helpers for slurm/train.sh (divae_train; train_vq.sh, train_decoder.sh, train_prior.sh link to it)
+# and slurm/recon_fid.sh, t2i_fid.sh (divae_eval)
 # (sourced, not run). One `srun` task per node starts
 # `torchrun` with c10d rendezvous on the job's first node; the batch shell forwards preemption
 # signals to the step and requeues the job when the trainer stopped for preemption.
@@ -91,12 +92,37 @@ print(load_train_config(sys.argv[2], sys.argv[3:]).train.run_dir)
 EOF
 }
 
-# divae_train CONFIG.yaml [key=value ...]: run the trainer on every node of the allocation.
+# divae_submitted_script: the path this batch script was started as. sbatch runs a spool copy named slurm_script;
+# `scontrol show job` keeps the submitted path (a link's own name, not its target's). Outside sbatch: $0.
+divae_submitted_script() {
+    if [[ $(basename "$0") != slurm_script ]]; then
+        echo "$0"
+        return
+    fi
+    scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p'
+}
+
+# divae_default_config SCRIPT: the default config of the stage a training script's name stands for (train_vq.sh,
+# train_decoder.sh, train_prior.sh: links to slurm/train.sh, so the name is all that tells them apart); nothing for
+# slurm/train.sh, which needs a config.
+divae_default_config() {
+    case $(basename "$1") in
+        train_vq.sh) echo configs/vq_f16.yaml ;;
+        train_decoder.sh) echo configs/decoder_f16.yaml ;;
+        train_prior.sh) echo configs/prior_base.yaml ;;
+    esac
+}
+
+# divae_train CONFIG.yaml [key=value ...]: run the trainer on every node of the allocation. The config is checked
+# first, so that a missing one is a one-line usage error in or out of Slurm.
 divae_train() {
-    [[ -n ${SLURM_JOB_ID:-} ]] || divae_die "not inside a Slurm job: submit with sbatch, or run torchrun directly"
-    local config=${1:-}
-    [[ $config == *.yaml || $config == *.yml ]] || divae_die "usage: sbatch $0 configs/<preset>.yaml [key=value ...]"
+    local config=${1:-} me
+    me=$(divae_submitted_script)
+    me=slurm/$(basename "${me:-train.sh}")
+    [[ $config == *.yaml || $config == *.yml ]] || divae_die "usage: sbatch $me configs/<preset>.yaml [key=value ...]"
     [[ -f $config ]] || divae_die "config '$config' not found (relative paths start at the submit dir $PWD)"
+    [[ -n ${SLURM_JOB_ID:-} ]] \
+        || divae_die "not inside a Slurm job (config $config): submit with sbatch, or run torchrun directly"
     shift
     divae_activate
 

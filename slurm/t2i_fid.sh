@@ -28,6 +28,7 @@
 #SBATCH --output=slurm-%x-%j.out
 set -uo pipefail
 
+# Not in slurm/_common.sh: this block is what finds that file, so it cannot be sourced from it.
 # Under sbatch this file runs from a spool copy: find the repository through the submitted path.
 if [[ -z ${DIVAE_ROOT:-} ]]; then
     script=$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')

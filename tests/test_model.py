@@ -67,6 +67,40 @@ def test_bad_files_are_clear_errors(tmp_path):
         DiVAE(VQ_PRESETS["tiny"], UNET_PRESETS["tiny"], DiffusionConfig())
 
 
+
+def test_foreign_and_damaged_files_are_one_line_errors_from_every_loader(tmp_path):
+    """divae.weights_file is the one metadata reader: a text file, a truncated header and a metadata value that is
+    not JSON are one-line errors naming the file and what to do, whichever loader meets them."""
+    from safetensors.torch import save_file
+
+    from divae.model import read_pretrained, weights_info
+    from divae.prior_io import load_prior
+    from divae.weights_file import WeightsFileError
+    from trainer.elastic import read_info
+
+    text = tmp_path / "notes.safetensors"
+    text.write_text("these are not weights\n")
+    cut = tmp_path / "cut.safetensors"
+    save_file({"a": torch.zeros(4)}, str(cut), metadata={"divae_config": "{}"})
+    cut.write_bytes(cut.read_bytes()[:12])
+    bad_json = tmp_path / "bad_json.safetensors"
+    save_file({"a": torch.zeros(1)}, str(bad_json), metadata={"divae_config": "{oops", "weights": "[1,"})
+    loaders = {read_pretrained: "train the stage", weights_info: "train the stage", load_prior: "save_prior",
+               read_info: "checkpoint_tool convert"}
+    for load, fix in loaders.items():
+        for path in (text, cut):
+            with pytest.raises(WeightsFileError, match="is not a safetensors file or its header is damaged") as e:
+                load(path)
+            assert str(path) in str(e.value) and fix in str(e.value) and "\n" not in str(e.value), e.value
+        with pytest.raises(FileNotFoundError, match=f"missing.safetensors not found: .*{fix}"):
+            load(tmp_path / "missing.safetensors")
+    for load, key in ((read_pretrained, "divae_config"), (weights_info, "weights")):
+        with pytest.raises(WeightsFileError, match=f"bad_json.safetensors: metadata `{key}` is not valid JSON"):
+            load(bad_json)
+    with pytest.raises(WeightsFileError, match="no `elastic` metadata"):
+        read_info(bad_json)
+
+
 _LOAD = """
 import json, sys
 from divae.model import DiVAE

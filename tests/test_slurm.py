@@ -27,7 +27,10 @@ from submitit.slurm.slurm import SlurmJobEnvironment
 from runtime.signals import REQUEUE_EXIT_CODE, REQUEUE_MARKER
 from trainer.submit import TrainJob, build_executor, parse_args
 
-SCRIPTS = ["train_vq.sh", "train_decoder.sh", "train_prior.sh"]
+# The stage names under which slurm/train.sh is submitted (links to it) and the default config each picks.
+STAGE_DEFAULTS = {"train_vq.sh": "configs/vq_f16.yaml", "train_decoder.sh": "configs/decoder_f16.yaml",
+                  "train_prior.sh": "configs/prior_base.yaml"}
+SCRIPTS = ["train.sh", *STAGE_DEFAULTS]
 
 
 def test_common_matches_trainer_preemption_contract():
@@ -55,6 +58,40 @@ def test_script_outside_slurm_fails_clearly(tmp_path):
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
     assert r.returncode == 2
     assert "not inside a Slurm job" in r.stderr
+
+
+def _no_slurm_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+
+
+def test_stage_scripts_are_links_to_train_sh_and_pick_their_default_config():
+    """One training script: train_{vq,decoder,prior}.sh are git symlinks to train.sh, and the name it runs under
+    chooses the config used when none is given (the check before the Slurm one prints it); train.sh has none."""
+    for name, config in STAGE_DEFAULTS.items():
+        path = ROOT / "slurm" / name
+        assert path.is_symlink() and os.readlink(path) == "train.sh", f"{path} is not a link to train.sh"
+        mode = subprocess.run(["git", "ls-files", "-s", f"slurm/{name}"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.split()[:1]
+        assert mode in ([], ["120000"]), f"git does not record slurm/{name} as a symlink: {mode}"
+        assert (ROOT / config).is_file(), config
+        r = subprocess.run(["bash", f"slurm/{name}"], capture_output=True, text=True, env=_no_slurm_env(), cwd=ROOT,
+                           timeout=60)
+        assert r.returncode == 2 and f"not inside a Slurm job (config {config})" in r.stderr, r.stderr
+    r = subprocess.run(["bash", "slurm/train.sh"], capture_output=True, text=True, env=_no_slurm_env(), cwd=ROOT,
+                       timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == "[divae] error: usage: sbatch slurm/train.sh configs/<preset>.yaml [key=value ...]\n"
+
+
+def test_default_config_under_sbatch_comes_from_the_submitted_name(tmp_path):
+    """sbatch runs a spool copy named slurm_script: the stage comes from the path `scontrol show job` gives."""
+    (tmp_path / "scontrol").write_text("#!/bin/sh\necho '   Command=/home/u/divae/slurm/train_prior.sh x=1'\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    env = dict(_no_slurm_env(), SLURM_JOB_ID="7", PATH=f"{tmp_path}:{os.environ['PATH']}")
+    code = f'source {ROOT / "slurm/_common.sh"}; divae_default_config "$(divae_submitted_script)"'
+    r = subprocess.run(["bash", "-c", code, "/var/spool/slurmd/job00007/slurm_script"], capture_output=True,
+                       text=True, env=env, check=True, timeout=60)
+    assert r.stdout == "configs/prior_base.yaml\n", r
 
 
 @pytest.fixture(scope="module")

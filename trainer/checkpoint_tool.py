@@ -25,6 +25,7 @@ import yaml
 
 from divae.utils.cli import report
 from divae.utils.config import ConfigError, to_dict
+from divae.weights_file import WeightsFileError
 from trainer import checkpoint as ckpt
 from trainer import elastic
 
@@ -125,9 +126,9 @@ def inspect(path: str | Path, config: str | None = None, overrides: list[str] | 
         if ef.is_file():
             from safetensors import safe_open
 
+            info = elastic.read_info(ef)  # first: a foreign or damaged file is one line (divae.weights_file)
             with safe_open(str(ef), "pt") as f:
                 numel = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("fp32."))
-            info = elastic.read_info(ef)
             text += (f", world-size-free {ef.name} {_size(ef.stat().st_size)}: {numel:,} parameters, AdamW step "
                      f"{info['optimizer_step']:g}, lr {info['lr'][0]:.3g}")
         lines.append(text)
@@ -213,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             if rank_and_world()[0] == 0:
                 print(f"wrote the world-size-free state into {folder}")
     except Exception as e:  # noqa: BLE001 - the CLI boundary
-        return report(e, "trainer.checkpoint_tool", debug=args.debug, runtime=(ckpt.CheckpointError,))
+        return report(e, "trainer.checkpoint_tool", debug=args.debug,
+                      runtime=(ckpt.CheckpointError, WeightsFileError))
     return 0
 
 

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from divae.utils.config import ConfigError
+from divae.weights_file import WeightsFileError, metadata_json, read_metadata
 
 
 class CheckpointError(RuntimeError):
@@ -122,10 +123,13 @@ def write(path: Path, tensors: dict[str, torch.Tensor], info: dict[str, Any]) ->
 
 
 def read_info(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return json.loads(f.metadata()["elastic"])
+    """The elastic info (metadata `elastic`) of a world-size-free optimizer file, with divae.weights_file's one-line
+    errors for a missing, foreign or damaged file."""
+    fix = "rewrite it with `python -m trainer.checkpoint_tool convert <checkpoint>` (with the ranks that wrote it)"
+    info = metadata_json(path, read_metadata(path, "elastic optimizer file", fix), "elastic")
+    if not isinstance(info, dict):
+        raise WeightsFileError(f"{path} has no `elastic` metadata: it is not a world-size-free optimizer file; {fix}")
+    return info
 
 
 def restore(engine, folder: Path, engine_name: str) -> dict[str, Any]:
