@@ -38,6 +38,10 @@ class ConfigError(ValueError):
 
 
 PRESET_KEY = "_preset_"
+# A config dataclass may declare `RENAMED_KEYS: ClassVar[dict[str, str]]` (old key -> new key): a YAML or
+# override with an old key is refused with the new name (from_dict), and `rename_keys` maps the old keys of
+# data written before the rename (model-file metadata) to the new ones.
+RENAMED_ATTR = "RENAMED_KEYS"
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
@@ -98,7 +102,11 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         where = prefix.rstrip(".") or "config"
         raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    renamed = getattr(cls, RENAMED_ATTR, {})
     for key in data:
+        if key in renamed and key not in fields:
+            raise ConfigError(f"{prefix}{key} was renamed to {prefix}{renamed[key]}: rename the key in the YAML "
+                              "or override")
         if key not in fields:
             raise ConfigError(_unknown_key_message(prefix + str(key), str(key), list(fields)))
     hints = get_type_hints(cls)
@@ -113,6 +121,14 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:  # __post_init__ validation
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def rename_keys(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` (a section of `cls` written before a rename, e.g. a model file's metadata) with each old key of
+    `cls.RENAMED_KEYS` replaced by its new name, so that old files still load. A key present under both names
+    is left as it is (from_dict then refuses the old one)."""
+    renamed = getattr(cls, RENAMED_ATTR, {})
+    return {renamed[k] if k in renamed and renamed[k] not in data else k: v for k, v in data.items()}
 
 
 def to_dict(cfg: Any) -> Any:
