@@ -64,7 +64,13 @@ class UNetConfig:
         (epsilon and the variance interpolation v).
     channel_mult: width multiplier per level; the middle block runs at image_size / 2^(levels-1).
     num_head_channels: channels per attention head (-1: use num_heads heads).
-    cond_channels: d, channels of z_q. token_grid: tokens per side at image_size (16 for f16 at 256 px).
+    cond_channels: d, channels of z_q.
+    token_grid: tokens per side of the VQ's grid at image_size (image_size / the VQ's downsampling factor: 16 for
+        f16 at 256 px). A description of the data, not of the network: the UNet never reads it (it resamples any
+        z_q grid to where it enters, so other grids and aspect ratios decode, see the module doc). Read by the
+        trainer, where no VQ is at hand: the planner's FLOP trace builds z_q of this size (trainer.flops.
+        unet_parts) and picks the VQ preset of this grid before the VQ stage ran (tasks.decoder.vq_config_of),
+        and the prior stage takes it as the grid the decoder file decodes (tasks.prior, against prior.image_h/w).
     cond_embed_channels: for concat, channels z_q is projected to; 0 = the feature width where it enters.
     use_checkpoint: activation checkpointing of every block (saves memory, costs one more forward).
     attn_backend: "auto" | "sdpa" | "xformers", see divae.attention.
