@@ -157,35 +157,58 @@ def sample(
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if generators is not None and seeds is not None:
         raise ValueError("pass generators or seeds, not both")
-    if timestep_respacing is None:
-        n = steps if steps is not None else DEFAULT_STEPS[sampler]
-        if n is None or n == diffusion_cfg.timesteps:
-            timestep_respacing = ""
-        elif not 1 <= n <= diffusion_cfg.timesteps:
-            raise ValueError(f"steps must be in [1, {diffusion_cfg.timesteps}], got {n}")
-        else:
-            timestep_respacing = _default_respacing(sampler, n, diffusion_cfg.timesteps)
-    elif steps is not None:
-        raise ValueError("pass steps or timestep_respacing, not both")
-    diffusion = create_diffusion(diffusion_cfg, timestep_respacing)
-    if device is None:
-        params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
-        device = params.device if params is not None else torch.device("cpu")
-    noise = NoiseSource(tuple(shape), torch.device(device), generators, None if seeds is None else list(seeds))
+    respacing = _respacing_for(diffusion_cfg, sampler, steps, timestep_respacing)
+    diffusion = create_diffusion(diffusion_cfg, respacing)
+    device = _model_device(model) if device is None else torch.device(device)
+    noise = NoiseSource(tuple(shape), device, generators, None if seeds is None else list(seeds))
     clip = diffusion_cfg.clip_denoised if clip_denoised is None else clip_denoised
     if x_T is not None and tuple(x_T.shape) != tuple(shape):
         raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
     common = dict(clip_denoised=clip, model_kwargs=model_kwargs, progress=progress, x_T=x_T)
+    return _run_in_eval_mode(model, lambda: _run_loop(sampler, diffusion, model, noise, eta, common))
 
+
+def _respacing_for(diffusion_cfg: DiffusionConfig, sampler: str, steps: int | None,
+                   timestep_respacing: str | None) -> str | list[int]:
+    """The timesteps `sample` keeps: `timestep_respacing` as given, or the sampler's default spacing of `steps`
+    model evaluations (None: DEFAULT_STEPS[sampler]; all T, "", when that is T or None)."""
+    if timestep_respacing is not None:
+        if steps is not None:
+            raise ValueError("pass steps or timestep_respacing, not both")
+        return timestep_respacing
+    n = steps if steps is not None else DEFAULT_STEPS[sampler]
+    total = diffusion_cfg.timesteps
+    if n is None or n == total:
+        return ""
+    if not 1 <= n <= total:
+        raise ValueError(f"steps must be in [1, {total}], got {n}")
+    return _default_respacing(sampler, n, total)
+
+
+def _model_device(model: Callable) -> torch.device:
+    """Where `model` runs: its first parameter's device; CPU for a plain function or a module without any."""
+    params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    return params.device if params is not None else torch.device("cpu")
+
+
+def _run_loop(sampler: str, diffusion: SpacedDiffusion, model: Callable, noise: NoiseSource, eta: float,
+              common: dict) -> torch.Tensor:
+    """x_0 (B, C, H, W) from the named sampler's loop; `common`: the keyword arguments every loop takes."""
+    if sampler == "ddpm":
+        return ddpm_loop(diffusion, model, noise, **common)
+    if sampler == "ddim":
+        return ddim_loop(diffusion, model, noise, eta=eta, **common)
+    return dpmpp2m_loop(diffusion, model, noise, **common)
+
+
+def _run_in_eval_mode(model: Callable, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`run()` with an nn.Module `model` in eval mode (dropout off while sampling), its training mode restored
+    after, also when `run` raises."""
     was_training = isinstance(model, torch.nn.Module) and model.training
     if was_training:
         model.eval()
     try:
-        if sampler == "ddpm":
-            return ddpm_loop(diffusion, model, noise, **common)
-        if sampler == "ddim":
-            return ddim_loop(diffusion, model, noise, eta=eta, **common)
-        return dpmpp2m_loop(diffusion, model, noise, **common)
+        return run()
     finally:
         if was_training:
             model.train()

@@ -208,7 +208,6 @@ def _type_name(tp: Any) -> str:
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against type `tp` and convert lists to tuples etc.; raise ConfigError naming `key`."""
     origin = get_origin(tp)
-    args = get_args(tp)
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):
@@ -216,36 +215,62 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
         return from_dict(tp, value if value is not None else {}, prefix=key + ".")
     if origin in (Union, types.UnionType):
-        if value is None and _NONE_TYPE in args:
-            return None
-        for arg in (a for a in args if a is not _NONE_TYPE):
-            try:
-                return _convert(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return _convert_union(value, tp, key)
     if origin is Literal:
-        if value in args:
-            return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{key}: {value!r} is not one of {list(args)}{hint}")
+        return _convert_literal(value, tp, key)
     if origin in (tuple, list) or tp in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list ({_type_name(tp)}), got {value!r}")
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(args) != len(value):
-                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
-            items = [_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
-        else:
-            item_tp = args[0] if args else Any
-            items = [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if (origin is tuple or tp is tuple) else items
+        return _convert_sequence(value, tp, key)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        args = get_args(tp)
         val_tp = args[1] if args else Any
         return {str(k): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    return _convert_scalar(value, tp, key)
+
+
+def _convert_union(value: Any, tp: Any, key: str) -> Any:
+    """Optional[X] / X | Y: None where allowed, else the first member type that accepts `value`."""
+    args = get_args(tp)
+    if value is None and _NONE_TYPE in args:
+        return None
+    for arg in (a for a in args if a is not _NONE_TYPE):
+        try:
+            return _convert(value, arg, key)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _convert_literal(value: Any, tp: Any, key: str) -> Any:
+    """Literal[...]: one of the listed values, else an error with the closest one."""
+    args = get_args(tp)
+    if value in args:
+        return value
+    close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"{key}: {value!r} is not one of {list(args)}{hint}")
+
+
+def _convert_sequence(value: Any, tp: Any, key: str) -> tuple | list:
+    """tuple[X, ...], tuple[X, Y] (fixed length), list[X]: a YAML list, items checked; tuples come back as
+    tuples (YAML has only lists)."""
+    origin, args = get_origin(tp), get_args(tp)
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected a list ({_type_name(tp)}), got {value!r}")
+    if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+        if len(args) != len(value):
+            raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+        items = [_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+    else:
+        item_tp = args[0] if args else Any
+        items = [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if (origin is tuple or tp is tuple) else items
+
+
+def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
+    """bool, int (not a bool), float (ints and YAML 1.1's dotless "1e-4" strings accepted), str, or any other
+    class `value` already is an instance of."""
     if tp is bool:
         if isinstance(value, bool):
             return value
