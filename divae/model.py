@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from divae.diffusion import DiffusionConfig, sample
 from divae.unet import UNetConfig, UNetModel
-from divae.utils.config import from_dict, to_dict
+from divae.utils.config import from_dict, rename_keys, to_dict
 from divae.vq import VQConfig, VQModel
 from divae.weights_file import WeightsFileError, metadata_json, read_metadata
 
@@ -161,10 +161,10 @@ def check_sampling(sampling: dict, diffusion_cfg: DiffusionConfig | None) -> Non
         raise ValueError("`sampling` needs a diffusion decoder (this file has none)")
     ts = sampling.get("timesteps") if isinstance(sampling, dict) else None
     if (not isinstance(sampling, dict) or sampling.get("sampler") not in SAMPLERS or not isinstance(ts, list)
-            or not 1 <= len(ts) <= diffusion_cfg.steps
-            or len(set(ts)) != len(ts) or not all(isinstance(t, int) and 0 <= t < diffusion_cfg.steps for t in ts)):
+            or not 1 <= len(ts) <= diffusion_cfg.timesteps
+            or len(set(ts)) != len(ts) or not all(isinstance(t, int) and 0 <= t < diffusion_cfg.timesteps for t in ts)):
         raise ValueError(f"sampling={str(sampling)[:200]}: expected {{'sampler': one of {SAMPLERS}, 'timesteps': "
-                         f"[distinct ints in 0..{diffusion_cfg.steps - 1}]}}")
+                         f"[distinct ints in 0..{diffusion_cfg.timesteps - 1}]}}")
 
 
 def save_pretrained_state(path: str | Path, state: dict[str, torch.Tensor], config: dict,
@@ -194,7 +194,15 @@ def read_pretrained(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if "divae_config" not in meta:
         raise WeightsFileError(f"{path} is a safetensors file without `divae_config` metadata; it was not written "
                                "by DiVAE.save_pretrained")
-    return metadata_json(path, meta, "divae_config"), load_file(str(path), device="cpu")
+    return upgrade_config(metadata_json(path, meta, "divae_config")), load_file(str(path), device="cpu")
+
+
+def upgrade_config(cfg: dict) -> dict:
+    """A file's `divae_config` with the keys renamed since it was written mapped to their new names (e.g.
+    diffusion "steps" -> "timesteps"), so that files written before a rename still load."""
+    if isinstance(cfg.get("diffusion"), dict):
+        cfg = dict(cfg, diffusion=rename_keys(DiffusionConfig, cfg["diffusion"]))
+    return cfg
 
 
 def check_config_size(path: str | Path, build: Callable[[], nn.Module], state: dict[str, torch.Tensor]) -> None:

@@ -188,6 +188,13 @@ class DecoderBlock(nn.Module):
         return x + self.mlp(self.ln3(x))
 
 
+def _guide(logits: torch.Tensor, b: int, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: logits (2B, K), captions then empty captions -> uncond + s * (cond - uncond),
+    (B, K)."""
+    cond, uncond = logits[:b], logits[b:]
+    return uncond + scale * (cond - uncond)
+
+
 class PriorModel(nn.Module):
     """Encoder-decoder transformer from caption tokens to VQ token logits.
 
@@ -378,26 +385,10 @@ class PriorModel(nn.Module):
         Returns (B, h, w) long, or (B, num_tokens) when num_tokens is less than the grid.
         """
         c = self.cfg
-        n = c.num_image_tokens if num_tokens is None else int(num_tokens)
-        if not 1 <= n <= c.num_image_tokens:
-            raise ValueError(f"num_tokens={num_tokens} must be in [1, {c.num_image_tokens}]")
-        if top_k is not None and not 1 <= int(top_k) <= c.image_vocab_size:
-            raise ValueError(f"top_k={top_k} must be in [1, {c.image_vocab_size}] or None")
-        if top_p is not None and not 0.0 < float(top_p) <= 1.0:
-            raise ValueError(f"top_p={top_p} must be in (0, 1] or None")
+        n = self._sample_length(num_tokens, top_k, top_p)
         b, device = text_ids.shape[0], text_ids.device
         gens = make_generators(seeds, b, device)
-
-        cfg_mode = "cond" if guidance_scale == 1.0 else "guided"
-        if guidance_scale == 0.0:
-            cfg_mode = "uncond"
-        if cfg_mode == "uncond":
-            text_ids, text_mask = self.null_text(b, device)
-        elif cfg_mode == "guided":
-            null_ids, null_mask = self.null_text(b, device)
-            t = text_ids.shape[1]
-            text_ids = torch.cat([text_ids, null_ids[:, :t]])
-            text_mask = torch.cat([text_mask, null_mask[:, :t]])
+        mode, text_ids, text_mask = self._guidance_text(text_ids, text_mask, guidance_scale)
         enc = self.encode_text(text_ids, text_mask)
         key_mask = text_mask[:, None, None, :]
         ctx_kv, caches = None, None
@@ -412,13 +403,36 @@ class PriorModel(nn.Module):
                 logits = self._decode(prev[:, -1:], i, ctx_kv, None, key_mask, caches)[:, -1]
             else:
                 logits = self._decode(prev, 0, None, enc, key_mask)[:, -1]
-            logits = logits.float()
-            if cfg_mode == "guided":
-                cond, uncond = logits[:b], logits[b:]
-                logits = uncond + guidance_scale * (cond - uncond)
+            logits = _guide(logits.float(), b, guidance_scale) if mode == "guided" else logits.float()
             tok = sample_next(logits, temperature, top_k, top_p, gens, generator)
             out[:, i] = tok
-            if cfg_mode == "guided":
+            if mode == "guided":
                 tok = torch.cat([tok, tok])
             prev = torch.cat([prev, tok[:, None]], dim=1)
         return out.view(b, c.image_h, c.image_w) if n == c.num_image_tokens else out
+
+    def _sample_length(self, num_tokens: int | None, top_k: int | None, top_p: float | None) -> int:
+        """The number of tokens `sample` draws (default: the whole h * w grid), after checking its arguments."""
+        c = self.cfg
+        n = c.num_image_tokens if num_tokens is None else int(num_tokens)
+        if not 1 <= n <= c.num_image_tokens:
+            raise ValueError(f"num_tokens={num_tokens} must be in [1, {c.num_image_tokens}]")
+        if top_k is not None and not 1 <= int(top_k) <= c.image_vocab_size:
+            raise ValueError(f"top_k={top_k} must be in [1, {c.image_vocab_size}] or None")
+        if top_p is not None and not 0.0 < float(top_p) <= 1.0:
+            raise ValueError(f"top_p={top_p} must be in (0, 1] or None")
+        return n
+
+    def _guidance_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                       guidance_scale: float) -> tuple[str, torch.Tensor, torch.Tensor]:
+        """(mode, text_ids, text_mask) the decoder attends to while sampling B captions (ids/mask (B, T)):
+        "cond" (s = 1) the captions; "uncond" (s = 0) B empty captions; "guided" the captions followed by B
+        empty ones, (2B, T), so that one pass gives both halves of classifier-free guidance."""
+        b, device = text_ids.shape[0], text_ids.device
+        if guidance_scale == 0.0:
+            return ("uncond", *self.null_text(b, device))
+        if guidance_scale == 1.0:
+            return "cond", text_ids, text_mask
+        null_ids, null_mask = self.null_text(b, device)
+        t = text_ids.shape[1]
+        return "guided", torch.cat([text_ids, null_ids[:, :t]]), torch.cat([text_mask, null_mask[:, :t]])

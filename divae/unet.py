@@ -64,7 +64,13 @@ class UNetConfig:
         (epsilon and the variance interpolation v).
     channel_mult: width multiplier per level; the middle block runs at image_size / 2^(levels-1).
     num_head_channels: channels per attention head (-1: use num_heads heads).
-    cond_channels: d, channels of z_q. token_grid: tokens per side at image_size (16 for f16 at 256 px).
+    cond_channels: d, channels of z_q.
+    token_grid: tokens per side of the VQ's grid at image_size (image_size / the VQ's downsampling factor: 16 for
+        f16 at 256 px). A description of the data, not of the network: the UNet never reads it (it resamples any
+        z_q grid to where it enters, so other grids and aspect ratios decode, see the module doc). Read by the
+        trainer, where no VQ is at hand: the planner's FLOP trace builds z_q of this size (trainer.flops.
+        unet_parts) and picks the VQ preset of this grid before the VQ stage ran (tasks.decoder.vq_config_of),
+        and the prior stage takes it as the grid the decoder file decodes (tasks.prior, against prior.image_h/w).
     cond_embed_channels: for concat, channels z_q is projected to; 0 = the feature width where it enters.
     use_checkpoint: activation checkpointing of every block (saves memory, costs one more forward).
     attn_backend: "auto" | "sdpa" | "xformers", see divae.attention.
@@ -137,67 +143,11 @@ class UNetModel(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
-        mc, emb_ch = cfg.model_channels, 4 * cfg.model_channels
-        attn_ds = {cfg.image_size // r for r in cfg.attention_resolutions}
+        mc, emb_ch = cfg.model_channels, self._emb_channels()
         self.time_embed = nn.Sequential(EdgeLinear(mc, emb_ch), nn.SiLU(), EdgeLinear(emb_ch, emb_ch))
-        res = dict(dropout=cfg.dropout, use_scale_shift_norm=cfg.use_scale_shift_norm)
-        heads = dict(num_heads=cfg.num_heads, num_head_channels=cfg.num_head_channels, backend=cfg.attn_backend)
-
-        def inject_before(where: str, first: bool, ch: int) -> tuple[list[nn.Module], int]:
-            """Injection layers placed before a stage's ResBlock, and the channels they add."""
-            if cfg.cond_position != where or not first:
-                return [], 0
-            if cfg.cond_method == "concat":
-                extra = cfg.cond_embed_channels or ch
-                return [CondConcat(cfg.cond_channels, extra)], extra
-            if cfg.cond_method == "add":
-                return [CondAdd(cfg.cond_channels, ch)], 0
-            return [], 0
-
-        def inject_after(where: str, first: bool, ch: int) -> list[nn.Module]:
-            if cfg.cond_position == where and first and cfg.cond_method == "attention":
-                return [CrossAttentionBlock(ch, cfg.cond_channels, **heads)]
-            return []
-
-        def res_stage(where: str, first: bool, in_ch: int, out_ch: int, attn: bool) -> list[nn.Module]:
-            """Injection before, a ResBlock, attention at the listed resolutions, injection after."""
-            layers, extra = inject_before(where, first, in_ch)
-            layers.append(ResBlock(in_ch + extra, emb_ch, out_ch, **res))
-            if attn:
-                layers.append(AttentionBlock(out_ch, **heads))
-            return layers + inject_after(where, first, out_ch)
-
-        self.input_blocks = nn.ModuleList([UNetStage([EdgeConv2d(cfg.in_channels, mc, 3, padding=1)])])
-        skip_chs, ch, ds = [mc], mc, 1
-        for level, mult in enumerate(cfg.channel_mult):
-            for i in range(cfg.num_res_blocks):
-                layers = res_stage("encoder", i == 0, ch, mult * mc, ds in attn_ds)
-                ch = mult * mc
-                self.input_blocks.append(UNetStage(layers))
-                skip_chs.append(ch)
-            if level != len(cfg.channel_mult) - 1:
-                down = ResBlock(ch, emb_ch, ch, down=True, **res) if cfg.resblock_updown else Downsample(ch)
-                self.input_blocks.append(UNetStage([down]))
-                skip_chs.append(ch)
-                ds *= 2
-
-        layers, extra = inject_before("middle", True, ch)
-        layers += [ResBlock(ch + extra, emb_ch, ch, **res), AttentionBlock(ch, **heads)]
-        layers += inject_after("middle", True, ch)
-        layers.append(ResBlock(ch, emb_ch, ch, **res))
-        self.middle_block = UNetStage(layers)
-
-        self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-            for i in range(cfg.num_res_blocks + 1):
-                layers = res_stage("decoder", i == 0, ch + skip_chs.pop(), mult * mc, ds in attn_ds)
-                ch = mult * mc
-                if level and i == cfg.num_res_blocks:
-                    up = ResBlock(ch, emb_ch, ch, up=True, **res) if cfg.resblock_updown else Upsample(ch)
-                    layers.append(up)
-                    ds //= 2
-                self.output_blocks.append(UNetStage(layers))
-
+        self.input_blocks, skip_chs, ch = self._build_encoder()
+        self.middle_block = self._build_middle(ch)
+        self.output_blocks, ch = self._build_decoder(ch, skip_chs)
         out_ch = cfg.out_channels * (2 if cfg.learn_sigma else 1)
         self.out = nn.Sequential(EdgeGroupNorm(norm_groups(ch), ch), nn.SiLU(),
                                  zero_module(EdgeConv2d(ch, out_ch, 3, padding=1)))
@@ -205,6 +155,94 @@ class UNetModel(nn.Module):
         for m in self.modules():
             if isinstance(m, LowPrecisionGroupNorm):
                 m.low_precision = cfg.bf16_norms
+
+    # -- construction (modules are created in forward order, so a seed gives the same initial weights) ----------
+    def _emb_channels(self) -> int:
+        """Width of the timestep embedding every ResBlock receives: 4 * model_channels (ADM)."""
+        return 4 * self.cfg.model_channels
+
+    def _res_kwargs(self) -> dict:
+        return dict(dropout=self.cfg.dropout, use_scale_shift_norm=self.cfg.use_scale_shift_norm)
+
+    def _head_kwargs(self) -> dict:
+        cfg = self.cfg
+        return dict(num_heads=cfg.num_heads, num_head_channels=cfg.num_head_channels, backend=cfg.attn_backend)
+
+    def _attention_factors(self) -> set[int]:
+        """Downsampling factors (input side / feature side) with self-attention: attention_resolutions, given
+        as feature sides at image_size, hold for any input size as factors."""
+        return {self.cfg.image_size // r for r in self.cfg.attention_resolutions}
+
+    def _inject_before(self, where: str, first: bool, ch: int) -> tuple[list[nn.Module], int]:
+        """Injection layers placed before a stage's ResBlock (concat, add), and the channels they add."""
+        cfg = self.cfg
+        if cfg.cond_position != where or not first:
+            return [], 0
+        if cfg.cond_method == "concat":
+            extra = cfg.cond_embed_channels or ch
+            return [CondConcat(cfg.cond_channels, extra)], extra
+        if cfg.cond_method == "add":
+            return [CondAdd(cfg.cond_channels, ch)], 0
+        return [], 0
+
+    def _inject_after(self, where: str, first: bool, ch: int) -> list[nn.Module]:
+        """Injection layers placed after a stage's ResBlock (cross-attention to the tokens)."""
+        cfg = self.cfg
+        if cfg.cond_position == where and first and cfg.cond_method == "attention":
+            return [CrossAttentionBlock(ch, cfg.cond_channels, **self._head_kwargs())]
+        return []
+
+    def _res_stage(self, where: str, first: bool, in_ch: int, out_ch: int, attn: bool) -> list[nn.Module]:
+        """Injection before, a ResBlock, attention at the listed resolutions, injection after."""
+        layers, extra = self._inject_before(where, first, in_ch)
+        layers.append(ResBlock(in_ch + extra, self._emb_channels(), out_ch, **self._res_kwargs()))
+        if attn:
+            layers.append(AttentionBlock(out_ch, **self._head_kwargs()))
+        return layers + self._inject_after(where, first, out_ch)
+
+    def _build_encoder(self) -> tuple[nn.ModuleList, list[int], int]:
+        """(input blocks, the channels of each skip connection they leave, the width at the bottom): the input
+        conv, then per level num_res_blocks stages and (but at the last level) a downsampling stage."""
+        cfg, mc, attn_ds = self.cfg, self.cfg.model_channels, self._attention_factors()
+        blocks = nn.ModuleList([UNetStage([EdgeConv2d(cfg.in_channels, mc, 3, padding=1)])])
+        skip_chs, ch, ds = [mc], mc, 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for i in range(cfg.num_res_blocks):
+                blocks.append(UNetStage(self._res_stage("encoder", i == 0, ch, mult * mc, ds in attn_ds)))
+                ch = mult * mc
+                skip_chs.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                down = (ResBlock(ch, self._emb_channels(), ch, down=True, **self._res_kwargs())
+                        if cfg.resblock_updown else Downsample(ch))
+                blocks.append(UNetStage([down]))
+                skip_chs.append(ch)
+                ds *= 2
+        return blocks, skip_chs, ch
+
+    def _build_middle(self, ch: int) -> UNetStage:
+        """The middle block at the bottom width `ch`: [injection,] ResBlock, attention, [injection,] ResBlock."""
+        emb_ch, res = self._emb_channels(), self._res_kwargs()
+        layers, extra = self._inject_before("middle", True, ch)
+        layers += [ResBlock(ch + extra, emb_ch, ch, **res), AttentionBlock(ch, **self._head_kwargs())]
+        layers += self._inject_after("middle", True, ch)
+        layers.append(ResBlock(ch, emb_ch, ch, **res))
+        return UNetStage(layers)
+
+    def _build_decoder(self, ch: int, skip_chs: list[int]) -> tuple[nn.ModuleList, int]:
+        """(output blocks, the width at the top): per level num_res_blocks + 1 stages, each taking one skip
+        connection (popped from `skip_chs`, consumed), the last one upsampling (but at the top level)."""
+        cfg, mc, attn_ds = self.cfg, self.cfg.model_channels, self._attention_factors()
+        blocks, ds = nn.ModuleList(), cfg.downsample_factor
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = self._res_stage("decoder", i == 0, ch + skip_chs.pop(), mult * mc, ds in attn_ds)
+                ch = mult * mc
+                if level and i == cfg.num_res_blocks:
+                    layers.append(ResBlock(ch, self._emb_channels(), ch, up=True, **self._res_kwargs())
+                                  if cfg.resblock_updown else Upsample(ch))
+                    ds //= 2
+                blocks.append(UNetStage(layers))
+        return blocks, ch
 
     @property
     def conditional(self) -> bool:

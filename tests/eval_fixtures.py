@@ -105,7 +105,7 @@ def inputs(tmp_path_factory):
     torch.manual_seed(0)
     vq = VQ_PRESETS["tiny"]
     unet = replace(UNET_PRESETS["tiny"], cond_channels=vq.embed_dim, token_grid=8)
-    DiVAE(vq, unet, DiffusionConfig(steps=50)).save_pretrained(root / "divae.safetensors")
+    DiVAE(vq, unet, DiffusionConfig(timesteps=50)).save_pretrained(root / "divae.safetensors")
     return root
 
 

@@ -61,7 +61,7 @@ def make_models(root: Path, captions: list[str]) -> tuple[Path, Path]:
     torch.manual_seed(0)
     vq = VQ_PRESETS["tiny"]
     unet = replace(UNET_PRESETS["tiny"], cond_channels=vq.embed_dim, token_grid=8)
-    DiVAE(vq, unet, DiffusionConfig(steps=50)).save_pretrained(root / "divae.safetensors")
+    DiVAE(vq, unet, DiffusionConfig(timesteps=50)).save_pretrained(root / "divae.safetensors")
     tok = TextTokenizer.train(captions * 2, vocab_size=300, max_length=16)
     cfg = PriorConfig(text_vocab_size=300, text_len=16, image_vocab_size=vq.n_embed, image_h=8, image_w=8, dim=64,
                       n_heads=4, enc_layers=1, dec_layers=2, attn_backend="sdpa")

@@ -80,6 +80,30 @@ def test_unknown_key_names_key_and_closest(tmp_path):
         load_config(RunConfig, path)
 
 
+def test_renamed_key_is_refused_with_its_new_name(tmp_path):
+    """`diffusion.steps` became `diffusion.timesteps` (DiffusionConfig.RENAMED_KEYS): the old key, in a YAML or an
+    override, fails in one line naming the new one; model files map it (rename_keys, see test_model)."""
+    from trainer.config import load_train_config
+
+    path = write(tmp_path, "train: {stage: decoder}\ndiffusion:\n  steps: 1000\n")
+    with pytest.raises(ConfigError, match=r"^diffusion\.steps was renamed to diffusion\.timesteps: rename") as e:
+        load_train_config(path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"diffusion\.steps was renamed to diffusion\.timesteps"):
+        load_train_config(None, ["train.stage=decoder", "diffusion.steps=50"])
+    assert load_train_config(None, ["train.stage=decoder", "diffusion.timesteps=50"]).diffusion.timesteps == 50
+
+
+def test_rename_keys_maps_old_data():
+    from divae.diffusion import DiffusionConfig
+    from divae.utils.config import rename_keys
+
+    assert rename_keys(DiffusionConfig, {"steps": 50, "loss": "simple"}) == {"timesteps": 50, "loss": "simple"}
+    assert rename_keys(RunConfig, {"steps": 1}) == {"steps": 1}  # no RENAMED_KEYS: unchanged
+    both = {"steps": 1, "timesteps": 2}
+    assert rename_keys(DiffusionConfig, both) == both  # ambiguous: left for from_dict to refuse
+
+
 @pytest.mark.parametrize(
     "override, pattern",
     [

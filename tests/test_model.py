@@ -18,7 +18,7 @@ def model() -> DiVAE:
     torch.manual_seed(0)
     vq = VQ_PRESETS["tiny"]
     unet = replace(UNET_PRESETS["tiny"], cond_channels=vq.embed_dim, token_grid=8)
-    return DiVAE(vq, unet, DiffusionConfig(steps=50)).eval()
+    return DiVAE(vq, unet, DiffusionConfig(timesteps=50)).eval()
 
 
 def test_save_load_round_trip(model, tmp_path):
@@ -33,6 +33,34 @@ def test_save_load_round_trip(model, tmp_path):
     a = model.reconstruct(x, sampler="ddim", steps=3, seeds=[5, 6])
     b = loaded.reconstruct(x, sampler="ddim", steps=3, seeds=[5, 6])
     assert torch.equal(a, b)  # same weights, same seeds -> the same images
+
+
+def test_file_written_before_the_timesteps_rename_loads(model, tmp_path):
+    """A file whose metadata says diffusion "steps" (before `timesteps`), with a distilled `sampling` entry,
+    still loads: read_pretrained maps the old key, and its sampling is checked against T."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from divae.model import read_pretrained
+
+    new = tmp_path / "new.safetensors"
+    model.save_pretrained(new)
+    with safe_open(str(new), framework="pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    cfg = json.loads(meta["divae_config"])
+    cfg["diffusion"] = {("steps" if k == "timesteps" else k): v for k, v in cfg["diffusion"].items()}
+    cfg["sampling"] = {"sampler": "ddim", "timesteps": [24, 49], "distilled_from": "teacher.safetensors"}
+    old = tmp_path / "old.safetensors"
+    save_file(state, str(old), metadata=dict(meta, divae_config=json.dumps(cfg)))
+    assert cfg["diffusion"]["steps"] == 50 and "timesteps" not in cfg["diffusion"]
+    assert read_pretrained(old)[0]["diffusion"]["timesteps"] == 50
+    loaded = DiVAE.from_pretrained(old)
+    assert loaded.diffusion_cfg == model.diffusion_cfg and loaded.sampling == cfg["sampling"]
+    assert "steps" not in loaded.config_dict()["diffusion"]
+    tokens = loaded.encode(torch.zeros(1, 3, 64, 64))
+    assert loaded.decode_tokens(tokens, seeds=[0]).shape == (1, 3, 64, 64)  # its own 2-step sampler
 
 
 def test_shapes_and_range(model):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -43,7 +43,9 @@ DEFAULT_STEPS = {"ddpm": None, "ddim": 25, "dpmpp2m": 20}
 class DiffusionConfig:
     """The diffusion process of the decoder (Improved DDPM defaults, as in the paper).
 
-    steps: T, training timesteps. noise_schedule: "linear" | "cosine".
+    timesteps: T, the number of timesteps of the forward (noising) process the model is trained on; the
+        samplers' `steps` (network evaluations) pick a subset of these. Was `steps` (renamed: RENAMED_KEYS).
+    noise_schedule: "linear" | "cosine".
     zero_terminal_snr: rescale the schedule so abar_{T-1} = 0 (Lin et al. 2023; needs model_mean_type v or x0).
     model_mean_type: "epsilon" | "x0" | "v" (what the UNet predicts; gaussian_diffusion's docstring compares them).
     model_var_type: "learned_range" (UNet must have learn_sigma=True) | "fixed_small" | "fixed_large".
@@ -54,7 +56,9 @@ class DiffusionConfig:
     clip_denoised: clamp x_0 predictions to [-1, 1] while sampling.
     """
 
-    steps: int = 1000
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"steps": "timesteps"}  # old key -> new, for configs and model files
+
+    timesteps: int = 1000
     noise_schedule: Schedule = "linear"
     zero_terminal_snr: bool = False
     model_mean_type: MeanType = "epsilon"
@@ -72,8 +76,8 @@ class DiffusionConfig:
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"diffusion.{name}={getattr(self, name)!r}: choose one of {allowed}")
-        if self.steps < 2:
-            raise ValueError(f"diffusion.steps={self.steps}: need at least 2")
+        if self.timesteps < 2:
+            raise ValueError(f"diffusion.timesteps={self.timesteps}: need at least 2")
         if self.zero_terminal_snr and self.model_mean_type == "epsilon":
             raise ValueError("diffusion.zero_terminal_snr=true needs diffusion.model_mean_type v (or x0): an epsilon "
                              "model cannot give x_0 from pure noise at the last timestep")
@@ -90,13 +94,13 @@ class DiffusionConfig:
 
 
 def create_diffusion(cfg: DiffusionConfig, timestep_respacing: str | Sequence[int] = "") -> SpacedDiffusion:
-    """A diffusion over all `cfg.steps` steps ("") or a respaced subset ("250", "ddim25", "10,15,20", or
+    """A diffusion over all `cfg.timesteps` steps ("") or a respaced subset ("250", "ddim25", "10,15,20", or
     an explicit list of timesteps). Timestep indices into the result run 0..K-1."""
-    betas = get_named_beta_schedule(cfg.noise_schedule, cfg.steps)
+    betas = get_named_beta_schedule(cfg.noise_schedule, cfg.timesteps)
     if cfg.zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
     if isinstance(timestep_respacing, str):
-        use = space_timesteps(cfg.steps, timestep_respacing) if timestep_respacing else range(cfg.steps)
+        use = space_timesteps(cfg.timesteps, timestep_respacing) if timestep_respacing else range(cfg.timesteps)
     else:
         use = timestep_respacing
     return SpacedDiffusion(
@@ -153,35 +157,58 @@ def sample(
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if generators is not None and seeds is not None:
         raise ValueError("pass generators or seeds, not both")
-    if timestep_respacing is None:
-        n = steps if steps is not None else DEFAULT_STEPS[sampler]
-        if n is None or n == diffusion_cfg.steps:
-            timestep_respacing = ""
-        elif not 1 <= n <= diffusion_cfg.steps:
-            raise ValueError(f"steps must be in [1, {diffusion_cfg.steps}], got {n}")
-        else:
-            timestep_respacing = _default_respacing(sampler, n, diffusion_cfg.steps)
-    elif steps is not None:
-        raise ValueError("pass steps or timestep_respacing, not both")
-    diffusion = create_diffusion(diffusion_cfg, timestep_respacing)
-    if device is None:
-        params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
-        device = params.device if params is not None else torch.device("cpu")
-    noise = NoiseSource(tuple(shape), torch.device(device), generators, None if seeds is None else list(seeds))
+    respacing = _respacing_for(diffusion_cfg, sampler, steps, timestep_respacing)
+    diffusion = create_diffusion(diffusion_cfg, respacing)
+    device = _model_device(model) if device is None else torch.device(device)
+    noise = NoiseSource(tuple(shape), device, generators, None if seeds is None else list(seeds))
     clip = diffusion_cfg.clip_denoised if clip_denoised is None else clip_denoised
     if x_T is not None and tuple(x_T.shape) != tuple(shape):
         raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
     common = dict(clip_denoised=clip, model_kwargs=model_kwargs, progress=progress, x_T=x_T)
+    return _run_in_eval_mode(model, lambda: _run_loop(sampler, diffusion, model, noise, eta, common))
 
+
+def _respacing_for(diffusion_cfg: DiffusionConfig, sampler: str, steps: int | None,
+                   timestep_respacing: str | None) -> str | list[int]:
+    """The timesteps `sample` keeps: `timestep_respacing` as given, or the sampler's default spacing of `steps`
+    model evaluations (None: DEFAULT_STEPS[sampler]; all T, "", when that is T or None)."""
+    if timestep_respacing is not None:
+        if steps is not None:
+            raise ValueError("pass steps or timestep_respacing, not both")
+        return timestep_respacing
+    n = steps if steps is not None else DEFAULT_STEPS[sampler]
+    total = diffusion_cfg.timesteps
+    if n is None or n == total:
+        return ""
+    if not 1 <= n <= total:
+        raise ValueError(f"steps must be in [1, {total}], got {n}")
+    return _default_respacing(sampler, n, total)
+
+
+def _model_device(model: Callable) -> torch.device:
+    """Where `model` runs: its first parameter's device; CPU for a plain function or a module without any."""
+    params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    return params.device if params is not None else torch.device("cpu")
+
+
+def _run_loop(sampler: str, diffusion: SpacedDiffusion, model: Callable, noise: NoiseSource, eta: float,
+              common: dict) -> torch.Tensor:
+    """x_0 (B, C, H, W) from the named sampler's loop; `common`: the keyword arguments every loop takes."""
+    if sampler == "ddpm":
+        return ddpm_loop(diffusion, model, noise, **common)
+    if sampler == "ddim":
+        return ddim_loop(diffusion, model, noise, eta=eta, **common)
+    return dpmpp2m_loop(diffusion, model, noise, **common)
+
+
+def _run_in_eval_mode(model: Callable, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`run()` with an nn.Module `model` in eval mode (dropout off while sampling), its training mode restored
+    after, also when `run` raises."""
     was_training = isinstance(model, torch.nn.Module) and model.training
     if was_training:
         model.eval()
     try:
-        if sampler == "ddpm":
-            return ddpm_loop(diffusion, model, noise, **common)
-        if sampler == "ddim":
-            return ddim_loop(diffusion, model, noise, eta=eta, **common)
-        return dpmpp2m_loop(diffusion, model, noise, **common)
+        return run()
     finally:
         if was_training:
             model.train()

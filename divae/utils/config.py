@@ -38,6 +38,10 @@ class ConfigError(ValueError):
 
 
 PRESET_KEY = "_preset_"
+# A config dataclass may declare `RENAMED_KEYS: ClassVar[dict[str, str]]` (old key -> new key): a YAML or
+# override with an old key is refused with the new name (from_dict), and `rename_keys` maps the old keys of
+# data written before the rename (model-file metadata) to the new ones.
+RENAMED_ATTR = "RENAMED_KEYS"
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
@@ -98,7 +102,11 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         where = prefix.rstrip(".") or "config"
         raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    renamed = getattr(cls, RENAMED_ATTR, {})
     for key in data:
+        if key in renamed and key not in fields:
+            raise ConfigError(f"{prefix}{key} was renamed to {prefix}{renamed[key]}: rename the key in the YAML "
+                              "or override")
         if key not in fields:
             raise ConfigError(_unknown_key_message(prefix + str(key), str(key), list(fields)))
     hints = get_type_hints(cls)
@@ -113,6 +121,14 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:  # __post_init__ validation
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def rename_keys(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` (a section of `cls` written before a rename, e.g. a model file's metadata) with each old key of
+    `cls.RENAMED_KEYS` replaced by its new name, so that old files still load. A key present under both names
+    is left as it is (from_dict then refuses the old one)."""
+    renamed = getattr(cls, RENAMED_ATTR, {})
+    return {renamed[k] if k in renamed and renamed[k] not in data else k: v for k, v in data.items()}
 
 
 def to_dict(cfg: Any) -> Any:
@@ -192,7 +208,6 @@ def _type_name(tp: Any) -> str:
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against type `tp` and convert lists to tuples etc.; raise ConfigError naming `key`."""
     origin = get_origin(tp)
-    args = get_args(tp)
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):
@@ -200,36 +215,62 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
         return from_dict(tp, value if value is not None else {}, prefix=key + ".")
     if origin in (Union, types.UnionType):
-        if value is None and _NONE_TYPE in args:
-            return None
-        for arg in (a for a in args if a is not _NONE_TYPE):
-            try:
-                return _convert(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return _convert_union(value, tp, key)
     if origin is Literal:
-        if value in args:
-            return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{key}: {value!r} is not one of {list(args)}{hint}")
+        return _convert_literal(value, tp, key)
     if origin in (tuple, list) or tp in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list ({_type_name(tp)}), got {value!r}")
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(args) != len(value):
-                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
-            items = [_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
-        else:
-            item_tp = args[0] if args else Any
-            items = [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if (origin is tuple or tp is tuple) else items
+        return _convert_sequence(value, tp, key)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        args = get_args(tp)
         val_tp = args[1] if args else Any
         return {str(k): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    return _convert_scalar(value, tp, key)
+
+
+def _convert_union(value: Any, tp: Any, key: str) -> Any:
+    """Optional[X] / X | Y: None where allowed, else the first member type that accepts `value`."""
+    args = get_args(tp)
+    if value is None and _NONE_TYPE in args:
+        return None
+    for arg in (a for a in args if a is not _NONE_TYPE):
+        try:
+            return _convert(value, arg, key)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _convert_literal(value: Any, tp: Any, key: str) -> Any:
+    """Literal[...]: one of the listed values, else an error with the closest one."""
+    args = get_args(tp)
+    if value in args:
+        return value
+    close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"{key}: {value!r} is not one of {list(args)}{hint}")
+
+
+def _convert_sequence(value: Any, tp: Any, key: str) -> tuple | list:
+    """tuple[X, ...], tuple[X, Y] (fixed length), list[X]: a YAML list, items checked; tuples come back as
+    tuples (YAML has only lists)."""
+    origin, args = get_origin(tp), get_args(tp)
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected a list ({_type_name(tp)}), got {value!r}")
+    if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+        if len(args) != len(value):
+            raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+        items = [_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+    else:
+        item_tp = args[0] if args else Any
+        items = [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if (origin is tuple or tp is tuple) else items
+
+
+def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
+    """bool, int (not a bool), float (ints and YAML 1.1's dotless "1e-4" strings accepted), str, or any other
+    class `value` already is an instance of."""
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -125,9 +125,9 @@ class DistillTask(Task):
                              "export")
         _check_same("unet", file_cfg["unet"], to_dict(cfg.unet), dcfg.teacher)
         _check_same("diffusion", file_cfg["diffusion"], to_dict(cfg.diffusion), dcfg.teacher)
-        if max(dcfg.student_timesteps) >= cfg.diffusion.steps:
+        if max(dcfg.student_timesteps) >= cfg.diffusion.timesteps:
             raise ValueError(f"distill.student_timesteps={dcfg.student_timesteps}: timesteps run 0.."
-                             f"{cfg.diffusion.steps - 1}")
+                             f"{cfg.diffusion.timesteps - 1}")
         if dcfg.tokens == "precomputed" and cfg.data.random_flip:
             raise ValueError("distill.tokens=precomputed needs data.random_flip=false")
         self.vq_cfg = from_dict(VQConfig, file_cfg["vq"])
