@@ -146,3 +146,22 @@ def test_post_init_validation_is_reported():
 
     with pytest.raises(ConfigError, match="n must be positive"):
         from_dict(Checked, {"n": 0})
+
+
+def test_a_run_folder_config_from_before_a_rename_still_reads(tmp_path):
+    """A run's config.yaml written before `diffusion.steps` became `diffusion.timesteps`: checkpoint_tool's
+    convert (load_saved_config) reads it with the new name, and its diff against today's config shows no change."""
+    import yaml
+
+    from trainer.checkpoint_tool import config_diff
+    from trainer.config import load_saved_config, load_train_config
+
+    sections = load_train_config(None, ["train.stage=decoder", "train.run_dir=r", "diffusion.timesteps=50"]).sections(
+        ("train", "diffusion"))
+    sections["diffusion"]["steps"] = sections["diffusion"].pop("timesteps")
+    old = yaml.safe_dump(sections)
+    saved = write(tmp_path, old)
+    assert load_saved_config(saved).diffusion.timesteps == 50
+    assert config_diff(old, None, ["train.stage=decoder", "train.run_dir=r", "diffusion.timesteps=50"]) == []
+    assert config_diff(old, None, ["train.stage=decoder", "train.run_dir=r", "diffusion.timesteps=60"]) == \
+        ["diffusion.timesteps: 50 -> 60"]

@@ -21,8 +21,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from divae.utils.cli import report
 from divae.utils.config import ConfigError, to_dict
 from divae.weights_file import WeightsFileError
@@ -58,9 +56,9 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 def config_diff(saved_yaml: str, config: str, overrides: list[str]) -> list[str]:
     """`key: checkpoint value -> config value` for each setting (of the sections the checkpoint saved) that
     differs; the values the trainer derives on resume are left out."""
-    from trainer.config import load_train_config
+    from trainer.config import load_train_config, saved_config_dict
 
-    saved = yaml.safe_load(saved_yaml) or {}
+    saved = saved_config_dict(saved_yaml)
     cfg = to_dict(load_train_config(config, overrides))
     mine, theirs = _flat(saved), _flat({k: v for k, v in cfg.items() if k in saved})
     diff = []
@@ -156,7 +154,7 @@ def convert(path: str | Path) -> Path:
     """Collective (torchrun with the ranks that wrote the checkpoint): add the world-size-free optimizer state."""
     from runtime.collectives import barrier
     from runtime.launch import init_distributed
-    from trainer.config import load_train_config
+    from trainer.config import load_saved_config
     from trainer.engine import build_engine
     from trainer.tasks import TASKS
 
@@ -166,7 +164,7 @@ def convert(path: str | Path) -> Path:
     if dist.world_size != meta["world_size"]:
         raise ConfigError(f"{folder} was written by {meta['world_size']} ranks: run convert with "
                           f"torchrun --nproc_per_node {meta['world_size']} (this has {dist.world_size})")
-    cfg = load_train_config(folder / "config.yaml")
+    cfg = load_saved_config(folder / "config.yaml")
     micro = cfg.data.batch_size or cfg.per_rank_batch(dist.world_size)
     task = TASKS[cfg.train.stage](replace(cfg, data=replace(cfg.data, batch_size=micro)), dist.device)
     models = task.build_models()

@@ -26,11 +26,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from data_pipeline.loaders import DataConfig
 from divae.diffusion import DiffusionConfig
 from divae.prior import PRIOR_PRESETS, PriorConfig
 from divae.unet import UNET_PRESETS, UNetConfig
-from divae.utils.config import ConfigError, load_config, to_dict
+from divae.utils.config import ConfigError, apply_presets, from_dict, load_config, rename_keys_deep, to_dict
 from divae.vq import VQ_PRESETS, VQConfig
 from divae.vq_loss import VQLossConfig
 from trainer.checkpoint import CheckpointConfig
@@ -143,7 +145,23 @@ PRESETS = {VQConfig: VQ_PRESETS, UNetConfig: UNET_PRESETS, PriorConfig: PRIOR_PR
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    cfg = load_config(TrainConfig, path, overrides, presets=PRESETS)
+    return _known_stage(load_config(TrainConfig, path, overrides, presets=PRESETS))
+
+
+def _known_stage(cfg: TrainConfig) -> TrainConfig:
     if cfg.train.stage not in TASKS:
         raise ConfigError(f"train.stage: {cfg.train.stage!r} is not one of {list(TASKS)}")
     return cfg
+
+
+def saved_config_dict(text: str) -> dict:
+    """A run folder's config.yaml (what `train` wrote at the run's start) as a dict, with the keys renamed since it
+    was written mapped to their new names (`RENAMED_KEYS`), so that a run from before a rename can be inspected and
+    converted."""
+    return rename_keys_deep(TrainConfig, yaml.safe_load(text) or {})
+
+
+def load_saved_config(path: str | Path) -> TrainConfig:
+    """The TrainConfig of a run folder's config.yaml (see `saved_config_dict`)."""
+    data = apply_presets(TrainConfig, saved_config_dict(Path(path).read_text()), PRESETS)
+    return _known_stage(from_dict(TrainConfig, data))

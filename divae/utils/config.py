@@ -131,6 +131,16 @@ def rename_keys(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     return {renamed[k] if k in renamed and renamed[k] not in data else k: v for k, v in data.items()}
 
 
+def rename_keys_deep(cls: type, data: Any) -> Any:
+    """`rename_keys` applied to `data` and to each of its nested dataclass sections (a whole saved config, e.g. a
+    run folder's config.yaml written before a rename)."""
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        return data
+    data = rename_keys(cls, data)
+    hints = get_type_hints(cls)
+    return {k: rename_keys_deep(hints[k], v) if k in hints else v for k, v in data.items()}
+
+
 def to_dict(cfg: Any) -> Any:
     """Plain nested dict/list of a config (tuples become lists), suitable for YAML or JSON."""
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
