@@ -360,17 +360,8 @@ def _run(args: argparse.Namespace, pairs: CaptionPairs) -> dict | int:
     diffusion = args.decoder == "diffusion"
     if diffusion and args.sampler is None and (args.steps is not None or divae.sampling is None):
         args.sampler = "ddim"  # this CLI's fallback (DDIM 25); a distilled file's own sampler otherwise
-    how = divae.sampling_for(args.sampler, args.steps) if diffusion else {}
-    protocol = {"task": "text-to-image", "prior": str(args.prior), "prior_sha256": shas[0], "divae": str(args.divae),
-                "divae_sha256": shas[1], "data": str(args.data), "dataset_name": Path(args.data).name,
-                "decoder": args.decoder, "sampler": how.get("sampler"), "steps": how.get("steps"),
-                "timesteps": how.get("timestep_respacing"), "seed": args.seed, "guidance_scale": args.guidance_scale,
-                "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                "draw_seed": args.draw_seed, "draw_sha256": draw["captions_sha256"], "precision": args.precision,
-                "clip": f"{args.clip_model} {args.clip_weights}" if clip else None,
-                "inception_weights": extractor.weights_path,
-                "noise": "caption j of the draw: prior tokens and decoder noise seeded with seed + j",
-                "torch": torch.__version__}
+    protocol = _protocol(args, divae.sampling_for(args.sampler, args.steps) if diffusion else {}, shas,
+                         draw["captions_sha256"], clip is not None, extractor.weights_path)
     label = ("DiVAE" + (f" {divae.sampling_label(args.sampler, args.steps)}" if diffusion else " (CNN decoder)")
              + f" CFG{args.guidance_scale:g}")
     gen = make_t2i_generate(prior, tokenizer, divae, pairs.captions, seed=args.seed, sampler=args.sampler,
@@ -410,6 +401,22 @@ def _run(args: argparse.Namespace, pairs: CaptionPairs) -> dict | int:
     if dist.is_initialized():
         dist.destroy_process_group()
     return res
+
+
+def _protocol(args: argparse.Namespace, how: dict, shas: tuple[str, str], draw_sha256: str, clip: bool,
+              inception_weights: str) -> dict:
+    """What results.json records of this evaluation, and what a resume must match: the files (with their
+    sha256), the decoder's sampler `how`, the prior's sampling settings, the caption draw and the precision."""
+    return {"task": "text-to-image", "prior": str(args.prior), "prior_sha256": shas[0], "divae": str(args.divae),
+            "divae_sha256": shas[1], "data": str(args.data), "dataset_name": Path(args.data).name,
+            "decoder": args.decoder, "sampler": how.get("sampler"), "steps": how.get("steps"),
+            "timesteps": how.get("timestep_respacing"), "seed": args.seed, "guidance_scale": args.guidance_scale,
+            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+            "draw_seed": args.draw_seed, "draw_sha256": draw_sha256, "precision": args.precision,
+            "clip": f"{args.clip_model} {args.clip_weights}" if clip else None,
+            "inception_weights": inception_weights,
+            "noise": "caption j of the draw: prior tokens and decoder noise seeded with seed + j",
+            "torch": torch.__version__}
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ Checked across sections at load time:
   be mostly the initialisation;
 - data.batch_size is derived by the trainer (train.batch_size / (ranks x grad_accum)); leave it unset (0).
   A resume keeps the checkpoint's micro-batch and recomputes grad_accum for the number of ranks it runs on
-  (trainer.train._resume_batch; elastic resume, docs/reliability.md), so train.batch_size stays the global batch.
+  (trainer.elastic.resume_batch; elastic resume, docs/reliability.md), so train.batch_size stays the global batch.
 """
 
 from __future__ import annotations

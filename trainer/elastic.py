@@ -34,14 +34,21 @@ reproducible, not equal to the N-rank run), a webdataset position (refused).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from divae.utils.config import ConfigError
+from divae.utils.logging import get_logger
 from divae.weights_file import WeightsFileError, metadata_json, read_metadata
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
+
+log = get_logger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -223,3 +230,41 @@ def check_canonical(num_canonical: int, physical_nodes: int) -> None:
         raise ConfigError(f"this run's data order is fixed to data.num_canonical_nodes={num_canonical}, which "
                           f"{physical_nodes} node(s) cannot split (mosaicml-streaming needs one to divide the other): "
                           f"relaunch on {', '.join(map(str, ok))} node(s) or a multiple of {num_canonical}")
+
+
+def resume_batch(cfg: TrainConfig, prev: dict | None, is_elastic: bool, world_size: int) -> tuple[TrainConfig, int]:
+    """(config with the run's grad_accum and per-rank data.batch_size, micro-batch). A resume keeps the
+    checkpoint's micro-batch (what fit in memory) and recomputes the accumulation that keeps the global
+    batch on this world size; a fresh start (or a changed train.grad_accum / train.batch_size on the same
+    world size) splits train.batch_size with train.grad_accum."""
+    same_request = (prev is not None and "micro_batch" in prev and prev.get("global_batch") == cfg.train.batch_size
+                    and prev.get("grad_accum_config") == cfg.train.grad_accum)
+    if is_elastic or same_request:
+        micro, ga = batch_split(cfg.train.batch_size, prev["micro_batch"], world_size)
+        if (micro, ga) != (prev["micro_batch"], prev["grad_accum"]) or ga != cfg.train.grad_accum:
+            log.warning("resume on %d rank(s) (checkpoint: %d): micro-batch %d x grad_accum %d keeps the global batch "
+                        "of %d (train.grad_accum=%d)", world_size, prev["world_size"], micro, ga, cfg.train.batch_size,
+                        cfg.train.grad_accum)
+        cfg = replace(cfg, train=replace(cfg.train, grad_accum=ga))
+    else:
+        micro = cfg.per_rank_batch(world_size)
+    return replace(cfg, data=replace(cfg.data, batch_size=micro)), micro  # the saved config states the real value
+
+
+def fix_canonical_nodes(cfg: TrainConfig, prev: dict | None, world_size: int, local_world_size: int) -> TrainConfig:
+    """MDS: the data order is a function of data.num_canonical_nodes; fix it at the start of a run (streaming's
+    default for the shuffle algorithm on this many nodes, or the configured value), record it, keep it on every
+    resume, and check that this many nodes can split it."""
+    if cfg.data.format != "mds":
+        return cfg
+    nodes = max(world_size // max(local_world_size, 1), 1)
+    fixed = prev.get("num_canonical_nodes") if prev is not None else None
+    if prev is not None and "num_canonical_nodes" not in prev:
+        return cfg  # a checkpoint from before elastic resume: unchanged behaviour
+    if fixed is None:
+        fixed = cfg.data.num_canonical_nodes or canonical_nodes(cfg.data.shuffle_algo, nodes)
+    elif cfg.data.num_canonical_nodes not in (None, fixed):
+        raise ConfigError(f"data.num_canonical_nodes={cfg.data.num_canonical_nodes}, but this run's data order was "
+                          f"fixed to {fixed} at its start (see its checkpoints); remove the setting to resume")
+    check_canonical(fixed, nodes)
+    return replace(cfg, data=replace(cfg.data, num_canonical_nodes=fixed))

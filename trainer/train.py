@@ -180,8 +180,8 @@ def _build(cfg: TrainConfig, dist: DistInfo) -> tuple[_Run, Path | None]:
     prev = ckpt.read_meta(latest) if latest is not None else None
     resized = prev is not None and ckpt.check_compatible(prev, dist.world_size, latest, cfg.train.batch_size)
     asked_ga = cfg.train.grad_accum
-    cfg, micro = _resume_batch(cfg, prev, resized, dist.world_size)
-    cfg = _fix_canonical_nodes(cfg, prev, dist)
+    cfg, micro = elastic.resume_batch(cfg, prev, resized, dist.world_size)
+    cfg = elastic.fix_canonical_nodes(cfg, prev, dist.world_size, dist.local_world_size)
     check_batch(cfg, dist.world_size, micro)
 
     seed_all(cfg.train.seed)  # identical initial weights on every rank
@@ -408,44 +408,6 @@ def _checkpoint_meta(run: _Run) -> dict:
             "global_batch": run.global_batch, "data_format": cfg.data.format,
             "num_canonical_nodes": cfg.data.num_canonical_nodes,
             "elastic": [n for n, e in engines.items() if elastic.supported(e)], "time": time.time()}
-
-
-def _resume_batch(cfg: TrainConfig, prev: dict | None, is_elastic: bool, world_size: int) -> tuple[TrainConfig, int]:
-    """(config with the run's grad_accum and per-rank data.batch_size, micro-batch). A resume keeps the
-    checkpoint's micro-batch (what fit in memory) and recomputes the accumulation that keeps the global
-    batch on this world size; a fresh start (or a changed train.grad_accum / train.batch_size on the same
-    world size) splits train.batch_size with train.grad_accum."""
-    same_request = (prev is not None and "micro_batch" in prev and prev.get("global_batch") == cfg.train.batch_size
-                    and prev.get("grad_accum_config") == cfg.train.grad_accum)
-    if is_elastic or same_request:
-        micro, ga = elastic.batch_split(cfg.train.batch_size, prev["micro_batch"], world_size)
-        if (micro, ga) != (prev["micro_batch"], prev["grad_accum"]) or ga != cfg.train.grad_accum:
-            log.warning("resume on %d rank(s) (checkpoint: %d): micro-batch %d x grad_accum %d keeps the global batch "
-                        "of %d (train.grad_accum=%d)", world_size, prev["world_size"], micro, ga, cfg.train.batch_size,
-                        cfg.train.grad_accum)
-        cfg = replace(cfg, train=replace(cfg.train, grad_accum=ga))
-    else:
-        micro = cfg.per_rank_batch(world_size)
-    return replace(cfg, data=replace(cfg.data, batch_size=micro)), micro  # the saved config states the real value
-
-
-def _fix_canonical_nodes(cfg: TrainConfig, prev: dict | None, dist: DistInfo) -> TrainConfig:
-    """MDS: the data order is a function of data.num_canonical_nodes; fix it at the start of a run (streaming's
-    default for the shuffle algorithm on this many nodes, or the configured value), record it, keep it on every
-    resume, and check that this many nodes can split it."""
-    if cfg.data.format != "mds":
-        return cfg
-    nodes = max(dist.world_size // max(dist.local_world_size, 1), 1)
-    fixed = prev.get("num_canonical_nodes") if prev is not None else None
-    if prev is not None and "num_canonical_nodes" not in prev:
-        return cfg  # a checkpoint from before elastic resume: unchanged behaviour
-    if fixed is None:
-        fixed = cfg.data.num_canonical_nodes or elastic.canonical_nodes(cfg.data.shuffle_algo, nodes)
-    elif cfg.data.num_canonical_nodes not in (None, fixed):
-        raise ConfigError(f"data.num_canonical_nodes={cfg.data.num_canonical_nodes}, but this run's data order was "
-                          f"fixed to {fixed} at its start (see its checkpoints); remove the setting to resume")
-    elastic.check_canonical(fixed, nodes)
-    return replace(cfg, data=replace(cfg.data, num_canonical_nodes=fixed))
 
 
 def _zero_loss(model: torch.nn.Module) -> torch.Tensor:
