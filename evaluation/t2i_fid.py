@@ -4,8 +4,11 @@
         --out data/coco_t2i_val --num-pairs 30000 --seed 0
     torchrun --nproc_per_node 8 -m evaluation.t2i_fid --prior runs/prior/prior.safetensors \
         --divae runs/decoder_f8/divae.safetensors --data data/coco_t2i_val --out runs/t2i_fid \
-        --sampler ddim --steps 25 --guidance-scale 3 --top-k 512
+        --guidance-scale 3 --top-k 512                 # the paper's decoder: DDPM, 1000 steps
+    ... --sampler dpmpp2m --steps 20                    # the cheap figure: DPM-Solver++ 20 (~50x fewer passes)
 
+The decoder samples as `evaluation.recon_fid` does: the DiVAE file's own sampler (a distilled student's), else the
+paper's DDPM with all 1000 steps; `--sampler`/`--steps` choose another (the file records which, results.json too).
 The captions: `--num-captions` (default 30,000, or every pair the folder holds when fewer) are drawn with
 `--draw-seed` (numpy PCG64, without replacement, kept in data order) from the `prepare_coco` pairs, which hold
 one caption per val2014 image, centre-cropped to 256. The draw (indices and a sha256 of the captions) is in
@@ -229,7 +232,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decoder", choices=["diffusion", "cnn"], default="diffusion",
                    help="token decoder: DiVAE's diffusion decoder, or the VQ's CNN decoder (the VQGAN baseline)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
-                   help="diffusion sampler (default: the DiVAE file's own, a distilled student's; else ddim)")
+                   help="diffusion sampler (default: the DiVAE file's own, a distilled student's; else ddpm, "
+                        "the paper's 1000 steps, as evaluation.recon_fid)")
     p.add_argument("--steps", type=int_at_least(1), default=None,
                    help="sampling steps (default: the file's own with --sampler unset, else the sampler's)")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance of the prior")
@@ -358,8 +362,6 @@ def _run(args: argparse.Namespace, pairs: CaptionPairs) -> dict | int:
     draw = {"seed": args.draw_seed, "num_captions": n, "from_pairs": len(pairs.reader), "indices": pairs.indices,
             "captions_sha256": draw_sha256(pairs.indices, pairs.captions)}
     diffusion = args.decoder == "diffusion"
-    if diffusion and args.sampler is None and (args.steps is not None or divae.sampling is None):
-        args.sampler = "ddim"  # this CLI's fallback (DDIM 25); a distilled file's own sampler otherwise
     protocol = _protocol(args, divae.sampling_for(args.sampler, args.steps) if diffusion else {}, shas,
                          draw["captions_sha256"], clip is not None, extractor.weights_path)
     label = ("DiVAE" + (f" {divae.sampling_label(args.sampler, args.steps)}" if diffusion else " (CNN decoder)")

@@ -59,7 +59,7 @@ def test_ranks_batch_size_and_kill_give_the_same_fid(inputs, tmp_path):
     assert saved["protocol"]["guidance_scale"] == 3.0 and saved["protocol"]["top_k"] == 64
     caps = json.loads((tmp_path / "one" / "captions.json").read_text())
     assert [c["pair_index"] for c in caps] == saved["draw"]["indices"]
-    assert "| DiVAE DDIM2 CFG3 |" in (tmp_path / "one" / "results.md").read_text()
+    assert "| DiVAE DDPM2 CFG3 |" in (tmp_path / "one" / "results.md").read_text()
     assert Image.open(tmp_path / "one" / "samples.png").size[1] == 3 * 66 + 2  # 3 captions, one row each
 
     # another batch size in-process: per-caption seeds, the cached reference statistics
