@@ -9,7 +9,8 @@
 
 The decoder samples as `evaluation.recon_fid` does: the DiVAE file's own sampler (a distilled student's), else the
 paper's DDPM with all 1000 steps; `--sampler`/`--steps` choose another (the file records which, results.json too).
-The captions: `--num-captions` (default 30,000, or every pair the folder holds when fewer) are drawn with
+The captions: `--num-captions` (default 30,000, or every pair the folder holds when fewer, with a warning; more
+than it holds is refused) are drawn with
 `--draw-seed` (numpy PCG64, without replacement, kept in data order) from the `prepare_coco` pairs, which hold
 one caption per val2014 image, centre-cropped to 256. The draw (indices and a sha256 of the captions) is in
 results.json and the drawn captions in captions.json. Caption j of the draw is generated with seed `--seed + j`
@@ -75,6 +76,9 @@ PAPER_T2I_FID = 11.53  # MSCOCO 256, 30k captions, prior trained on Conceptual C
 
 # ----------------------------------------------------------------------------------------------------------
 # The caption draw and the reference set
+
+
+DEFAULT_CAPTIONS = 30_000  # captions drawn by default (the common MSCOCO-30k protocol)
 
 
 def draw_indices(num_pairs: int, num_captions: int | None, seed: int) -> list[int]:
@@ -225,8 +229,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--divae", required=True, help="DiVAE weights with the diffusion decoder (decoder stage export)")
     p.add_argument("--data", required=True, help="prepare_coco output (shards with a caption column)")
     p.add_argument("--out", default="runs/t2i_fid", help="output folder (results.json, results.md, samples.png)")
-    p.add_argument("--num-captions", type=int_at_least(2), default=30000,
-                   help="captions drawn from --data (default 30000; all pairs when the folder holds fewer)")
+    p.add_argument("--num-captions", type=int_at_least(2), default=None,
+                   help=f"captions drawn from --data (default {DEFAULT_CAPTIONS:,}, or all pairs with a warning when "
+                        "the folder holds fewer; a larger number than the folder holds is refused)")
     p.add_argument("--draw-seed", type=int, default=0, help="seed of the caption draw")
     p.add_argument("--seed", type=int, default=0, help="caption j of the draw is generated with seed + j")
     p.add_argument("--decoder", choices=["diffusion", "cnn"], default="diffusion",
@@ -269,6 +274,21 @@ def _meta(path, flag: str) -> dict:
             return f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a foreign file
         raise UsageError(f"{flag} {path} is not a safetensors file ({one_line(e)})") from None
+
+
+def _captions_to_draw(args: argparse.Namespace, n_pairs: int) -> int:
+    """How many captions to draw from the `n_pairs` the folder holds: an explicit --num-captions above it is refused
+    (an FID over fewer images is biased upwards, so a silent fallback would report a figure not comparable with the
+    one asked for); the default takes every pair when there are fewer than DEFAULT_CAPTIONS, saying so loudly."""
+    if args.num_captions is not None and args.num_captions > n_pairs:
+        raise UsageError(f"--num-captions {args.num_captions:,} but --data {args.data} holds {n_pairs:,} pairs "
+                         "(prepare_coco skips the images it cannot use; its manifest counts them): pass "
+                         f"--num-captions {n_pairs} or fewer, or prepare more pairs")
+    if args.num_captions is None and n_pairs < DEFAULT_CAPTIONS:
+        log.warning("--data %s holds %d pairs, fewer than the %d captions of the usual protocol: drawing all %d; "
+                    "this FID is not comparable with %d-caption figures (FID is biased upwards at fewer images)",
+                    args.data, n_pairs, DEFAULT_CAPTIONS, n_pairs, DEFAULT_CAPTIONS)
+    return min(args.num_captions or DEFAULT_CAPTIONS, n_pairs)
 
 
 def check_args(args: argparse.Namespace) -> CaptionPairs:
@@ -320,7 +340,7 @@ def check_args(args: argparse.Namespace) -> CaptionPairs:
         raise UsageError(f"--data: {e}") from None
     if n_pairs < 2:
         raise UsageError(f"--data {args.data} holds {n_pairs} pairs; FID needs at least 2")
-    pairs = CaptionPairs(args.data, draw_indices(n_pairs, args.num_captions, args.draw_seed))
+    pairs = CaptionPairs(args.data, draw_indices(n_pairs, _captions_to_draw(args, n_pairs), args.draw_seed))
     f = vq.downsample_factor
     ih, iw = pairs[0].shape[:2]
     gh, gw = int(pcfg["image_h"]) * f, int(pcfg["image_w"]) * f
@@ -359,7 +379,8 @@ def _run(args: argparse.Namespace, pairs: CaptionPairs) -> dict | int:
     ref_path = reference_stats_path(args.ref_stats_dir, manifest_bytes(pairs), n, extractor.weights_sha256)
     rank = rank_and_world()[0]
     shas = broadcast_object((sha256_file(args.prior), sha256_file(args.divae)) if rank == 0 else None)
-    draw = {"seed": args.draw_seed, "num_captions": n, "from_pairs": len(pairs.reader), "indices": pairs.indices,
+    draw = {"seed": args.draw_seed, "num_captions": n, "requested": args.num_captions, "from_pairs": len(pairs.reader),
+            "indices": pairs.indices,
             "captions_sha256": draw_sha256(pairs.indices, pairs.captions)}
     diffusion = args.decoder == "diffusion"
     protocol = _protocol(args, divae.sampling_for(args.sampler, args.steps) if diffusion else {}, shas,

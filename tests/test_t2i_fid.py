@@ -108,6 +108,21 @@ def test_mismatched_models_fail_clearly(inputs, tmp_path):
         main(args((root, coco, prior, tmp_path / "missing.safetensors"), tmp_path / "x", 2))
     with pytest.raises(UsageError, match="open_clip"):
         main(args(inputs, tmp_path / "x", 2, "--clip-weights", str(prior)))
+    # more captions than the folder's pairs: refused in one line with the count, not a silent smaller FID
+    with pytest.raises(UsageError, match=r"^--num-captions 1,000,000 but --data .* holds \d+ pairs .*: pass "):
+        main(args(inputs, tmp_path / "x", 2, "--num-captions", "1000000"))
+
+
+def test_default_caption_count_takes_every_pair_loudly_below_30k(caplog):
+    import argparse
+
+    from evaluation.t2i_fid import DEFAULT_CAPTIONS, _captions_to_draw
+
+    assert _captions_to_draw(argparse.Namespace(num_captions=None, data="d"), 10**6) == DEFAULT_CAPTIONS == 30_000
+    assert not caplog.records
+    assert _captions_to_draw(argparse.Namespace(num_captions=None, data="d"), 40) == 40
+    assert "holds 40 pairs, fewer than the 30000 captions" in caplog.text and "not comparable" in caplog.text
+    assert _captions_to_draw(argparse.Namespace(num_captions=12, data="d"), 40) == 12
 
 
 def test_slurm_script_syntax_and_usage(tmp_path):
