@@ -2,8 +2,8 @@
 
 Real prepare_folder on crops of several packaged photos, real training (one rank) of a VQ, a decoder and the
 paper-recipe decoder, real `evaluation.recon_fid` runs (the CNN decoder, DPM-Solver++, DDIM, and DDPM respaced to
-4 steps where the full plan runs all T = 1000) and one cell of the injection ablation; then the table's figures are checked against their
-sources and a rerun must reuse everything. A second test checks the recorded full run
+4 steps where the full plan runs all T = 1000) and one cell of the injection ablation; then the table's figures are
+checked against their sources and a rerun must reuse everything. A second test checks the recorded full run
 (docs/mini_table1_results.json) against its plan, its floors and the table in docs/mini_table1.md.
 """
 
