@@ -20,16 +20,7 @@ import argparse
 import os
 from collections.abc import Iterator
 
-from data_pipeline.prepare import (
-    UsageError,
-    add_common_args,
-    check_out,
-    check_tar,
-    cli,
-    image_config,
-    run_prepare,
-    validate_common,
-)
+from data_pipeline import prepare
 from data_pipeline.sources import NOT_WANTED, Item, iter_tar, max_bytes, tar_skip
 
 EMPTY_CAPTION = "empty caption"
@@ -94,12 +85,12 @@ class _Sample:
 def wds_tars(folder: str) -> list[str]:
     """The sorted .tar files of an img2dataset folder, each checked to be a tar; raises UsageError."""
     if not os.path.isdir(folder):
-        raise UsageError(f"--source {folder!r} is not a folder (expected img2dataset webdataset output)")
+        raise prepare.UsageError(f"--source {folder!r} is not a folder (expected img2dataset webdataset output)")
     tars = sorted(f for f in os.listdir(folder) if f.endswith(".tar"))
     if not tars:
-        raise UsageError(f"no .tar files in --source {folder!r} (expected img2dataset webdataset output)")
+        raise prepare.UsageError(f"no .tar files in --source {folder!r} (expected img2dataset webdataset output)")
     for t in tars:
-        check_tar(os.path.join(folder, t), "--source")
+        prepare.check_tar(os.path.join(folder, t), "--source")
     return tars
 
 
@@ -152,27 +143,27 @@ def main(argv: list[str] | None = None) -> dict:
     g.add_argument("--tsv", help="TSV of caption<TAB>local image path")
     p.add_argument("--max-caption-chars", type=int, default=512)
     p.add_argument("--min-size", type=int, default=0, help="skip sources whose shorter side is smaller")
-    add_common_args(p, shard_size=5000)
+    prepare.add_common_args(p, shard_size=5000)
     args = p.parse_args(argv)
-    validate_common(args)
+    prepare.validate_common(args)
     if args.max_caption_chars < 1:
-        raise UsageError(f"--max-caption-chars must be >= 1 (got {args.max_caption_chars})")
-    cfg = image_config(args, min_size=args.min_size)
+        raise prepare.UsageError(f"--max-caption-chars must be >= 1 (got {args.max_caption_chars})")
+    cfg = prepare.image_config(args, min_size=args.min_size)
     if args.source:
         wds_tars(args.source)  # checked now, before any work
         items = wds_items(args.source, args.max_caption_chars, max_bytes(args.max_file_mb))
         src = {"kind": "conceptual_captions", "img2dataset": os.path.abspath(args.source)}
     else:
         if not os.path.isfile(args.tsv):
-            raise UsageError(f"--tsv {args.tsv!r} does not exist")
+            raise prepare.UsageError(f"--tsv {args.tsv!r} does not exist")
         items = tsv_items(args.tsv, args.max_caption_chars)
         src = {"kind": "conceptual_captions", "tsv": os.path.abspath(args.tsv)}
     src["max_caption_chars"] = args.max_caption_chars
-    check_out(args.out)
-    return run_prepare(items, args.out, fmt=args.format, cfg=cfg, shard_size=args.shard_size,
-                       workers=args.workers, source=src, limit=args.limit, progress=not args.no_progress,
-                       max_file_bytes=max_bytes(args.max_file_mb))
+    prepare.check_out(args.out)
+    return prepare.run_prepare(items, args.out, fmt=args.format, cfg=cfg, shard_size=args.shard_size,
+                               workers=args.workers, source=src, limit=args.limit, progress=not args.no_progress,
+                               max_file_bytes=max_bytes(args.max_file_mb))
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli(main, "python -m data_pipeline.prepare_cc"))
+    raise SystemExit(prepare.cli(main, "python -m data_pipeline.prepare_cc"))

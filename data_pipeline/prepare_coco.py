@@ -20,15 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from data_pipeline.prepare import (
-    UsageError,
-    add_common_args,
-    check_out,
-    cli,
-    image_config,
-    run_prepare,
-    validate_common,
-)
+from data_pipeline import prepare
 from data_pipeline.sources import UNSAFE_PATH, Item, UnsafePath, confined_path, max_bytes
 
 
@@ -42,11 +34,11 @@ def draw_pairs(captions_json: str, num_pairs: int, seed: int) -> list[dict]:
         for a in sorted(d["annotations"], key=lambda a: a["id"]):
             by_image.setdefault(a["image_id"], []).append(a["caption"])
     except (ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"--captions {captions_json!r} is not COCO captions JSON (captions_val2014.json): "
-                         f"{type(e).__name__}: {e}") from None
+        raise prepare.UsageError(f"--captions {captions_json!r} is not COCO captions JSON (captions_val2014.json): "
+                                 f"{type(e).__name__}: {e}") from None
     ids = sorted(i for i in by_image if i in files)
     if num_pairs > len(ids):
-        raise UsageError(f"--num-pairs {num_pairs} > {len(ids)} captioned images in {captions_json}")
+        raise prepare.UsageError(f"--num-pairs {num_pairs} > {len(ids)} captioned images in {captions_json}")
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(ids), size=num_pairs, replace=False)
     pairs = []
@@ -76,28 +68,28 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--images", required=True, help="the val2014/ image folder")
     p.add_argument("--num-pairs", type=int, default=30000)
     p.add_argument("--seed", type=int, default=0)
-    add_common_args(p, shard_size=5000)
+    prepare.add_common_args(p, shard_size=5000)
     args = p.parse_args(argv)
-    validate_common(args)
+    prepare.validate_common(args)
     if args.num_pairs < 1:
-        raise UsageError(f"--num-pairs must be >= 1 (got {args.num_pairs})")
-    cfg = image_config(args)
+        raise prepare.UsageError(f"--num-pairs must be >= 1 (got {args.num_pairs})")
+    cfg = prepare.image_config(args)
     if not os.path.isfile(args.captions):
-        raise UsageError(f"--captions {args.captions!r} is not a file (annotations/captions_val2014.json)")
+        raise prepare.UsageError(f"--captions {args.captions!r} is not a file (annotations/captions_val2014.json)")
     if not os.path.isdir(args.images):
-        raise UsageError(f"--images {args.images!r} is not a folder (val2014/)")
+        raise prepare.UsageError(f"--images {args.images!r} is not a folder (val2014/)")
     pairs = draw_pairs(args.captions, args.num_pairs, args.seed)
-    check_out(args.out)
+    prepare.check_out(args.out)
     src = {"kind": "mscoco2014_val", "captions": os.path.abspath(args.captions),
            "images": os.path.abspath(args.images), "num_pairs": args.num_pairs, "seed": args.seed}
-    m = run_prepare(items(pairs, args.images), args.out, fmt=args.format, cfg=cfg,
-                    shard_size=args.shard_size, workers=args.workers, source=src, limit=args.limit,
-                    progress=not args.no_progress, total=len(pairs), extra_columns={"image_id": "int"},
-                    max_file_bytes=max_bytes(args.max_file_mb), extra_json={"pairs.json": pairs})
+    m = prepare.run_prepare(items(pairs, args.images), args.out, fmt=args.format, cfg=cfg,
+                            shard_size=args.shard_size, workers=args.workers, source=src, limit=args.limit,
+                            progress=not args.no_progress, total=len(pairs), extra_columns={"image_id": "int"},
+                            max_file_bytes=max_bytes(args.max_file_mb), extra_json={"pairs.json": pairs})
     if m["counts"]["skipped"]:
         print(f"warning: {m['counts']['skipped']} COCO images could not be used; see manifest.json")
     return m
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli(main, "python -m data_pipeline.prepare_coco"))
+    raise SystemExit(prepare.cli(main, "python -m data_pipeline.prepare_coco"))

@@ -16,15 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from data_pipeline.prepare import (
-    UsageError,
-    add_common_args,
-    check_out,
-    cli,
-    image_config,
-    run_prepare,
-    validate_common,
-)
+from data_pipeline import prepare
 from data_pipeline.sources import folder_items, max_bytes, subfolders, walk_images
 
 
@@ -34,32 +26,32 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--source", required=True, help="folder of images (searched recursively)")
     p.add_argument("--labels-from-subfolders", action="store_true", help="first-level subfolder = class")
     p.add_argument("--min-size", type=int, default=0, help="skip images whose shorter side is smaller")
-    add_common_args(p)
+    prepare.add_common_args(p)
     args = p.parse_args(argv)
-    validate_common(args)
-    cfg = image_config(args, min_size=args.min_size)
+    prepare.validate_common(args)
+    cfg = prepare.image_config(args, min_size=args.min_size)
     if not os.path.isdir(args.source):
-        raise UsageError(f"--source {args.source!r} is not a folder")
+        raise prepare.UsageError(f"--source {args.source!r} is not a folder")
     classes = None
     labels = None
     if args.labels_from_subfolders:
         classes = subfolders(args.source)
         if not classes:
-            raise UsageError(f"--source {args.source!r} has no subfolders to take labels from")
+            raise prepare.UsageError(f"--source {args.source!r} has no subfolders to take labels from")
         labels = {c: i for i, c in enumerate(classes)}
     images, passed = walk_images(args.source)
     if not images:
-        raise UsageError(f"no image files under --source {args.source!r}" +
-                         (f" ({len(passed)} symlink(s) or unreadable folder(s) passed over)" if passed else ""))
-    check_out(args.out)
+        raise prepare.UsageError(f"no image files under --source {args.source!r}" +
+                                 (f" ({len(passed)} symlink(s) or unreadable folder(s) passed over)" if passed else ""))
+    prepare.check_out(args.out)
     source = {"kind": "folder", "path": os.path.abspath(args.source),
               "labels_from_subfolders": args.labels_from_subfolders}
-    return run_prepare(folder_items(args.source, labels), args.out, fmt=args.format, cfg=cfg,
-                       shard_size=args.shard_size, workers=args.workers, source=source, limit=args.limit,
-                       progress=not args.no_progress, total=len(images) + len(passed),
-                       manifest_extra={"classes": classes} if classes else None,
-                       max_file_bytes=max_bytes(args.max_file_mb))
+    return prepare.run_prepare(folder_items(args.source, labels), args.out, fmt=args.format, cfg=cfg,
+                               shard_size=args.shard_size, workers=args.workers, source=source, limit=args.limit,
+                               progress=not args.no_progress, total=len(images) + len(passed),
+                               manifest_extra={"classes": classes} if classes else None,
+                               max_file_bytes=max_bytes(args.max_file_mb))
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli(main, "python -m data_pipeline.prepare_folder"))
+    raise SystemExit(prepare.cli(main, "python -m data_pipeline.prepare_folder"))

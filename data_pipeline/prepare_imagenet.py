@@ -25,16 +25,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from data_pipeline.prepare import (
-    UsageError,
-    add_common_args,
-    check_out,
-    check_tar,
-    cli,
-    image_config,
-    run_prepare,
-    validate_common,
-)
+from data_pipeline import prepare
 from data_pipeline.sources import (
     TOO_LARGE,
     UNSAFE,
@@ -72,13 +63,13 @@ def read_devkit(devkit: str) -> tuple[list[str], list[str]]:
                     with open(os.path.join(root, n), "rb") as f:
                         data = f.read(MAX_DEVKIT_MEMBER_BYTES + 1)
                     if len(data) > MAX_DEVKIT_MEMBER_BYTES:
-                        raise UsageError(too_big.format(rel))
+                        raise prepare.UsageError(too_big.format(rel))
                     files[wanted[0] if rel.endswith(wanted[0]) else wanted[1]] = data
     elif os.path.isfile(devkit):  # members over the cap are passed over unread
         for m, data, bad in iter_tar(path=devkit, max_member_bytes=MAX_DEVKIT_MEMBER_BYTES):
             if m.name.endswith(wanted):
                 if bad is not None and bad.startswith(TOO_LARGE):
-                    raise UsageError(too_big.format(m.name))
+                    raise prepare.UsageError(too_big.format(m.name))
                 if bad is None:
                     files[wanted[0] if m.name.endswith(wanted[0]) else wanted[1]] = data
     else:
@@ -155,29 +146,31 @@ def build_items(args: argparse.Namespace) -> tuple[Iterator[Item], dict, list[st
     src = args.source
     cap = max_bytes(args.max_file_mb)
     if os.path.isfile(src):
-        check_tar(src, "--source")
+        prepare.check_tar(src, "--source")
     elif not os.path.isdir(src):
-        raise UsageError(f"--source {src!r} is neither a tar file nor a folder")
+        raise prepare.UsageError(f"--source {src!r} is neither a tar file nor a folder")
     devkit_wnids, gt = None, None
     if args.devkit:
         if os.path.isfile(args.devkit):
-            check_tar(args.devkit, "--devkit")
+            prepare.check_tar(args.devkit, "--devkit")
         elif not os.path.isdir(args.devkit):
-            raise UsageError(f"--devkit {args.devkit!r} does not exist (ILSVRC2012_devkit_t12.tar.gz or its folder)")
+            raise prepare.UsageError(f"--devkit {args.devkit!r} does not exist "
+                                     "(ILSVRC2012_devkit_t12.tar.gz or its folder)")
         try:
             devkit_wnids, gt = read_devkit(args.devkit)
         except (OSError, ValueError, KeyError, tarfile.TarError) as e:
-            raise UsageError(f"--devkit {args.devkit!r} cannot be used: {e}") from None
+            raise prepare.UsageError(f"--devkit {args.devkit!r} cannot be used: {e}") from None
     source = {"kind": "imagenet", "split": args.split, "path": os.path.abspath(src),
               "devkit": os.path.abspath(args.devkit) if args.devkit else None}
     if os.path.isfile(src):
         if args.split == "train":
             wnids = sorted(devkit_wnids) if devkit_wnids else train_tar_wnids(src)
             if not wnids:
-                raise UsageError(f"--source {src!r} holds no <wnid>.tar members; is it ILSVRC2012_img_train.tar?")
+                raise prepare.UsageError(f"--source {src!r} holds no <wnid>.tar members; "
+                                         "is it ILSVRC2012_img_train.tar?")
             return train_tar_items(src, {w: i for i, w in enumerate(wnids)}, cap), source, wnids
         if gt is None:
-            raise UsageError("the val tar has no labels inside; pass --devkit ILSVRC2012_devkit_t12.tar.gz")
+            raise prepare.UsageError("the val tar has no labels inside; pass --devkit ILSVRC2012_devkit_t12.tar.gz")
         wnids = sorted(devkit_wnids)
         index = {w: i for i, w in enumerate(wnids)}
         return val_tar_items(src, [index[w] for w in gt], cap), source, wnids
@@ -187,9 +180,9 @@ def build_items(args: argparse.Namespace) -> tuple[Iterator[Item], dict, list[st
         wnids = sorted(devkit_wnids) if devkit_wnids else classes
         return _stem_keys(folder_items(root, {w: i for i, w in enumerate(wnids)})), source, wnids
     if args.split == "train":
-        raise UsageError(f"{root} has no <wnid>/ subfolders (expected train/n01440764/*.JPEG ...)")
+        raise prepare.UsageError(f"{root} has no <wnid>/ subfolders (expected train/n01440764/*.JPEG ...)")
     if gt is None:
-        raise UsageError(f"{root} is a flat val folder; pass --devkit for its labels")
+        raise prepare.UsageError(f"{root} is a flat val folder; pass --devkit for its labels")
     wnids = sorted(devkit_wnids)
     index = {w: i for i, w in enumerate(wnids)}
     labels = [index[w] for w in gt]
@@ -216,18 +209,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--split", choices=["train", "val"], required=True)
     p.add_argument("--source", required=True, help="ILSVRC2012_img_{train,val}.tar or an extracted folder")
     p.add_argument("--devkit", default=None, help="ILSVRC2012_devkit_t12.tar.gz (or folder); needed for val")
-    add_common_args(p)
+    prepare.add_common_args(p)
     args = p.parse_args(argv)
-    validate_common(args)
-    cfg = image_config(args)
+    prepare.validate_common(args)
+    cfg = prepare.image_config(args)
     items, source, wnids = build_items(args)
-    check_out(args.out)
+    prepare.check_out(args.out)
     if len(wnids) != 1000:
         print(f"note: {len(wnids)} classes found (ImageNet-1k has 1000)")
-    return run_prepare(items, args.out, fmt=args.format, cfg=cfg, shard_size=args.shard_size,
-                       workers=args.workers, source=source, limit=args.limit, progress=not args.no_progress,
-                       manifest_extra={"classes": wnids}, max_file_bytes=max_bytes(args.max_file_mb))
+    return prepare.run_prepare(items, args.out, fmt=args.format, cfg=cfg, shard_size=args.shard_size,
+                               workers=args.workers, source=source, limit=args.limit, progress=not args.no_progress,
+                               manifest_extra={"classes": wnids}, max_file_bytes=max_bytes(args.max_file_mb))
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli(main, "python -m data_pipeline.prepare_imagenet"))
+    raise SystemExit(prepare.cli(main, "python -m data_pipeline.prepare_imagenet"))

