@@ -1,5 +1,6 @@
 """Process and port helpers for the tests that start real subprocesses (trainer runs, torchrun evaluations, data
-preparation): find a process's descendants, SIGKILL a whole process tree, pick a free TCP port."""
+preparation): the torchrun command line, find a process's descendants, SIGKILL a whole process tree, pick a free TCP
+port."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 
@@ -61,3 +63,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))  # the venv's launcher (its command line names it)
+
+
+def torchrun(nproc: int, *args: str, port: int | None = None) -> list[str]:
+    """The command line of torchrun with `nproc` ranks on this machine running `args` (`-m module ...` or a
+    script): a standalone rendezvous on a port torchrun picks, or a static one on `port`."""
+    rendezvous = ["--standalone"] if port is None else ["--master_port", str(port)]
+    return [TORCHRUN, *rendezvous, "--nproc_per_node", str(nproc), *args]

@@ -4,13 +4,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import psutil
 import pytest
 import torch
 from data_fixtures import write_shards
-from helpers import free_port
+from helpers import free_port, torchrun
 
 from data_pipeline.loaders import DataConfig, build_loader, flip_mask
 from data_pipeline.shards import STANDARD_COLUMNS, ShardWriter
@@ -76,8 +75,7 @@ def _start_torchrun(args) -> subprocess.Popen:
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     port = free_port()  # for the rendezvous store
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           os.path.join(ROOT, "tests", "data_loader_worker.py"), *args]
+    cmd = torchrun(2, os.path.join(ROOT, "tests", "data_loader_worker.py"), *args, port=port)
     return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 

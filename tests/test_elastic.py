@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import trainer_runs as tt
-from helpers import free_port
+from helpers import free_port, torchrun
 from safetensors.torch import load_file
 
 from trainer import faults
@@ -188,8 +188,7 @@ def _assert_convert_rebuilds_the_elastic_file(written: Path, tmp: Path) -> None:
     with pytest.raises(WorldSizeError, match="predates elastic resume"):
         check_compatible(read_meta(old), 1, old)
     log = tmp / "convert.txt"
-    cmd = [tt.TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "trainer.checkpoint_tool",
-           "convert", str(old)]
+    cmd = torchrun(2, "-m", "trainer.checkpoint_tool", "convert", str(old), port=free_port())
     r = subprocess.run(cmd, cwd=tt.ROOT, env=tt._env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, timeout=240)
     assert r.returncode == 0, log.read_text()[-4000:]
     a, b = load_file(written / "elastic_model.safetensors"), load_file(old / "elastic_model.safetensors")

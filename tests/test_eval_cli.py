@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from eval_fixtures import N_IMAGES, inputs  # noqa: F401 - the tiny DiVAE file and MDS val shards
-from helpers import kill_tree
+from helpers import kill_tree, torchrun
 from PIL import Image
 
 from evaluation.recon_fid import main
@@ -42,8 +41,7 @@ def test_one_rank_and_two_ranks_agree(inputs, tmp_path):  # noqa: F811
     assert json.loads((tmp_path / "one" / "diffusion" / "results.json").read_text())["fid"] == diff["fid"]
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "evaluation.recon_fid", *cli_args(inputs, tmp_path / "two", batch_size=2)]
+    cmd = torchrun(2, "-m", "evaluation.recon_fid", *cli_args(inputs, tmp_path / "two", batch_size=2))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:

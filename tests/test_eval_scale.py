@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from eval_fixtures import (  # noqa: F401 - inputs: the tiny DiVAE file and MDS 
     make_dataset,
     run_eval,
 )
-from helpers import descendants, free_port, kill_tree
+from helpers import descendants, free_port, kill_tree, torchrun
 
 from evaluation.recon_fid import main
 from runtime.signals import REQUEUE_EXIT_CODE
@@ -174,8 +173,8 @@ def _torchrun(args: list[str]) -> subprocess.Popen:
     """torchrun with 2 ranks in its own session; torchrun ignores USR1 as under slurm/recon_fid.sh (the ranks
     install their own handler)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = ["bash", "-c", 'trap "" USR1; exec "$@"', "torchrun-ignoring-usr1", sys.executable, "-m",
-           "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "evaluation.recon_fid", *args]
+    cmd = ["bash", "-c", 'trap "" USR1; exec "$@"', "torchrun-ignoring-usr1",
+           *torchrun(2, "-m", "evaluation.recon_fid", *args)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
 

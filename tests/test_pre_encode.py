@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from data_fixtures import encode, photos, variant
+from helpers import torchrun
 
 from trainer import faults
 
@@ -64,8 +65,7 @@ def _env() -> dict[str, str]:
 def pre_encode(src: Path, dst: Path, vq: Path, nproc: int = 1, **env: str) -> subprocess.CompletedProcess:
     args = ["-m", "trainer.pre_encode", "--vq", str(vq), "--src", str(src), "--dst", str(dst), "--batch-size", "3",
             "--workers", "1", "--precision", "bf16"]
-    cmd = [sys.executable, *args] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    cmd = [sys.executable, *args] if nproc == 1 else torchrun(nproc, *args)
     # its own session: the kill hook SIGKILLs its process group (the process and its DataLoader worker)
     return subprocess.run(cmd, cwd=ROOT, env={**_env(), **env}, capture_output=True, text=True, timeout=300,
                           start_new_session=True)

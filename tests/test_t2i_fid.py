@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import torchrun
 from PIL import Image
 from t2i_fixtures import make_coco, make_models, scene
 
@@ -71,8 +72,7 @@ def test_ranks_batch_size_and_kill_give_the_same_fid(inputs, tmp_path):
     assert other["fid"] == pytest.approx(one["fid"], rel=1e-4)
 
     # two ranks under torchrun
-    two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-                "evaluation.t2i_fid", *args(inputs, tmp_path / "two", 2)])
+    two = _run(torchrun(2, "-m", "evaluation.t2i_fid", *args(inputs, tmp_path / "two", 2)))
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     r2 = json.loads((tmp_path / "two" / "results.json").read_text())
     assert r2["protocol"]["world_size"] == 2 and r2["draw"] == saved["draw"]

@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import descendants, free_port, kill_tree
+from helpers import descendants, free_port, kill_tree, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-TORCHRUN = str(Path(PY).with_name("torchrun"))
 
 # -- processes (the generic helpers are in tests/helpers.py) -------------------------------------------------
 def _rank_pids(proc: subprocess.Popen) -> dict[int, int]:
@@ -48,8 +47,7 @@ def start(args: list[str], nproc: int, log: Path, **env: str) -> subprocess.Pope
     if nproc == 1:
         cmd = [PY, "-m", "trainer.train", *args]
     else:
-        cmd = [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), "-m", "trainer.train",
-               *args]
+        cmd = torchrun(nproc, "-m", "trainer.train", *args, port=free_port())
     return subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
