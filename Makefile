@@ -21,10 +21,13 @@ $(STAMP): pyproject.toml constraints.txt
 # The suite on $(TEST_WORKERS) pytest-xdist workers (one test module per worker at a time, so module fixtures are
 # built once), then the tests marked `serial` alone (the shared Slurm cluster, wall-clock bounds). Exit code 5 (no
 # test selected, e.g. PYTEST_ARGS names a file without serial tests) counts as a pass in either part.
+# SERIAL_TESTS: the files that hold `serial` tests, so that the serial part collects only them (collecting the whole
+# suite costs ~9 s; tests/test_makefile.py checks the list); a PYTEST_ARGS of its own replaces it.
 TEST_WORKERS ?= 2
+SERIAL_TESTS := tests/test_hostile_train.py tests/test_hostile_shared.py
 test: setup
 	@$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope -m "not serial" $(PYTEST_ARGS); a=$$?; \
-	$(PY) -m pytest -m serial $(PYTEST_ARGS); b=$$?; \
+	$(PY) -m pytest -m serial $(or $(PYTEST_ARGS),$(SERIAL_TESTS)); b=$$?; \
 	echo "make test: parallel part exit $$a, serial part exit $$b"; \
 	[ $$a -eq 0 -o $$a -eq 5 ] && [ $$b -eq 0 -o $$b -eq 5 ] && [ $$a -eq 0 -o $$b -eq 0 ]
 

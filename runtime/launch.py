@@ -185,10 +185,11 @@ def init_distributed(timeout_s: float = 1800, *, engines: bool = True) -> DistIn
         if "OMP_NUM_THREADS" not in os.environ:
             # Several ranks on one box fight over the cores: a 6x slow-down on 2 cores without this.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
-        _skip_shm_comm_build()
     if not torch.distributed.is_initialized() and (engines or world > 1):
         _init_group(backend, world, timeout_s)
-    if engines:  # DeepSpeed's communication backend on the group made above
+    if engines:  # DeepSpeed's communication backend on the group made above (evaluation never imports DeepSpeed)
+        if backend == "gloo":
+            _skip_shm_comm_build()
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),

@@ -95,3 +95,19 @@ def test_after_start_up_the_group_has_the_collective_timeout(monkeypatch):
         cleanup()
         os.environ.clear()
         os.environ.update(saved)
+
+
+def test_an_evaluation_process_group_does_not_import_deepspeed():
+    """`init_distributed(engines=False)` (the evaluation CLIs, two ranks here) sets up plain torch.distributed:
+    DeepSpeed, which only the training engines need, is not imported (about a second per evaluation process)."""
+    port = free_port()
+    code = ("import sys\nfrom runtime.launch import cleanup, init_distributed\n"
+            "init_distributed(60, engines=False)\nimport torch.distributed as d\nd.barrier()\ncleanup()\n"
+            "print('deepspeed' in sys.modules)")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=dict(
+        os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port), PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    assert [o.strip() for o, _ in outs] == ["False", "False"]
