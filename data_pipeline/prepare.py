@@ -30,18 +30,15 @@ import dataclasses
 import glob
 import hashlib
 import json
-import multiprocessing as mp
 import os
-import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 
 from tqdm import tqdm
 
-from data_pipeline.images import RESAMPLES, ImageConfig, SkipImage, preprocess
+from data_pipeline.images import RESAMPLES, ImageConfig
+from data_pipeline.process_items import ordered_map
 from data_pipeline.shards import (
     FORMATS,
     MANIFEST,
@@ -52,13 +49,10 @@ from data_pipeline.shards import (
 )
 from data_pipeline.sources import (
     DEFAULT_MAX_FILE_MB,
-    TOO_LARGE,
-    FileTooLarge,
     Item,
     escape_name,
     item_fingerprint,
     max_bytes,
-    read_item_bytes,
 )
 from divae.utils.cli import UsageError, run_cli, writable_dir
 from divae.utils.files import FolderBusy, folder_lock
@@ -68,10 +62,6 @@ PARTIAL = ".partial"
 
 class OutputBusy(FolderBusy):
     """Another run holds the lock on the output folder (exit 1)."""
-
-
-class WorkerDied(RuntimeError):
-    """A worker process ended abruptly (SIGKILL, e.g. from the out-of-memory killer) (exit 1)."""
 
 
 def add_common_args(p: argparse.ArgumentParser, size: int = 256, shard_size: int = 2000) -> None:
@@ -156,78 +146,6 @@ def cli(main: Callable[[list[str]], object], prog: str, argv: list[str] | None =
         return 0
 
     return run_cli(run, argv, prog=prog, runtime=RUNTIME_ERRORS)
-
-
-_CFG: ImageConfig | None = None
-_MAX_FILE_BYTES: int | None = None
-
-
-def _init_worker(cfg: ImageConfig, max_file_bytes: int | None = None) -> None:
-    global _CFG, _MAX_FILE_BYTES
-    _CFG, _MAX_FILE_BYTES = cfg, max_file_bytes
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-def process_item(item: Item, cfg: ImageConfig | None = None,
-                 max_file_bytes: int | None = None) -> tuple[dict | None, dict | None]:
-    """Item -> (sample dict, None) or (None, skipped entry {"key", "reason", "detail"})."""
-    if cfg is None:  # in a worker process
-        cfg, max_file_bytes = _CFG, _MAX_FILE_BYTES
-    if item.skip is not None:
-        return None, {"key": item.key, "reason": item.skip, "detail": item.detail}
-    try:
-        data = read_item_bytes(item, max_file_bytes)
-        jpg, (w, h) = preprocess(data, cfg)
-    except SkipImage as e:
-        return None, {"key": item.key, "reason": e.reason, "detail": e.detail[:200]}
-    except FileTooLarge as e:
-        return None, {"key": item.key, "reason": TOO_LARGE, "detail": str(e)[:200]}
-    except OSError as e:  # unreadable file
-        return None, {"key": item.key, "reason": "unreadable file", "detail": str(e)[:200]}
-    sample = {"jpg": jpg, "label": int(item.label), "caption": item.caption, "key": item.key,
-              "orig_size": f"{w}x{h}"}
-    sample.update(item.extra)
-    return sample, None
-
-
-def _tagged(tag_item: tuple[int, Item]) -> tuple[int, tuple]:
-    return tag_item[0], process_item(tag_item[1])
-
-
-def _ordered_map(tagged: Iterable[tuple[int, Item]], cfg: ImageConfig, workers: int,
-                 max_file_bytes: int | None = None) -> Iterator[tuple]:
-    """(tag, item) -> (tag, process_item(item)), in order, at most workers*16 in flight (the input is
-    never read further ahead than that, so a 150 GB tar stays a stream).
-
-    A worker that dies abruptly breaks the pool (concurrent.futures notices a dead process, unlike
-    multiprocessing.Pool, which waits forever for its lost task): that raises WorkerDied at once."""
-    if workers <= 1:
-        for tag, it in tagged:
-            yield tag, process_item(it, cfg, max_file_bytes)
-        return
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg, max_file_bytes))
-    pending: collections.deque = collections.deque()
-
-    def take() -> tuple:
-        key, fut = pending.popleft()
-        try:
-            return fut.result()
-        except BrokenProcessPool:
-            raise WorkerDied(f"a worker process died abruptly (killed by a signal; SIGKILL usually means the "
-                             f"out-of-memory killer) with input {key!r} or one shortly before it in flight. "
-                             "Finished shards are kept: rerun the same command to resume (with fewer --workers, "
-                             "or a lower --max-pixels / --max-file-mb if memory is short)") from None
-
-    try:
-        for ti in tagged:
-            pending.append((ti[1].key, ex.submit(_tagged, ti)))
-            if len(pending) >= workers * 16:
-                yield take()
-        while pending:
-            yield take()
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
 
 
 def out_lock(out_dir: str) -> contextlib.AbstractContextManager[None]:
@@ -335,7 +253,7 @@ def _run_locked(items: Iterable[Item], out_dir: str, *, fmt: str, cfg: ImageConf
     if run.done:
         bar.write(f"resuming: {len(run.done)} shard(s) already done in {out_dir}")
     todo = _todo(run, items, shard_size, limit, bar.write)
-    processed = _write_chunks(run, _ordered_map(todo, cfg, workers, max_file_bytes), bar)
+    processed = _write_chunks(run, ordered_map(todo, cfg, workers, max_file_bytes), bar)
     bar.close()
 
     recs = _records(run)
@@ -467,7 +385,7 @@ def _write_chunk(run: _Run, c: int, samples: list[dict], skipped: list[dict]) ->
 def _records(run: _Run) -> list[dict]:
     """The records of chunks 0 .. n - 1, in order."""
     n_chunks = max(run.inputs) + 1 if run.inputs else 0
-    # Chunks whose items were all pre-skipped still pass through _ordered_map, so every chunk has a record.
+    # Chunks whose items were all pre-skipped still pass through ordered_map, so every chunk has a record.
     missing = [c for c in range(n_chunks) if c not in run.done]
     if missing:
         raise RuntimeError(f"internal: chunks {missing[:5]} have no record")

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from divae.diffusion import DiffusionConfig, sample
 from divae.unet import UNetConfig, UNetModel
-from divae.utils.config import from_dict, rename_keys, to_dict
+from divae.utils.config import from_dict, rename_keys_deep, to_dict
 from divae.vq import VQConfig, VQModel
 from divae.weights_file import WeightsFileError, metadata_json, read_metadata
 
@@ -198,11 +198,10 @@ def read_pretrained(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def upgrade_config(cfg: dict) -> dict:
-    """A file's `divae_config` with the keys renamed since it was written mapped to their new names (e.g.
-    diffusion "steps" -> "timesteps"), so that files written before a rename still load."""
-    if isinstance(cfg.get("diffusion"), dict):
-        cfg = dict(cfg, diffusion=rename_keys(DiffusionConfig, cfg["diffusion"]))
-    return cfg
+    """A file's `divae_config` with the keys renamed since it was written (any section's `RENAMED_KEYS`, e.g.
+    diffusion "steps" -> "timesteps") mapped to their new names, so that files written before a rename still load."""
+    sections = {"vq": VQConfig, "unet": UNetConfig, "diffusion": DiffusionConfig}
+    return {k: rename_keys_deep(sections[k], v) if k in sections else v for k, v in cfg.items()}
 
 
 def check_config_size(path: str | Path, build: Callable[[], nn.Module], state: dict[str, torch.Tensor]) -> None:

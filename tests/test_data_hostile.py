@@ -239,14 +239,14 @@ def test_non_utf8_names_and_duplicate_stems_imagenet_tar(tmp_path):
 
 _KILL_WORKER = """
 import os, signal, sys, time
-from data_pipeline import prepare, prepare_folder
-real = prepare.read_item_bytes
+from data_pipeline import prepare, prepare_folder, process_items
+real = process_items.read_item_bytes
 def read_or_die(item, cap=None):  # what the OOM killer does to the worker that holds input img_020
     if item.key == "img_020":
         time.sleep(1.0)  # (growing: the other worker finishes what it holds meanwhile)
         os.kill(os.getpid(), signal.SIGKILL)
     return real(item, cap)
-prepare.read_item_bytes = read_or_die
+process_items.read_item_bytes = read_or_die
 sys.exit(prepare.cli(prepare_folder.main, "prepare_folder", sys.argv[1:]))
 """
 

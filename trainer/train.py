@@ -229,11 +229,11 @@ def _loop(run: _Run) -> int:
     batches, meter = Batches(run.loader), WindowMeter()
     profiler = StepProfiler(cfg.logging.profile_every, cfg.logging.profile_steps, run.run_dir / "profile", dist.rank,
                             dist.device, run.step)
-    probes = faults.nan_loss_at(), faults.sample_tracer(dist.rank)
+    nan_fault, trace = faults.nan_loss_at(), faults.sample_tracer(dist.rank)  # test probes (trainer/faults.py)
     exit_code = 0
     while run.step < cfg.train.steps:
         t_step = time.perf_counter()
-        step_metrics, bad_keys, data_wait = _accumulate(run, batches, *probes)
+        step_metrics, bad_keys, data_wait = _accumulate(run, batches, nan_fault, trace)
         run.step += 1
         profiler.step(run.step)
         run.samples_seen += run.global_batch
@@ -363,20 +363,19 @@ def _save(run: _Run) -> None:
         return [name for name, _, _ in exports]
 
     rng = ckpt.rng_state()
-    if not cfg.checkpoint.state:  # weights only, into the run folder (no resumable state)
+    if cfg.checkpoint.state:
+        rank_state = {"rng": rng, "loader": run.loader.state_dict(), "task": run.task.state_dict()}
+        ckpt.save(run.run_dir / "checkpoints", run.step, rank=run.dist.rank, engines=run.engines,
+                  rank_state=rank_state, meta=_checkpoint_meta(run), config_yaml=run.config_yaml, ema=ema_states,
+                  export_fn=export_fn if cfg.checkpoint.export else None, keep_last=cfg.checkpoint.keep_last)
+    else:  # weights only, into the run folder (no resumable state)
         if run.dist.is_main and cfg.checkpoint.export:
             tmp = run.run_dir / ".export_tmp"
             tmp.mkdir(exist_ok=True)
             for name in export_fn(tmp):  # whole files only: a kill mid-write leaves the previous export
                 os.replace(tmp / name, run.run_dir / name)
-    else:
-        rank_state = {"rng": rng, "loader": run.loader.state_dict(), "task": run.task.state_dict()}
-        ckpt.save(run.run_dir / "checkpoints", run.step, rank=run.dist.rank, engines=run.engines,
-                  rank_state=rank_state, meta=_checkpoint_meta(run), config_yaml=run.config_yaml, ema=ema_states,
-                  export_fn=export_fn if cfg.checkpoint.export else None, keep_last=cfg.checkpoint.keep_last)
-    ckpt.set_rng_state(rng)
-    if not cfg.checkpoint.state:
         barrier()
+    ckpt.set_rng_state(rng)
 
 
 def _exports(run: _Run, ema_states: dict) -> list[tuple[str, dict, dict]]:
