@@ -11,7 +11,9 @@ the decoder's own VQ:
   regression; dpmpp2m:20 the demo's sampler; own: a distilled student's own sampler): PSNR and LPIPS, so a
   decoder whose advantage comes from denoising shows it (better with more steps), one that ignores x_t does not;
 - the VQ's CNN decoder on the same tokens and crops, the baseline (a VQ-only export, such as the fair CNN
-  baseline of `vq_task.train=decoder`, gets this row alone).
+  baseline of `vq_task.train=decoder`, gets this row alone), and each sample's LPIPS minus the CNN's on the same
+  crops (mean and standard error of the paired difference: the test of "beats the CNN decoder"). An anchored
+  decoder (divae/anchor.py) trained on the fair CNN's file holds that CNN, so its CNN row is the fair baseline.
 Each figure is a mean over crops with its standard error. Prints a Markdown table; --json writes the numbers.
 """
 
@@ -29,7 +31,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from divae.diffusion import create_diffusion, sample  # noqa: E402
+from divae.anchor import from_residual, to_residual  # noqa: E402
+from divae.diffusion import create_diffusion  # noqa: E402
 from divae.lpips import LPIPS  # noqa: E402
 from divae.model import DiVAE  # noqa: E402
 from evaluation.data import open_dataset  # noqa: E402
@@ -62,21 +65,33 @@ def scores(x: torch.Tensor, ref: torch.Tensor, lpips: LPIPS | None) -> dict[str,
            "colour": mean_se((a.double().mean((2, 3)) - b.double().mean((2, 3))).abs().mean(1))}
     if lpips is not None:
         with torch.no_grad():
-            out["lpips"] = mean_se(torch.cat([lpips(ref[i:i + 16], x[i:i + 16].clamp(-1, 1))
-                                              for i in range(0, len(x), 16)]))
+            per_image = torch.cat([lpips(ref[i:i + 16], x[i:i + 16].clamp(-1, 1)) for i in range(0, len(x), 16)])
+        out["lpips"] = mean_se(per_image)
+        out["lpips_per_image"] = per_image
     return out
+
+
+def paired_gap(s: dict, cnn: dict) -> tuple[float, float] | None:
+    """LPIPS of a sample minus the CNN decoder's on the same crops: (mean, standard error of the paired
+    difference); negative means the diffusion decoder is closer to the originals."""
+    if "lpips_per_image" not in s or "lpips_per_image" not in cnn:
+        return None
+    return mean_se(s["lpips_per_image"] - cnn["lpips_per_image"])
 
 
 @torch.no_grad()
 def one_step_x0(model: DiVAE, x0: torch.Tensor, z_q: torch.Tensor, t: int, seed: int) -> torch.Tensor:
-    """x_0-hat from x_t = q_sample(x_0, t) with fixed noise: (B, 3, H, W)."""
+    """x_0-hat from x_t = q_sample(x_0, t) with fixed noise: (B, 3, H, W). For an anchored decoder the diffusion's
+    x_0 is the residual of the CNN decoder: noised, estimated and turned back into an image."""
     diffusion = create_diffusion(model.diffusion_cfg)
+    kwargs, base = model.unet_inputs(z_q)
+    target = x0 if base is None else to_residual(x0, base, model.anchor["scale"])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     tt = torch.full((x0.shape[0],), t, dtype=torch.long)
-    xt = diffusion.q_sample(x0, tt, noise)
-    out = model.unet(xt, tt, z_q)
-    c = x0.shape[1]
-    return diffusion.x0_from_prediction(out[:, :c].float(), xt, tt).clamp(-1, 1)
+    xt = diffusion.q_sample(target, tt, noise)
+    out = model.unet(xt, tt, **kwargs)
+    pred = diffusion.x0_from_prediction(out[:, :x0.shape[1]].float(), xt, tt)
+    return (pred if base is None else from_residual(pred, base, model.anchor["scale"])).clamp(-1, 1)
 
 
 def diagnose(name: str, path: str, crops: torch.Tensor, ts: list[int], samplers: list[tuple[str, int]],
@@ -93,12 +108,12 @@ def diagnose(name: str, path: str, crops: torch.Tensor, ts: list[int], samplers:
     for sampler, steps in samplers:
         if sampler == "own" and model.sampling is None:
             continue  # not a distilled export
-        how = model.sampling_for(None, None) if sampler == "own" else {"sampler": sampler, "steps": steps}
-        x = torch.cat([sample(model.unet, model.diffusion_cfg, crops[i:i + batch].shape, **how,
-                              model_kwargs={"cond": z_q[i:i + batch]},
-                              seeds=range(i, i + len(crops[i:i + batch]))) for i in range(0, len(crops), batch)])
+        how = {"sampler": None, "steps": None} if sampler == "own" else {"sampler": sampler, "steps": steps}
+        x = torch.cat([model.decode_tokens(idx[i:i + batch], **how, seeds=range(i, i + len(idx[i:i + batch])))
+                       for i in range(0, len(idx), batch)])
         label = f"own: {model.sampling_label(None, None)}" if sampler == "own" else f"{sampler}:{steps}"
         res["samples"][label] = scores(x.clamp(-1, 1), crops, lpips)
+        res["samples"][label]["lpips_vs_cnn"] = paired_gap(res["samples"][label], res["cnn"])
     return res
 
 
@@ -112,12 +127,14 @@ def table(results: list[dict]) -> str:
             continue
         lines.append(f"| {r['decoder']} | " + " / ".join(f"{v['psnr'][0]:.1f}" for v in r["x0_by_t"].values())
                      + " | " + " / ".join(f"{v['colour'][0]:.1f}" for v in r["x0_by_t"].values()) + " |")
-    lines += ["", "| decoder | reconstruction | PSNR (dB) | LPIPS |", "|---|---|---|---|"]
+    lines += ["", "| decoder | reconstruction | PSNR (dB) | LPIPS | LPIPS minus the CNN's (paired) |",
+              "|---|---|---|---|---|"]
     for r in results:
         rows = [("CNN decoder (same tokens)", r["cnn"]), *r["samples"].items()]
         for label, s in rows:
             lp = f(s["lpips"], 4) if "lpips" in s else "-"
-            lines.append(f"| {r['decoder']} | {label} | {f(s['psnr'])} | {lp} |")
+            gap = f(s["lpips_vs_cnn"], 4) if s.get("lpips_vs_cnn") else "-"
+            lines.append(f"| {r['decoder']} | {label} | {f(s['psnr'])} | {lp} | {gap} |")
     return "\n".join(lines)
 
 
@@ -143,7 +160,8 @@ def main() -> None:
     print(f"{len(crops)} held-out crops from {args.crops}\n")
     print(table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+        Path(args.json).write_text(json.dumps(results, indent=2, default=lambda v: v.tolist()
+                                              if isinstance(v, torch.Tensor) else str(v)))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@
 
 A saved model is one safetensors file: tensors `vq.*` and `unet.*` (the state dicts of the components) and
 the metadata key `divae_config`, a JSON object {"vq": VQConfig, "unet": UNetConfig | null,
-"diffusion": DiffusionConfig | null, "sampling": null | {"sampler", "timesteps", "distilled_from"}}; "sampling"
+"diffusion": DiffusionConfig | null, "sampling": null | {"sampler", "timesteps", "distilled_from"},
+"anchor": null | {"scale"}}; "anchor" makes the UNet a diffusion over the residual of the VQ's CNN decoder
+(divae/anchor.py; a file without the key has none); "sampling"
 is the decoder's own default sampler, written by the distillation stage (trainer/tasks/distill.py): a student
 decodes with DDIM over the timesteps it was trained at, and `decode_tokens` uses that unless told otherwise.
 A VQ-stage export has no UNet; its `decoder="diffusion"` raises.
@@ -28,6 +30,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from divae.anchor import base_image, check_anchor, from_residual
 from divae.diffusion import DiffusionConfig, sample
 from divae.unet import UNetConfig, UNetModel
 from divae.utils.config import from_dict, rename_keys_deep, to_dict
@@ -40,14 +43,19 @@ FORMAT = "divae/1"
 
 
 class DiVAE(nn.Module):
-    """Holds `vq: VQModel`, `unet: UNetModel | None`, `diffusion_cfg: DiffusionConfig | None` and `sampling`
-    (the decoder's default sampler, see the module docstring; None: DDPM over all T steps)."""
+    """Holds `vq: VQModel`, `unet: UNetModel | None`, `diffusion_cfg: DiffusionConfig | None`, `sampling`
+    (the decoder's default sampler, see the module docstring; None: DDPM over all T steps) and `anchor` (None, or
+    {"scale": s}: the UNet samples the residual of the VQ's CNN decoder, divae/anchor.py)."""
 
     def __init__(self, vq_cfg: VQConfig, unet_cfg: UNetConfig | None = None,
-                 diffusion_cfg: DiffusionConfig | None = None, sampling: dict | None = None):
+                 diffusion_cfg: DiffusionConfig | None = None, sampling: dict | None = None,
+                 anchor: dict | None = None):
         super().__init__()
         if sampling is not None:
             check_sampling(sampling, diffusion_cfg)
+        if anchor is not None and unet_cfg is None:
+            raise ValueError("`anchor` needs a diffusion decoder (this file has none)")
+        check_anchor(anchor, unet_cfg.anchor_channels if unet_cfg is not None else None)
         if (unet_cfg is None) != (diffusion_cfg is None):
             raise ValueError("give both unet_cfg and diffusion_cfg (a diffusion decoder) or neither (VQ only)")
         if unet_cfg is not None:
@@ -61,6 +69,7 @@ class DiVAE(nn.Module):
         self.unet = UNetModel(unet_cfg) if unet_cfg is not None else None
         self.diffusion_cfg = diffusion_cfg
         self.sampling = sampling
+        self.anchor = anchor
 
     @property
     def downsample_factor(self) -> int:
@@ -93,11 +102,23 @@ class DiVAE(nn.Module):
                              "load a decoder-stage export")
         f = self.downsample_factor
         shape = (indices.shape[0], self.unet.cfg.in_channels, indices.shape[1] * f, indices.shape[2] * f)
-        cond = z_q if self.unet.conditional else None
+        kwargs, base = self.unet_inputs(z_q)
         how = self.sampling_for(sampler, steps)
-        x = sample(self.unet, self.diffusion_cfg, shape, **how, seeds=seeds,
-                   model_kwargs={"cond": cond} if cond is not None else None, device=z_q.device)
+        x = sample(self.unet, self.diffusion_cfg, shape, **how, seeds=seeds, model_kwargs=kwargs or None,
+                   device=z_q.device, clip_denoised=False if base is not None else None)
+        if base is not None:
+            x = from_residual(x, base, self.anchor["scale"])
         return x.clamp(-1, 1)
+
+    def unet_inputs(self, z_q: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
+        """The UNet's keyword inputs for the embeddings z_q (B, d, h, w) ({"cond": z_q} when conditioned, plus
+        {"anchor": base} when anchored), and the base image (B, 3, H, W) of an anchored decoder (else None): the
+        diffusion's x_0 is then the residual, `divae.anchor.from_residual(x_0, base, scale)` the image."""
+        kwargs = {"cond": z_q} if self.unet.conditional else {}
+        if self.anchor is None:
+            return kwargs, None
+        base = base_image(self.vq, z_q)
+        return {**kwargs, "anchor": base}, base
 
     def sampling_for(self, sampler: str | None, steps: int | None, fallback: str = "ddpm") -> dict:
         """The keyword arguments of `divae.diffusion.sample` for a request: the file's own sampler when neither
@@ -125,7 +146,7 @@ class DiVAE(nn.Module):
     def config_dict(self) -> dict:
         return {"vq": to_dict(self.vq.cfg), "unet": to_dict(self.unet.cfg) if self.unet is not None else None,
                 "diffusion": asdict(self.diffusion_cfg) if self.diffusion_cfg is not None else None,
-                "sampling": self.sampling}
+                "sampling": self.sampling, "anchor": self.anchor}
 
     def save_pretrained(self, path: str | Path, weights: dict | None = None) -> None:
         """Write one safetensors file (fp32 tensors `vq.*`, `unet.*`; configs in metadata). `weights`: which
@@ -142,7 +163,7 @@ class DiVAE(nn.Module):
             return cls(from_dict(VQConfig, cfg["vq"]),
                        from_dict(UNetConfig, cfg["unet"]) if cfg.get("unet") else None,
                        from_dict(DiffusionConfig, cfg["diffusion"]) if cfg.get("diffusion") else None,
-                       cfg.get("sampling"))
+                       cfg.get("sampling"), cfg.get("anchor"))
 
         check_config_size(path, build, state)  # before anything is allocated for the config
         model = build()

@@ -75,6 +75,8 @@ class UNetConfig:
     use_checkpoint: activation checkpointing of every block (saves memory, costs one more forward).
     attn_backend: "auto" | "sdpa" | "xformers", see divae.attention.
     fp32_edges: run the input conv, the timestep MLP and the output layer in float32 (see the module doc).
+    anchor_channels: extra input channels concatenated to x_t, `forward(..., anchor=...)`: the base image of an
+        anchored decoder (divae.anchor; 3), 0 for none.
     bf16_norms: the blocks' GroupNorms run in the autocast dtype with float32 statistics
         (unet_blocks.LowPrecisionGroupNorm) instead of CUDA autocast's float32; off by default.
     """
@@ -101,6 +103,7 @@ class UNetConfig:
     attn_backend: AttnBackend = "auto"
     fp32_edges: bool = True
     bf16_norms: bool = False
+    anchor_channels: int = 0
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
@@ -109,6 +112,8 @@ class UNetConfig:
             raise ValueError(f"cond_position {self.cond_position!r} not in {COND_POSITIONS}")
         if self.cond_method not in COND_METHODS:
             raise ValueError(f"cond_method {self.cond_method!r} not in {COND_METHODS}")
+        if self.anchor_channels < 0:
+            raise ValueError(f"anchor_channels must be >= 0, got {self.anchor_channels}")
         if not self.channel_mult or self.num_res_blocks < 1 or self.model_channels < 1:
             raise ValueError("channel_mult must be non-empty, num_res_blocks and model_channels >= 1")
         for r in self.attention_resolutions:
@@ -136,7 +141,8 @@ class UNetStage(nn.ModuleList):
 
 
 class UNetModel(nn.Module):
-    """ADM UNet: forward(x (B, in, H, W), t (B,) long, cond (B, d, h, w) | None) -> (B, out[*2], H, W)."""
+    """ADM UNet: forward(x (B, in, H, W), t (B,) long, cond (B, d, h, w) | None, anchor (B, anchor_channels, H, W)
+    | None) -> (B, out[*2], H, W)."""
 
     casts_own_inputs = True  # takes inputs in any float dtype (a wrapper must not pre-cast x_t to bf16)
 
@@ -204,7 +210,7 @@ class UNetModel(nn.Module):
         """(input blocks, the channels of each skip connection they leave, the width at the bottom): the input
         conv, then per level num_res_blocks stages and (but at the last level) a downsampling stage."""
         cfg, mc, attn_ds = self.cfg, self.cfg.model_channels, self._attention_factors()
-        blocks = nn.ModuleList([UNetStage([EdgeConv2d(cfg.in_channels, mc, 3, padding=1)])])
+        blocks = nn.ModuleList([UNetStage([EdgeConv2d(cfg.in_channels + cfg.anchor_channels, mc, 3, padding=1)])])
         skip_chs, ch, ds = [mc], mc, 1
         for level, mult in enumerate(cfg.channel_mult):
             for i in range(cfg.num_res_blocks):
@@ -253,8 +259,14 @@ class UNetModel(nn.Module):
             return checkpoint(stage, h, emb, cond, use_reentrant=False)
         return stage(h, emb, cond)
 
-    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> None:
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
+                      anchor: torch.Tensor | None) -> None:
         cfg = self.cfg
+        if cfg.anchor_channels and (anchor is None or anchor.shape != (x.shape[0], cfg.anchor_channels, *x.shape[2:])):
+            raise ValueError(f"this UNet takes anchor (B, {cfg.anchor_channels}, H, W) beside x "
+                             f"{tuple(x.shape)}, got {None if anchor is None else tuple(anchor.shape)}")
+        if not cfg.anchor_channels and anchor is not None:
+            raise ValueError("this UNet has anchor_channels=0; do not pass anchor")
         if x.dim() != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
         f = cfg.downsample_factor
@@ -280,10 +292,13 @@ class UNetModel(nn.Module):
             if isinstance(m, Fp32Edge):
                 m.fp32 = flag
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, in_channels, H, W), t (B,) timesteps, cond z_q (B, d, h, w) -> (B, out[*2], H, W) float32
-        (the body's dtype without `fp32_edges`)."""
-        self._check_inputs(x, t, cond)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+                anchor: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, in_channels, H, W), t (B,) timesteps, cond z_q (B, d, h, w), anchor (B, anchor_channels, H, W)
+        (concatenated to x) -> (B, out[*2], H, W) float32 (the body's dtype without `fp32_edges`)."""
+        self._check_inputs(x, t, cond, anchor)
+        if anchor is not None:
+            x = torch.cat([x, anchor.to(x.dtype)], dim=1)
         body_dtype = next(self.middle_block.parameters()).dtype
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels)).to(body_dtype)
         if cond is not None:

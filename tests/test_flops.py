@@ -148,3 +148,19 @@ def test_distillation_costs_the_students_unrolled_steps_and_the_teachers_sampler
     assert fs["forward"] == fd["forward"] > 1e12
     assert fs["train"] - 20 * fs["forward"] == pytest.approx(2 * fd["train"], rel=0.01)
     assert activation_bytes(dist, False)[0] == pytest.approx(2 * activation_bytes(dec, False)[0], rel=0.02)
+
+
+def test_an_anchored_decoder_costs_its_cnn_base_and_three_input_channels():
+    """decoder.anchor: per image the frozen CNN decoder's forward (in training and in decoding) on top of the UNet,
+    whose input conv takes the base image's 3 channels beside x_t."""
+    from trainer.flops import vq_decode_flops
+
+    plain = load_train_config("configs/demo_decoder.yaml")
+    anchored = load_train_config("configs/demo_decoder_anchored.yaml")
+    vq = load_train_config("configs/demo_vq.yaml").vq
+    fp, fa = TASKS["decoder"].sample_flops(plain, vq), TASKS["decoder"].sample_flops(anchored, vq)
+    base = vq_decode_flops(vq, plain.unet.token_grid)
+    conv_in = 2 * 3 * 9 * plain.unet.model_channels * plain.unet.image_size ** 2  # the 3 extra input channels
+    assert base > 1e6
+    assert fa["forward"] - fp["forward"] == pytest.approx(base + conv_in, rel=1e-6)
+    assert fa["train"] - fp["train"] > base + conv_in

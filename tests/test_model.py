@@ -96,6 +96,53 @@ def test_bad_files_are_clear_errors(tmp_path):
 
 
 
+def test_anchored_decoder_round_trip_and_hostile_anchor_entries(tmp_path):
+    """An anchored DiVAE (divae/anchor.py) keeps its anchor through a file; decoding adds the CNN decoder's image to
+    the sampled residual (checked against the parts); a file whose anchor entry could not decode, or disagrees with
+    its UNet's input channels, is refused with the entry named."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from divae.anchor import base_image, from_residual
+    from divae.diffusion import sample
+
+    torch.manual_seed(0)
+    vq = VQ_PRESETS["tiny"]
+    unet = replace(UNET_PRESETS["tiny"], cond_channels=vq.embed_dim, anchor_channels=3, learn_sigma=False)
+    diffusion = DiffusionConfig(timesteps=50, model_mean_type="v", model_var_type="fixed_small", loss="simple")
+    model = DiVAE(vq, unet, diffusion, anchor={"scale": 0.5}).eval()
+    torch.nn.init.normal_(model.unet.out[-1].weight, std=0.02)  # a decoder whose residual is not zero
+    path = tmp_path / "anchored.safetensors"
+    model.save_pretrained(path)
+    loaded = DiVAE.from_pretrained(path)
+    assert loaded.anchor == {"scale": 0.5}
+    ids = torch.randint(0, vq.n_embed, (2, 8, 8))
+    z_q = loaded.vq.embed(ids)
+    base = base_image(loaded.vq, z_q)
+    r = sample(loaded.unet, diffusion, (2, 3, 64, 64), sampler="ddim", steps=3, seeds=[5, 6], clip_denoised=False,
+               model_kwargs={"cond": z_q, "anchor": base})
+    x = loaded.decode_tokens(ids, sampler="ddim", steps=3, seeds=[5, 6])
+    assert torch.equal(x, from_residual(r, base, 0.5).clamp(-1, 1))
+    assert not torch.equal(x, loaded.decode_tokens(ids, decoder="cnn"))
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    cfg = json.loads(meta["divae_config"])
+    for bad, match in ((1e9, "anchor="), ("x", "anchor="), (float("nan"), "anchor="), ([1], "anchor=")):
+        hostile = tmp_path / "hostile.safetensors"
+        save_file(state, str(hostile), metadata={**meta, "divae_config": json.dumps({**cfg, "anchor": {"scale": bad}})})
+        with pytest.raises(ValueError, match=match):
+            DiVAE.from_pretrained(hostile)
+    no_anchor = tmp_path / "no_anchor.safetensors"
+    save_file(state, str(no_anchor), metadata={**meta, "divae_config": json.dumps({**cfg, "anchor": None})})
+    with pytest.raises(ValueError, match="anchor_channels=3 but the decoder has no anchor"):
+        DiVAE.from_pretrained(no_anchor)
+    with pytest.raises(ValueError, match="needs unet.anchor_channels=3"):
+        DiVAE(vq, replace(unet, anchor_channels=0), diffusion, anchor={"scale": 0.5})
+
+
 def test_foreign_and_damaged_files_are_one_line_errors_from_every_loader(tmp_path):
     """divae.weights_file is the one metadata reader: a text file, a truncated header and a metadata value that is
     not JSON are one-line errors naming the file and what to do, whichever loader meets them."""

@@ -207,3 +207,49 @@ def task_init(models, path):
 
     _, state = read_pretrained(path)
     models["generator"].load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("vq.")})
+
+
+def test_bf16_anchored_decoder_learns_the_cnn_residual(single_process_group, tmp_path):
+    """decoder.anchor (divae/anchor.py) under bf16 engines: before training, the export of an x_0-predicting
+    anchored decoder decodes exactly the CNN decoder's image (its output layer starts at zero); the diffusion's
+    target is the residual in units of anchor_scale (the first step's MSE equals its mean square); the LPIPS term
+    on base + residual-hat trains the UNet; the trained export decodes something else than the CNN, through the
+    file's anchor. Configs that cannot work are one-line errors."""
+    from divae.model import DiVAE
+    from divae.vq import VQ_PRESETS
+
+    vq_cfg = VQ_PRESETS["tiny"]
+    torch.manual_seed(0)
+    vq_file = tmp_path / "vq.safetensors"
+    DiVAE(vq_cfg).save_pretrained(vq_file)
+    common = ["deepspeed.precision=bf16", f"decoder.vq_weights={vq_file}", "diffusion.model_mean_type=x0",
+              "diffusion.model_var_type=fixed_small", "diffusion.loss=simple", "unet.learn_sigma=false",
+              f"unet.cond_channels={vq_cfg.embed_dim}", f"unet.token_grid={64 // vq_cfg.downsample_factor}"]
+    with pytest.raises(ValueError, match="unet.anchor_channels=3"):
+        _task([*common, "decoder.anchor=true"], "decoder_tiny.yaml")[0].build_models()
+    with pytest.raises(ValueError, match="decoder.finetune_encoder=false"):
+        _task([*common, "decoder.anchor=true", "unet.anchor_channels=3", "decoder.finetune_encoder=true"],
+              "decoder_tiny.yaml")
+    scale = 0.2
+    task, engines = _task([*common, "decoder.anchor=true", "unet.anchor_channels=3", f"decoder.anchor_scale={scale}",
+                           "decoder.perceptual_weight=1.0", "decoder.perceptual_images=2"], "decoder_tiny.yaml")
+    batch = _photo_batch()
+    ids = task.frozen_vq.encode(task.images(batch))
+
+    def export(name: str) -> DiVAE:
+        task.export(str(tmp_path / name), {"model": task.inner("model").state_dict()})
+        return DiVAE.from_pretrained(tmp_path / name)
+
+    before = export("before.safetensors")
+    assert before.anchor == {"scale": scale}
+    cnn = before.decode_tokens(ids, decoder="cnn")
+    assert torch.equal(before.decode_tokens(ids, sampler="dpmpp2m", steps=3, seeds=range(4)), cnn)
+    x0 = task.images(batch)
+    base = task.frozen_vq.decode(task.frozen_vq.embed(ids)).float().clamp(-1, 1)
+    metrics = _train_step(task, engines, batch, 0)
+    assert torch.isfinite(metrics["loss"]) and "lpips" in metrics
+    assert metrics["mse"].item() == pytest.approx((((x0 - base) / scale) ** 2).mean().item(), rel=1e-5)
+    for step in range(1, 3):
+        _train_step(task, engines, batch, step)
+    after = export("after.safetensors")
+    assert not torch.equal(after.decode_tokens(ids, sampler="dpmpp2m", steps=3, seeds=range(4)), cnn)

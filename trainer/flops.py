@@ -208,8 +208,9 @@ def unet_parts(unet_cfg, batch: int, calls: int = 1):
         x = torch.randn(batch, c, s, s)
         t = torch.zeros(batch, dtype=torch.long)
         cond = torch.randn(batch, unet_cfg.cond_channels, g, g) if unet_cfg.cond_position != "none" else None
+        anchor = torch.randn(batch, unet_cfg.anchor_channels, s, s) if unet_cfg.anchor_channels else None
         for _ in range(calls):
-            x = m(x, t, cond).float()[:, :c]
+            x = m(x, t, cond, anchor).float()[:, :c]
         return x.square().mean()
 
     return build, step
@@ -236,6 +237,16 @@ def vq_encode_flops(vq_cfg, image_size: int, backward: bool) -> int:
         return z.float().square().mean()
 
     return trace(lambda: VQModel(vq_cfg), step, backward=backward).flops
+
+
+def vq_decode_flops(vq_cfg, token_grid: int) -> int:
+    """Forward FLOPs of the VQ's CNN decoder on one (token_grid x token_grid) z_q (an anchored decoder's base)."""
+    from divae.vq import VQModel
+
+    def step(vq):
+        return vq.decode(torch.randn(1, vq_cfg.embed_dim, token_grid, token_grid)).float().square().mean()
+
+    return trace(lambda: VQModel(vq_cfg), step, backward=False).flops
 
 
 def vq_parts(cfg, batch: int):

