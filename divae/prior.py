@@ -373,6 +373,8 @@ class PriorModel(nn.Module):
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         num_tokens: int | None = None,
+        negative_ids: torch.Tensor | None = None,
+        negative_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sample image tokens for a batch of captions.
 
@@ -382,13 +384,16 @@ class PriorModel(nn.Module):
         its own generator so a caption's tokens do not depend on the rest of the batch; else `generator`
         (or the global RNG). use_cache=False recomputes the whole prefix every step (slow; for tests and
         benchmarks). num_tokens: stop after that many tokens (default: the whole grid).
+        negative_ids / negative_mask (B, T) like text_ids / text_mask: a negative caption per caption, which
+        replaces the empty caption as `uncond` (logits = neg + s * (cond - neg); s = 0 samples given it alone).
         Returns (B, h, w) long, or (B, num_tokens) when num_tokens is less than the grid.
         """
         c = self.cfg
         n = self._sample_length(num_tokens, top_k, top_p)
         b, device = text_ids.shape[0], text_ids.device
         gens = make_generators(seeds, b, device)
-        mode, text_ids, text_mask = self._guidance_text(text_ids, text_mask, guidance_scale)
+        negative = None if negative_ids is None and negative_mask is None else (negative_ids, negative_mask)
+        mode, text_ids, text_mask = self._guidance_text(text_ids, text_mask, guidance_scale, negative)
         enc = self.encode_text(text_ids, text_mask)
         key_mask = text_mask[:, None, None, :]
         ctx_kv, caches = None, None
@@ -423,16 +428,26 @@ class PriorModel(nn.Module):
             raise ValueError(f"top_p={top_p} must be in (0, 1] or None")
         return n
 
-    def _guidance_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor,
-                       guidance_scale: float) -> tuple[str, torch.Tensor, torch.Tensor]:
+    def _guidance_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor, guidance_scale: float,
+                       negative: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       ) -> tuple[str, torch.Tensor, torch.Tensor]:
         """(mode, text_ids, text_mask) the decoder attends to while sampling B captions (ids/mask (B, T)):
         "cond" (s = 1) the captions; "uncond" (s = 0) B empty captions; "guided" the captions followed by B
-        empty ones, (2B, T), so that one pass gives both halves of classifier-free guidance."""
+        empty ones, (2B, T), so that one pass gives both halves of classifier-free guidance. `negative`
+        (ids, mask), each (B, T): the captions that take the empty captions' place."""
         b, device = text_ids.shape[0], text_ids.device
+        if negative is not None:
+            neg_ids, neg_mask = negative
+            if neg_ids is None or neg_mask is None or neg_ids.shape != text_ids.shape:
+                got = None if neg_ids is None else tuple(neg_ids.shape)
+                raise ValueError(f"negative_ids and negative_mask must both be given, shaped as text_ids "
+                                 f"{tuple(text_ids.shape)}; got {got}")
         if guidance_scale == 0.0:
-            return ("uncond", *self.null_text(b, device))
+            return ("uncond", *(negative or self.null_text(b, device)))
         if guidance_scale == 1.0:
             return "cond", text_ids, text_mask
-        null_ids, null_mask = self.null_text(b, device)
-        t = text_ids.shape[1]
-        return "guided", torch.cat([text_ids, null_ids[:, :t]]), torch.cat([text_mask, null_mask[:, :t]])
+        if negative is None:
+            null_ids, null_mask = self.null_text(b, device)
+            t = text_ids.shape[1]
+            neg_ids, neg_mask = null_ids[:, :t], null_mask[:, :t]
+        return "guided", torch.cat([text_ids, neg_ids]), torch.cat([text_mask, neg_mask])

@@ -36,10 +36,13 @@ def text_to_image(
     seeds: Sequence[int] | None = None,
     batch_size: int | None = None,
     return_tokens: bool = False,
+    negative_caption: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Generate one image per caption.
 
     guidance_scale: classifier-free guidance on the prior's logits (1 = conditional only, 0 = unconditional).
+    negative_caption: a caption that replaces the empty caption of guidance's unconditional branch
+    (logits = neg + s * (cond - neg); at s = 0 the tokens are drawn given it alone); None: the empty caption.
     temperature / top_k / top_p: token sampling (temperature <= 0 is greedy). seeds: one int per caption;
     caption i's tokens and image depend only on seeds[i] (the token decoder gets the same seed), so a batch
     can be split or reordered without changing results. batch_size: captions per prior/decoder call
@@ -51,6 +54,8 @@ def text_to_image(
     captions = list(captions)
     if not captions:
         raise ValueError("no captions given")
+    if negative_caption is not None and not isinstance(negative_caption, str):
+        raise TypeError(f"negative_caption must be a string or None, got {type(negative_caption).__name__}")
     if seeds is not None and len(seeds) != len(captions):
         raise ValueError(f"got {len(seeds)} seeds for {len(captions)} captions; pass one seed per caption")
     if tokenizer.max_length > prior.cfg.text_len:
@@ -63,8 +68,12 @@ def text_to_image(
         chunk = captions[start:start + bs]
         chunk_seeds = None if seeds is None else [int(s) for s in seeds[start:start + bs]]
         ids, mask = tokenizer.encode(chunk, device=device)
+        neg = {}
+        if negative_caption is not None:
+            neg_ids, neg_mask = tokenizer.encode([negative_caption] * len(chunk), device=device)
+            neg = {"negative_ids": neg_ids, "negative_mask": neg_mask}
         z = prior.sample(ids, mask, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
-                         top_p=top_p, seeds=chunk_seeds)
+                         top_p=top_p, seeds=chunk_seeds, **neg)
         x = decode_tokens(z, seeds=chunk_seeds)
         if x.dim() != 4 or x.shape[0] != len(chunk):
             raise ValueError(f"decode_tokens returned shape {tuple(x.shape)}; expected ({len(chunk)}, C, H, W)")

@@ -125,6 +125,28 @@ def test_guided_logits_formula():
     assert torch.equal((uncond + s * (cond - uncond)).argmax(-1), z)
 
 
+
+def test_negative_caption_takes_the_empty_captions_place():
+    m = make_model()
+    ids, mask = captions(2)
+    neg_ids, neg_mask = captions(2, seed=5)
+    s = 3.0
+    z = m.sample(ids, mask, guidance_scale=s, temperature=0.0, negative_ids=neg_ids, negative_mask=neg_mask)
+    cond, neg = m(ids, mask, z), m(neg_ids, neg_mask, z)
+    assert torch.equal((neg + s * (cond - neg)).argmax(-1), z.flatten(1))
+    assert not torch.equal(z, m.sample(ids, mask, guidance_scale=s, temperature=0.0))
+    seeded = dict(temperature=1.0, seeds=[4, 6])
+    assert torch.equal(m.sample(ids, mask, guidance_scale=0.0, negative_ids=neg_ids, negative_mask=neg_mask, **seeded),
+                       m.sample(neg_ids, neg_mask, guidance_scale=1.0, **seeded))
+    null_ids, null_mask = m.null_text(2)  # the empty caption as the negative: the default path's tokens
+    assert torch.equal(m.sample(ids, mask, guidance_scale=s, negative_ids=null_ids[:, :CFG.text_len],
+                                negative_mask=null_mask[:, :CFG.text_len], **seeded),
+                       m.sample(ids, mask, guidance_scale=s, **seeded))
+    with pytest.raises(ValueError, match="shaped as text_ids"):
+        m.sample(ids, mask, guidance_scale=s, negative_ids=neg_ids[:1], negative_mask=neg_mask[:1])
+    with pytest.raises(ValueError, match="must both be given"):
+        m.sample(ids, mask, guidance_scale=s, negative_ids=neg_ids)
+
 def test_per_sample_seeds():
     m = make_model()
     ids, mask = captions(3)
