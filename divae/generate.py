@@ -9,7 +9,9 @@ Writes one PNG per caption and seed, `<out>/<caption number>_<caption words>_see
 `<out>/index.json` listing each file with its caption, seed and the sampling settings. The image of (caption,
 seed) depends only on them and the settings (the prior's token draws and the decoder's noise come from a
 generator seeded with the seed), not on the batch size or the other captions: a rerun gives the same image.
---captions reads one caption per line (UTF-8; blank lines skipped).
+--captions reads one caption per line (UTF-8; blank lines skipped). --prior may name the prior stage's run folder:
+its best.safetensors (lowest validation loss) when it has one, else its prior.safetensors; the choice is printed
+and recorded in index.json ("prior", "prior_choice").
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import re
 import sys
 from functools import partial
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -45,7 +48,8 @@ def _seeds(text: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m divae.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prior", required=True, help="prior weights (prior.safetensors of the prior stage)")
+    p.add_argument("--prior", required=True, help="prior weights (prior.safetensors of the prior stage), or the "
+                   "prior stage's run folder: its best.safetensors (lowest validation loss), else prior.safetensors")
     p.add_argument("--divae", required=True, help="DiVAE weights (decoder export; a VQ export with --decoder cnn)")
     p.add_argument("--caption", action="append", default=[], help="a caption (repeatable)")
     p.add_argument("--captions", default=None, help="text file, one caption per line")
@@ -88,11 +92,24 @@ def read_captions(args: argparse.Namespace) -> list[str]:
     return caps
 
 
+def resolve_prior(value: str) -> tuple[Path, str]:
+    """--prior as (the prior file, why that one) (`divae.prior_io.resolve_prior_path`: a run folder gives its best
+    checkpoint), printed; a UsageError when it names no file."""
+    from divae.prior_io import resolve_prior_path
+
+    try:
+        path, why = resolve_prior_path(value)
+    except FileNotFoundError as e:
+        raise UsageError(f"--prior {e}") from None
+    print(f"--prior: {why}", flush=True)
+    return path_arg(path, "--prior"), why
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """Generate; returns the index entries (file, caption, seed)."""
     args = parse_args(argv)
     captions = read_captions(args)
-    path_arg(args.prior, "--prior")
+    prior_path, prior_why = resolve_prior(args.prior)
     path_arg(args.divae, "--divae")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -107,7 +124,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     device = torch.device(args.device)
     try:
-        prior, tokenizer = load_prior(args.prior, device=device)
+        prior, tokenizer = load_prior(prior_path, device=device)
     except ValueError as e:
         raise UsageError(f"--prior: {e}") from None
     divae = DiVAE.from_pretrained(args.divae, device=device).eval()
@@ -137,8 +154,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             Image.fromarray(img).save(out / name)
             index.append({"file": name, "caption": c, "seed": s})
         print(f"{min(start + args.batch_size, len(jobs))}/{len(jobs)} images written to {out}", flush=True)
-    (out / "index.json").write_text(json.dumps({"prior": str(args.prior), "divae": str(args.divae), **settings,
-                                                "images": index}, indent=1, ensure_ascii=False))
+    (out / "index.json").write_text(json.dumps({"prior": str(prior_path), "prior_choice": prior_why,
+                                                "divae": str(args.divae), **settings, "images": index},
+                                               indent=1, ensure_ascii=False))
     return index
 
 

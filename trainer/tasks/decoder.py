@@ -225,7 +225,7 @@ class DecoderTask(Task):
             kwargs = {"cond": self._cond(batch, x0)}
         losses = self.diffusion.training_losses(self.engines["model"], x0, t, model_kwargs=kwargs)
         loss = (losses["loss"] * weights).mean()
-        if hasattr(self.schedule_sampler, "update_with_local_losses"):
+        if hasattr(self.schedule_sampler, "update_with_local_losses") and torch.is_grad_enabled():  # not validation
             self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
         # metrics stay on the device (0-d tensors): the loop reads them once per step, not per micro-batch
         metrics = {"mse": losses["mse"].mean().detach(), "vb": losses["vb"].mean().detach()}
