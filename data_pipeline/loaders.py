@@ -165,6 +165,16 @@ def _collate(samples: list[dict | None]) -> dict:
     return out
 
 
+def read_batch(reader, indices: list[int], cfg: DataConfig) -> dict:
+    """Samples `indices` of `reader` (a `data_pipeline.reader.ShardReader` opened with decode_image=False) as one
+    batch in the loaders' form, in that order, without flips: "image" uint8 (B, H, W, 3) at cfg.image_size (when
+    cfg.decode_images), "key", "label", "index" and every stored column; cfg.bad_samples applies. For fixed,
+    deterministic batches (the trainer's validation set)."""
+    batch = _collate([_checked_sample(lambda i=i: reader[i], i, cfg, reader.path) for i in indices])
+    batch.pop("_read")
+    return batch
+
+
 def image_to_float(x: torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1], contiguous, on x's device."""
     return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()

@@ -12,7 +12,9 @@ Writes one PNG per caption and seed, `<out>/<caption number>_<caption words>_see
 chunks `caption`, `seed` and `divae` (JSON: the image's caption and seed, and the settings, the weights' sha256
 included). The image of (caption, seed) depends only on them and the settings (the prior's token draws and the
 decoder's noise come from a generator seeded with the seed), not on the batch size or the other captions: a
-rerun gives the same image. --captions reads one caption per line (UTF-8; blank lines skipped).
+rerun gives the same image. --captions reads one caption per line (UTF-8; blank lines skipped). --prior may name
+the prior stage's run folder: its best.safetensors (lowest validation loss) when it has one, else its
+prior.safetensors; the choice is printed and recorded in index.json ("prior", "prior_choice").
 
 Seeds: `--seed S --num-images N` gives seeds S..S+N-1 to every caption; `--seeds a,b,c` lists them instead (not
 with --seed/--num-images). With neither, a random base seed is drawn, printed and kept in index.json
@@ -75,7 +77,8 @@ def _seeds(text: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m divae.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prior", default=None, help="prior weights (prior.safetensors of the prior stage)")
+    p.add_argument("--prior", default=None, help="prior weights (prior.safetensors of the prior stage), or the "
+                   "prior stage's run folder: its best.safetensors (lowest validation loss), else prior.safetensors")
     p.add_argument("--divae", required=True, help="DiVAE weights (decoder export; a VQ export with --decoder cnn)")
     p.add_argument("--caption", action="append", default=[], help="a caption (repeatable)")
     p.add_argument("--captions", default=None, help="text file, one caption per line")
@@ -146,6 +149,20 @@ def resolve_seeds(args: argparse.Namespace) -> tuple[list[int], int | None]:
     return list(range(base, base + (args.num_images or 1))), base
 
 
+def resolve_prior(value: str, quiet: bool) -> tuple[Path, str]:
+    """--prior as (the prior file, why that one) (`divae.prior_io.resolve_prior_path`: a run folder gives its best
+    checkpoint), printed unless quiet; a UsageError when it names no file."""
+    from divae.prior_io import resolve_prior_path
+
+    try:
+        path, why = resolve_prior_path(value)
+    except FileNotFoundError as e:
+        raise UsageError(f"--prior {e}") from None
+    if not quiet:
+        print(f"--prior: {why}", flush=True)
+    return path_arg(path, "--prior"), why
+
+
 def check_args(args: argparse.Namespace) -> None:
     """The checks that need no file: numbers in range, options that go together; a UsageError otherwise."""
     if args.batch_size < 1:
@@ -160,7 +177,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.from_tokens is None and args.prior is None:
         raise UsageError("--prior is required (or --from-tokens DIR to decode saved tokens)")
     if args.prior is not None:
-        path_arg(args.prior, "--prior")
+        args.prior, args.prior_choice = resolve_prior(args.prior, args.quiet)
     path_arg(args.divae, "--divae")
     if args.from_tokens is not None:
         used = [f for f, v in (("--prior", args.prior), ("--caption", args.caption), ("--captions", args.captions),
@@ -286,7 +303,8 @@ def generate(args: argparse.Namespace, out: Path) -> list[dict]:
                              negative_caption=args.negative_prompt, return_tokens=True)
 
     index = produce(jobs, out, settings, args, render)
-    header = {"prior": str(args.prior), "divae": str(args.divae), **settings, "seed_base": base, "seeds": seeds}
+    header = {"prior": str(args.prior), "prior_choice": args.prior_choice, "divae": str(args.divae), **settings,
+              "seed_base": base, "seeds": seeds}
     finish(out, header, index, args, len(seeds))
     return index
 

@@ -2,6 +2,7 @@
 
     save_prior("prior.safetensors", model, tokenizer)
     model, tokenizer = load_prior("prior.safetensors", device="cuda")
+    path, why = resolve_prior_path("runs/prior")   # a run folder: its best.safetensors, else prior.safetensors
 """
 
 from __future__ import annotations
@@ -16,12 +17,39 @@ import torch
 from divae.model import check_config_size
 from divae.prior import PriorConfig, PriorModel
 from divae.utils.config import from_dict, to_dict
-from divae.weights_file import WeightsFileError, metadata_json, read_metadata
+from divae.weights_file import BEST_RECORD, BEST_WEIGHTS, WeightsFileError, metadata_json, read_metadata
 
 if TYPE_CHECKING:
     from divae.text_tokenizer import TextTokenizer
 
 PRIOR_FORMAT = "divae-prior-v1"
+PRIOR_EXPORT = "prior.safetensors"  # the prior stage's export in its run folder (and in each checkpoint)
+
+
+def resolve_prior_path(path: str | Path) -> tuple[Path, str]:
+    """The prior file that `path` (--prior of divae.generate and evaluation.t2i_fid) names, and why, in one line:
+    a file (or a path that does not exist) is itself; a prior-stage run folder gives its best.safetensors, the
+    export at the lowest validation loss (trainer/validation.py; best.json says which step), when it has one,
+    else its prior.safetensors, the last export. FileNotFoundError (one line) when the folder holds neither."""
+    p = Path(path)
+    if not p.is_dir():
+        return p, f"{p}: the file given"
+    best, last = p / BEST_WEIGHTS, p / PRIOR_EXPORT
+    if best.is_file():
+        return best, f"{best}: the run's best checkpoint by validation loss{_best_record(p / BEST_RECORD)}"
+    if last.is_file():
+        return last, f"{last}: the run's last export (no {BEST_WEIGHTS}: the run had no validation, data.val_path)"
+    raise FileNotFoundError(f"{p} holds neither {BEST_WEIGHTS} nor {PRIOR_EXPORT}: pass a prior file, or the run "
+                            "folder of a prior-stage run")
+
+
+def _best_record(path: Path) -> str:
+    """" (val_loss V at step S, best.json)" from the record beside best.safetensors; a note when it is unreadable."""
+    try:
+        record = json.loads(path.read_text())
+        return f" (val_loss {float(record['val_loss']):.5g} at step {int(record['step'])}, {path.name})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f" ({path.name} missing or unreadable)"
 
 
 def save_prior(path: str | Path, model: PriorModel, tokenizer: TextTokenizer, weights: dict | None = None) -> None:

@@ -19,6 +19,11 @@ from typing import Any
 
 from divae.utils.cli import one_line
 
+# A training run folder's best checkpoint by validation loss (trainer/validation.py writes both; the prior's
+# loaders read them, divae.prior_io.resolve_prior_path): the export's weights, and {"step", "val_loss", ...}.
+BEST_WEIGHTS = "best.safetensors"
+BEST_RECORD = "best.json"
+
 
 class WeightsFileError(ValueError):
     """A file that is not the safetensors file a loader needs (not safetensors, a damaged header, a metadata value

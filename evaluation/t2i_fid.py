@@ -7,6 +7,8 @@
         --guidance-scale 3 --top-k 512                 # the paper's decoder: DDPM, 1000 steps
     ... --sampler dpmpp2m --steps 20                    # the cheap figure: DPM-Solver++ 20 (~50x fewer passes)
 
+--prior may name the prior stage's run folder: its best.safetensors (lowest validation loss, trainer/validation.py)
+when it has one, else its prior.safetensors; results.json records the file, its sha256 and why (`prior_choice`).
 The decoder samples as `evaluation.recon_fid` does: the DiVAE file's own sampler (a distilled student's), else the
 paper's DDPM with all 1000 steps; `--sampler`/`--steps` choose another (the file records which, results.json too).
 The captions: `--num-captions` (default 30,000, or every pair the folder holds when fewer, with a warning; more
@@ -225,7 +227,8 @@ def write_t2i_md(r: dict, path: str | os.PathLike) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m evaluation.t2i_fid")
-    p.add_argument("--prior", required=True, help="prior weights (prior.safetensors of the prior stage)")
+    p.add_argument("--prior", required=True, help="prior weights (prior.safetensors of the prior stage), or the "
+                   "prior stage's run folder: its best.safetensors (lowest validation loss), else prior.safetensors")
     p.add_argument("--divae", required=True, help="DiVAE weights with the diffusion decoder (decoder stage export)")
     p.add_argument("--data", required=True, help="prepare_coco output (shards with a caption column)")
     p.add_argument("--out", default="runs/t2i_fid", help="output folder (results.json, results.md, samples.png)")
@@ -291,12 +294,26 @@ def _captions_to_draw(args: argparse.Namespace, n_pairs: int) -> int:
     return min(args.num_captions or DEFAULT_CAPTIONS, n_pairs)
 
 
+def _resolve_prior(args: argparse.Namespace) -> None:
+    """--prior as a file: a prior-stage run folder gives its best.safetensors, else its prior.safetensors
+    (`divae.prior_io.resolve_prior_path`); the choice is logged and recorded in results.json (`prior_choice`)."""
+    from divae.prior_io import resolve_prior_path
+
+    try:
+        path, args.prior_choice = resolve_prior_path(args.prior)
+    except FileNotFoundError as e:
+        raise UsageError(f"--prior {e}") from None
+    args.prior = str(path)
+    log.info("--prior: %s", args.prior_choice)
+
+
 def check_args(args: argparse.Namespace) -> CaptionPairs:
     """Every check that needs no model: files, the prior against the DiVAE (codebook, grid -> image size against
     the reference images), the draw. Returns the drawn pairs. Raises UsageError (exit 2)."""
     from divae.utils.config import from_dict
     from divae.vq import VQConfig
 
+    _resolve_prior(args)
     prior_meta = _meta(path_arg(args.prior, "--prior"), "--prior")
     if "prior_config" not in prior_meta:
         raise UsageError(f"--prior {args.prior} is not a prior checkpoint (no prior_config metadata): pass the "
@@ -413,7 +430,8 @@ def _run(args: argparse.Namespace, pairs: CaptionPairs) -> dict | int:
                                        codebook_size=prior.cfg.image_vocab_size, ref_stats_path=ref_path,
                                        label=label, stop_on_signals=True, score=clip, score_name="clip_score",
                                        report=report,
-                                       extra={"draw": draw, "process_group_timeout_s": process_group_timeout_s()})
+                                       extra={"draw": draw, "prior_choice": args.prior_choice,
+                                              "process_group_timeout_s": process_group_timeout_s()})
     except Preempted as e:
         return exit_after_stop(e, out, label)
     res.setdefault("clip_score", None)

@@ -6,7 +6,10 @@ decoder_tiny UNet, randomly initialised with a fixed seed: the prior only needs 
 map and a decoder for the grids) -> `trainer.pre_encode` (the `tokens` column) ->
 `data_pipeline.train_tokenizer` (tokenizer.json beside the shards). Then real DeepSpeed runs in
 subprocesses: 40 steps in one process (ZeRO-2, bf16, grids decoded by the diffusion decoder, DDIM 2 steps)
-and 4 steps under `torchrun --nproc_per_node 2` with ZeRO-3 (token grids, no DiVAE file).
+and 4 steps under `torchrun --nproc_per_node 2` with ZeRO-3 (token grids, no DiVAE file). Held-out validation
+(trainer/validation.py): 8 steps with `data.val_path` (16 other crops, pre-encoded alike) and `logging.val_every=2`
+beside the same 8 steps without it (bitwise-equal training losses), a resume from its step-4 checkpoint, and the run
+folder as `--prior` of divae.generate and evaluation.t2i_fid.
 """
 
 from __future__ import annotations
@@ -34,24 +37,32 @@ CAPTIONS = ["an astronaut in a white space suit in front of a flag", "a ginger c
 STEPS = 30
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
+def _captioned_shards(root: Path, name: str, crops: range) -> Path:
+    """`prepare_cc` shards (64 px) of the photos' crops numbered `crops`, each captioned with its photo's caption."""
     from data_fixtures import encode, photos, variant
 
-    from data_pipeline import prepare_cc, train_tokenizer
+    from data_pipeline import prepare_cc
+
+    (root / name).mkdir()
+    ps, lines = photos(), []
+    for i in crops:
+        (root / name / f"{i:03d}.jpg").write_bytes(encode(variant(ps[i % len(ps)], i, long_side=80)))
+        lines.append(f"{CAPTIONS[i % len(ps)]}, crop {i // len(ps)}\t{name}/{i:03d}.jpg")
+    (root / f"{name}.tsv").write_text("\n".join(lines) + "\n")
+    shards = root / f"{name}64"
+    prepare_cc.main(["--tsv", str(root / f"{name}.tsv"), "--out", str(shards), "--size", "64", "--workers", "0",
+                     "--shard-size", "16", "--no-progress"])
+    return shards
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    from data_pipeline import train_tokenizer
     from divae.model import DiVAE
     from trainer import pre_encode
 
     root = tmp_path_factory.mktemp("prior_data")
-    (root / "img").mkdir()
-    ps, lines = photos(), []
-    for i in range(32):
-        (root / "img" / f"{i:03d}.jpg").write_bytes(encode(variant(ps[i % len(ps)], i, long_side=80)))
-        lines.append(f"{CAPTIONS[i % len(ps)]}, crop {i // len(ps)}\timg/{i:03d}.jpg")
-    (root / "captions.tsv").write_text("\n".join(lines) + "\n")
-    shards = root / "cap64"
-    prepare_cc.main(["--tsv", str(root / "captions.tsv"), "--out", str(shards), "--size", "64", "--workers", "0",
-                     "--shard-size", "16", "--no-progress"])
+    shards = _captioned_shards(root, "img", range(32))
 
     dec = load_train_config(ROOT / "configs/decoder_tiny.yaml")
     vq = load_train_config(ROOT / "configs/vq_tiny.yaml").vq
@@ -252,3 +263,136 @@ def test_prior_f8_preset_trains_on_f8_shaped_tokens(data, tmp_path):
     assert sorted(m) == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in m.values())
     model, _ = load_prior(run_dir / "prior.safetensors")
     assert (model.cfg.image_h, model.cfg.image_w, model.cfg.image_vocab_size) == (32, 32, 8192)
+
+
+# -- held-out validation and the best checkpoint (trainer/validation.py) ----------------------------------------
+VAL_STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def val_data(data, tmp_path_factory) -> Path:
+    """16 held-out captioned crops (not among the 32 training ones), pre-encoded by the same VQ."""
+    from trainer import pre_encode
+
+    root = tmp_path_factory.mktemp("prior_val_data")
+    shards = _captioned_shards(root, "val", range(100, 116))
+    pre_encode.main(["--vq", str(data["divae"]), "--src", str(shards), "--dst", str(root / "val_tok"), "--device",
+                     "cpu"])
+    return root / "val_tok"
+
+
+def _val_args(data: dict, run_dir: Path, *extra: str) -> list[str]:
+    return ["--config", "configs/prior_tiny.yaml", *common(data["tok_shards"], run_dir), f"train.steps={VAL_STEPS}",
+            "train.batch_size=8", "optim.lr=2e-3", "optim.warmup_steps=2", "logging.sample_every=0",
+            "prior_task.divae_weights=", "checkpoint.every=4", "checkpoint.keep_last=2", *extra]
+
+
+def _val_on(val_data: Path) -> list[str]:
+    return [f"data.val_path={val_data}", "logging.val_every=2", "logging.val_batches=2"]
+
+
+@pytest.fixture(scope="module")
+def val_runs(data, val_data, tmp_path_factory) -> tuple[Path, Path]:
+    """The same VAL_STEPS-step run (same seed) with validation every 2 steps (2 micro-batches of 8 held-out
+    captions, the EMA weights: prior_tiny exports the EMA) and without."""
+    root = tmp_path_factory.mktemp("prior_val")
+    runs = (root / "val", root / "plain")
+    for run_dir, extra in zip(runs, (_val_on(val_data), [])):
+        run_dir.mkdir()
+        code = run(_val_args(data, run_dir, *extra), 1, run_dir / "log.txt", timeout=180)
+        assert code == 0, (run_dir / "log.txt").read_text()[-4000:]
+    return runs
+
+
+def _held_out_loss(prior_file: Path, val_data: Path) -> tuple[float, float]:
+    """(cross-entropy, token accuracy) of a prior file on all 16 held-out samples, fp32, computed here."""
+    from data_pipeline.reader import ShardReader
+    from data_pipeline.tokens import tokens_from_bytes
+    from divae.prior_io import load_prior
+
+    model, tok = load_prior(prior_file)
+    rows = [r for r in ShardReader(str(val_data), decode_image=False)]
+    ids, mask = tok.encode([r["caption"] for r in rows])
+    with torch.no_grad():
+        loss, m = model.loss(ids, mask, tokens_from_bytes([r["tokens"] for r in rows], 8, 8, np.dtype(np.int16)))
+    return float(loss), float(m["token_acc"])
+
+
+@pytest.mark.slow
+def test_validation_logs_held_out_metrics_and_keeps_the_best(val_runs, val_data):
+    from safetensors import safe_open
+
+    with_val, plain = val_runs
+    m, p = metrics(with_val), metrics(plain)
+    assert sorted(m) == sorted(p) == list(range(1, VAL_STEPS + 1))
+    assert [s for s in m if "val_loss" in m[s]] == [2, 4, 6, 8] and not any("val_loss" in r for r in p.values())
+    val = {s: m[s]["val_loss"] for s in (2, 4, 6, 8)}
+    assert all(np.isfinite(v) and v > 0 and 0 <= m[s]["val_token_acc"] <= 1 for s, v in val.items()), m
+    # validation changes nothing of the training: the same losses, bit for bit, as the run without it
+    assert [m[s]["loss"] for s in m] == [p[s]["loss"] for s in p]
+    assert [m[s]["token_acc"] for s in m] == [p[s]["token_acc"] for s in p]
+
+    best = min(val, key=val.get)
+    rec = json.loads((with_val / "best.json").read_text())
+    assert (rec["step"], rec["val_loss"], rec["val_token_acc"]) == (best, val[best], m[best]["val_token_acc"])
+    assert rec["weights"] == "ema" and rec["val_samples"] == 16 and rec["file"] == "best.safetensors"
+    with safe_open(str(with_val / "best.safetensors"), framework="pt") as f:
+        info = json.loads(f.metadata()["weights"])
+    assert (info["kind"], info["step"], info["val_loss"]) == ("ema", best, val[best])
+    # the logged figure is the held-out loss of the file's weights (measured here in fp32; the run in bf16)
+    loss, acc = _held_out_loss(with_val / "best.safetensors", val_data)
+    assert loss == pytest.approx(val[best], rel=2e-3) and acc == pytest.approx(m[best]["val_token_acc"], abs=0.05)
+    # each checkpoint carries the best so far
+    state = json.loads((with_val / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())["best_val"]
+    early = min((2, 4), key=val.get)
+    assert (state["step"], state["val_loss"]) == (early, val[early])
+    assert not (plain / "best.json").exists() and not (plain / "best.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_resumed_run_keeps_the_checkpoint_best(val_runs, data, val_data, tmp_path):
+    """Resumed from step 4 with a best of val_loss 0 in the checkpoint (set by hand, unbeatable): the run re-logs
+    the uninterrupted run's metrics bit for bit and writes no best, since none of its validations beats 0."""
+    import shutil
+
+    with_val, _ = val_runs
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(with_val, run_dir)
+    for name in ("best.json", "best.safetensors"):
+        (run_dir / name).unlink()
+    (run_dir / "checkpoints" / "latest").write_text("step_00000004\n")
+    state_file = run_dir / "checkpoints" / "step_00000004" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["best_val"]["val_loss"] = 0.0
+    state_file.write_text(json.dumps(state))  # the manifest's sha256 no longer matches: checkpoint.verify=false
+    log = run_dir / "resume_log.txt"
+    code = run(_val_args(data, run_dir, *_val_on(val_data), "checkpoint.verify=false"), 1, log, timeout=180)
+    assert code == 0, log.read_text()[-4000:]
+    assert "resumed from" in log.read_text()
+    again, first = metrics(run_dir), metrics(with_val)
+    keys = ("loss", "token_acc", "grad_norm", "lr", "val_loss", "val_token_acc")
+    assert sorted(again) == sorted(first)
+    assert all(again[s].get(k) == first[s].get(k) for s in first for k in keys), (again, first)
+    assert not (run_dir / "best.json").exists() and not (run_dir / "best.safetensors").exists()
+    final = json.loads((run_dir / "checkpoints" / "step_00000008" / "trainer_state.json").read_text())["best_val"]
+    assert final["val_loss"] == 0.0 and final["step"] == state["best_val"]["step"]
+
+
+@pytest.mark.slow
+def test_generate_and_t2i_fid_take_the_run_folder(val_runs, data, tmp_path):
+    import argparse
+
+    from divae.generate import main as generate
+    from evaluation.t2i_fid import _resolve_prior
+
+    with_val, plain = val_runs
+    index = generate(["--prior", str(with_val), "--divae", str(data["divae"]), "--caption", CAPTIONS[1], "--steps",
+                      "2", "--out", str(tmp_path / "gen")])
+    assert len(index) == 1 and (tmp_path / "gen" / index[0]["file"]).is_file()
+    rec = json.loads((tmp_path / "gen" / "index.json").read_text())
+    step = json.loads((with_val / "best.json").read_text())["step"]
+    assert rec["prior"] == str(with_val / "best.safetensors") and f"at step {step}" in rec["prior_choice"]
+    for folder, chosen in ((with_val, "best.safetensors"), (plain, "prior.safetensors")):
+        args = argparse.Namespace(prior=str(folder))
+        _resolve_prior(args)
+        assert args.prior == str(folder / chosen) and chosen in args.prior_choice

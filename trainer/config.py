@@ -75,6 +75,7 @@ class TrainDataConfig(DataConfig):
     """The loader config of a training run: its per-rank `batch_size` is derived from train.batch_size."""
 
     batch_size: int = 0  # 0: train.batch_size / (ranks x grad_accum); another value must agree with that
+    val_path: str = ""  # held-out shard folder for logging.val_every (trainer/validation.py); "" = no validation
 
 
 EMA_HORIZON_MAX_FRACTION = 0.2
@@ -100,6 +101,20 @@ def check_ema_horizon(ema: EMAConfig, steps: int) -> None:
         f"(decay ramps up as (1+n)/(10+n)), or ema.decay<={math.floor(max_decay * 1e6) / 1e6}, or ema.enabled=false")
 
 
+def check_validation(cfg: TrainConfig) -> None:
+    """Refuse a validation the run cannot do: logging.val_every without data.val_path, or of the EMA weights (what
+    the export and best.safetensors hold) under ZeRO-3, whose partitioned weights the EMA cannot be swapped into."""
+    if not cfg.logging.val_every:
+        return
+    if not cfg.data.val_path:
+        raise ConfigError(f"logging.val_every={cfg.logging.val_every} needs data.val_path=<held-out shard folder> "
+                          "(or set logging.val_every=0)")
+    if cfg.deepspeed.zero_stage == 3 and cfg.ema.enabled and cfg.checkpoint.export_ema:
+        raise ConfigError("logging.val_every validates the EMA weights, which cannot be swapped in under "
+                          "deepspeed.zero_stage=3: use zero_stage<=2, or checkpoint.export_ema=false (validate and "
+                          "export the raw weights)")
+
+
 @dataclass
 class TrainConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
@@ -121,6 +136,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_ema_horizon(self.ema, self.train.steps)
+        check_validation(self)
         if self.data.batch_size < 0:
             raise ConfigError("data.batch_size must be >= 0 (0: derived from train.batch_size)")
 

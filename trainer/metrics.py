@@ -43,8 +43,15 @@ class LoggingConfig:
     # CUDA only: record the allocator's history and write <run_dir>/oom_snapshot_rank<r>.pickle on out-of-memory
     # (open it in https://pytorch.org/memory_viz; trainer.profiling.oom_snapshot); recording costs a little speed
     memory_snapshot_on_oom: bool = False
+    # held-out validation (trainer/validation.py): every `val_every` optimizer steps (0: off) and at the last step,
+    # `val_batches` micro-batches per rank of data.val_path; logged as val_*, the best val_loss -> best.safetensors
+    val_every: int = 0
+    val_batches: int = 8
 
     def __post_init__(self) -> None:
+        if self.val_every < 0 or self.val_batches < 1:
+            raise ValueError(f"need val_every >= 0 (0: off) and val_batches >= 1, got {self.val_every} and "
+                             f"{self.val_batches}")
         if self.profile_every < 0 or self.profile_steps < 1 or (self.profile_every and
                                                                 self.profile_every <= self.profile_steps):
             raise ValueError(f"need profile_every 0 (off) or > profile_steps >= 1, got {self.profile_every} and "

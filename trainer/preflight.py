@@ -2,9 +2,9 @@
 
     check_inputs(cfg)      # in trainer.train.main, on every rank, before torch.distributed starts
 
-Raises `ConfigError` (exit 2) for a missing or empty `data.path`, a folder that is not a prepared dataset,
-an unwritable `train.run_dir`, a missing `checkpoint.init_from` (when the run starts fresh), a missing
-`decoder.vq_weights` (decoder stage) or `distill.teacher` (distill stage), `prior_task.tokenizer` or
+Raises `ConfigError` (exit 2) for a missing or empty `data.path`, a folder that is not a prepared dataset (also
+`data.val_path`, when set), an unwritable `train.run_dir`, a missing `checkpoint.init_from` (when the run starts
+fresh), a missing `decoder.vq_weights` (decoder stage) or `distill.teacher` (distill stage), `prior_task.tokenizer` or
 `prior_task.divae_weights` (when set), a resume with another number of ranks than wrote the checkpoint
 (`WorldSizeError`, a ConfigError);
 `data_pipeline.integrity.ShardError` (exit 1) for a shard whose size differs from its manifest (damage).
@@ -30,11 +30,13 @@ PREPARE_HINT = "python -m data_pipeline.prepare_folder|prepare_imagenet|prepare_
 
 
 def check_data(cfg: TrainConfig) -> None:
-    """data.path (and data.extra_paths): prepared shard folders in data.format, not empty, shards whole."""
+    """data.path (and data.extra_paths, data.val_path): prepared shard folders in data.format, not empty, shards
+    whole."""
     d = cfg.data
     if not d.path and not d.extra_paths:
         raise ConfigError(f"data.path is empty: set data.path=<folder> to a folder made by `{PREPARE_HINT}`")
-    for key, p in [("data.path", d.path)] * bool(d.path) + [("data.extra_paths", p) for p in d.extra_paths]:
+    named = [("data.path", d.path)] * bool(d.path) + [("data.extra_paths", p) for p in d.extra_paths]
+    for key, p in named + [("data.val_path", d.val_path)] * bool(d.val_path):
         if not os.path.isdir(p):
             what = "is a file, not a folder" if os.path.exists(p) else "does not exist"
             raise ConfigError(f"{key}={p} {what}: point it at a folder made by `{PREPARE_HINT}`")

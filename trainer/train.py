@@ -3,10 +3,10 @@
     torchrun --nproc_per_node 2 -m trainer.train --config configs/decoder_tiny.yaml train.steps=100
 
 The loop is the same for every stage (the stage is a `trainer.tasks` object): per optimizer step, for each
-micro-batch and each of the task's phases: loss -> NaN/inf guard -> backward -> step; then EMA, logging,
-sample grids, the preemption check (all ranks agree), checkpoints. A run folder with a checkpoint resumes
-from `latest`. Exit codes: 0 done, REQUEUE_EXIT_CODE (75) preempted (SIGUSR1) and saved, STOP_EXIT_CODE (143)
-cancelled (SIGTERM) and saved, 1 error, 2 bad config.
+micro-batch and each of the task's phases: loss -> NaN/inf guard -> backward -> step; then EMA, validation
+(trainer/validation.py), logging, sample grids, the preemption check (all ranks agree), checkpoints. A run
+folder with a checkpoint resumes from `latest`. Exit codes: 0 done, REQUEUE_EXIT_CODE (75) preempted (SIGUSR1) and
+saved, STOP_EXIT_CODE (143) cancelled (SIGTERM) and saved, 1 error, 2 bad config.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from trainer.preflight import check_batch, check_inputs
 from trainer.profiling import StepProfiler, oom_snapshot
 from trainer.tasks import TASKS
 from trainer.tasks.base import Task, host_means
+from trainer.validation import Validator
 from trainer.watchdog import PeerFailure, PeerWatchdog, peer_failure
 
 log = get_logger("trainer")
@@ -144,6 +145,7 @@ class _Run:
     samples_seen: int = 0
     bad_in_a_row: int = 0
     sample_batch: dict | None = None  # the first batch of this session: the logged sample grids decode it
+    validator: Validator | None = None  # logging.val_every (trainer/validation.py)
 
     @property
     def run_dir(self) -> Path:
@@ -200,7 +202,8 @@ def _build(cfg: TrainConfig, dist: DistInfo) -> tuple[_Run, Path | None]:
     loader = build_loader(cfg, dist)
     seed_all(cfg.train.seed + 1000 * dist.rank + 1)  # per-rank randomness (noise, timesteps)
     run = _Run(cfg, dist, task, engines, emas, throughput, loader, micro, asked_ga, resized,
-               dump_config(cfg.sections(task_cls.config_sections)), new_wandb_id())
+               dump_config(cfg.sections(task_cls.config_sections)), new_wandb_id(),
+               validator=Validator.for_run(cfg, task, dist, micro, on_ema=cfg.checkpoint.export_ema and bool(emas)))
     return run, latest
 
 
@@ -214,6 +217,8 @@ def _restore(run: _Run, latest: Path) -> None:
     run.task.load_state_dict(rank_state["task"])
     for n, ema in run.emas.items():
         ema.load_state_dict(ema_states[n], meta["ema_updates"][n])
+    if run.validator is not None:
+        run.validator.best.load(meta.get("best_val"))
     if run.resized:
         seed_all(elastic.rank_seed(run.cfg.train.seed, run.step, dist.rank, dist.world_size))
         faults.dump_elastic(run.engines, dist.rank)
@@ -244,7 +249,7 @@ def _loop(run: _Run) -> int:
         first = run.engines[run.task.phases[0]]
         step_metrics.update(lr=engine_lr(first), grad_norm=grad_norm(first), step_time=dt, data_wait=data_wait,
                             images_per_s=run.global_batch / dt)
-        _report(run, logger, meter, step_metrics)
+        _report(run, logger, meter, step_metrics, _validate(run))
         request = signals.agreed_request()
         if request or run.step == cfg.train.steps or (cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0):
             _save(run)
@@ -318,9 +323,27 @@ def _count_bad_step(run: _Run, bad_keys: list[str]) -> None:
                             "lower optim.lr, check the data, or resume from an earlier checkpoint")
 
 
-def _report(run: _Run, logger: RunLogger, meter: WindowMeter, step_metrics: dict) -> None:
+def _validate(run: _Run) -> dict[str, float]:
+    """The held-out val_* metrics when logging.val_every is due, a new best written (trainer/validation.py); {}
+    otherwise. A collective; the RNG streams are left as they were."""
+    if run.validator is None or not run.validator.due(run.step):
+        return {}
+    return run.validator.step(run.step, run.emas, partial(_best_export, run))
+
+
+def _best_export(run: _Run, ema_states: dict) -> tuple[dict, dict]:
+    """({phase: state dict}, weights info) of best.safetensors: the EMA export's, else the raw weights (a
+    collective gather under ZeRO-3)."""
+    if ema_states:
+        return _exports(run, ema_states)[0][1:]
+    return ({n: _gathered_state(run.engines[n], run.cfg.deepspeed.zero_stage) for n in run.task.ema_phases},
+            {"kind": "raw", "step": run.step})
+
+
+def _report(run: _Run, logger: RunLogger, meter: WindowMeter, step_metrics: dict, val: dict) -> None:
     """The progress bar every step; every logging.every steps the window's means over all ranks (with peak
-    memory, skipped samples, MFU); every logging.sample_every steps a sample grid."""
+    memory, skipped samples, MFU); the step's `val` metrics in the same metrics line (alone on a step that logs
+    nothing else); every logging.sample_every steps a sample grid."""
     cfg, step = run.cfg, run.step
     meter.add(step_metrics)
     logger.progress(step, step_metrics.get("loss", float("nan")), step_metrics["images_per_s"])
@@ -330,7 +353,9 @@ def _report(run: _Run, logger: RunLogger, meter: WindowMeter, step_metrics: dict
         means["skipped_samples"] = all_reduce_sum(getattr(run.loader, "skipped", 0))  # data.bad_samples=skip
         means["samples_seen"] = run.samples_seen
         means.update(run.throughput.figures(means.get("images_per_s", 0.0), run.dist.world_size))  # MFU, FLOP/s
-        logger.log(step, means)
+        logger.log(step, {**means, **val})
+    elif val:
+        logger.log(step, val)
     if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == cfg.train.steps):
         logger.grid(step, run.task.sample(run.sample_batch))
 
@@ -406,7 +431,8 @@ def _checkpoint_meta(run: _Run) -> dict:
             "micro_batch": run.micro, "grad_accum": cfg.train.grad_accum, "grad_accum_config": run.asked_ga,
             "global_batch": run.global_batch, "data_format": cfg.data.format,
             "num_canonical_nodes": cfg.data.num_canonical_nodes,
-            "elastic": [n for n, e in engines.items() if elastic.supported(e)], "time": time.time()}
+            "elastic": [n for n, e in engines.items() if elastic.supported(e)], "time": time.time(),
+            "best_val": run.validator.best.record if run.validator is not None else None}
 
 
 def _zero_loss(model: torch.nn.Module) -> torch.Tensor:

@@ -7,7 +7,8 @@ task's `phases` (one per DeepSpeed engine, e.g. ("model",) or ("generator", "dis
     engines[phase].backward(loss); engines[phase].step()
 
 and every `logging.sample_every` steps `task.sample(batch)` -> {row name: images (B, 3, H, W) in [-1, 1]}
-for the PNG grid. `build_models()` returns the trainable module of each phase (DeepSpeed wraps them);
+for the PNG grid; every `logging.val_every` steps `task.val_metrics(batch, step)` on held-out batches
+(trainer/validation.py). `build_models()` returns the trainable module of each phase (DeepSpeed wraps them);
 `attach(engines)` hands the engines back. `export(path, weights)` writes the weights-only file
 (`export_name`: the DiVAE file, or the prior's).
 """
@@ -92,6 +93,14 @@ class Task:
 
     def loss(self, batch: dict, phase: str, step: int) -> tuple[torch.Tensor, dict[str, float]] | None:
         raise NotImplementedError
+
+    def val_metrics(self, batch: dict, step: int) -> dict[str, torch.Tensor | float]:
+        """Held-out metrics of one validation micro-batch, keys "val_<name>" ("val_loss" is the one the best
+        checkpoint is chosen by), values 0-d tensors on the device (or floats). The loop (trainer/validation.py)
+        calls it under torch.no_grad() with every engine in eval mode, the validated weights in place and the
+        RNG streams seeded alike at every validation. Default: the first phase's `loss` metrics, renamed."""
+        out = self.loss(batch, self.phases[0], step)
+        return {} if out is None else {f"val_{k}": v for k, v in out[1].items()}
 
     @torch.no_grad()
     def sample(self, batch: dict) -> dict[str, torch.Tensor]:

@@ -256,7 +256,7 @@ class DecoderTask(Task):
         losses = self.diffusion.training_losses(self.engines["model"], target, t, model_kwargs=kwargs)
         pred_x0 = losses["pred_x0"] if base is None else from_residual(losses["pred_x0"], base, scale)
         loss = (losses["loss"] * weights).mean()
-        if hasattr(self.schedule_sampler, "update_with_local_losses"):
+        if hasattr(self.schedule_sampler, "update_with_local_losses") and torch.is_grad_enabled():  # not validation
             self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
         # metrics stay on the device (0-d tensors): the loop reads them once per step, not per micro-batch
         metrics = {"mse": losses["mse"].mean().detach(), "vb": losses["vb"].mean().detach()}

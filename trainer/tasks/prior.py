@@ -5,7 +5,8 @@ image, int16/int32 bytes, row-major), and a `caption` column. Set `data.decode_i
 not needed. Captions are tokenized on the fly by the BPE of `prior_task.tokenizer` (default
 `<data.path>/tokenizer.json`, written by `python -m data_pipeline.train_tokenizer --shards <data.path>`).
 
-Logged: loss (cross-entropy on image tokens), token_acc (top-1), caption_dropped. Sample grids, for the
+Logged: loss (cross-entropy on image tokens), token_acc (top-1), caption_dropped; with `data.val_path` and
+`logging.val_every`, val_loss and val_token_acc on the held-out shards (`val_metrics`). Sample grids, for the
 fixed `prior_task.captions` (default: the first batch's captions, with their dataset tokens as a reference
 row): the prior's tokens decoded by the DiVAE file `prior_task.divae_weights` (diffusion decoder with a fast
 sampler, or the VQ's CNN decoder for a VQ-only file); without a DiVAE file the token grids are drawn in a
@@ -28,7 +29,7 @@ import torch.nn as nn
 
 from data_pipeline.tokens import tokens_dtype, tokens_from_bytes
 from divae.prior import PriorConfig, PriorModel
-from divae.prior_io import load_prior, save_prior
+from divae.prior_io import PRIOR_EXPORT, load_prior, save_prior
 from divae.t2i import text_to_image
 from divae.text_tokenizer import TextTokenizer
 from divae.utils.config import ConfigError, from_dict
@@ -87,7 +88,7 @@ class PriorTask(Task):
     config_sections = (*COMMON_SECTIONS, "prior", "prior_task")
     phases = ("model",)
     ema_phases = ("model",)
-    export_name = "prior.safetensors"
+    export_name = PRIOR_EXPORT
 
     @classmethod
     def required_files(cls, cfg) -> list[tuple[str, str, str]]:
@@ -154,7 +155,7 @@ class PriorTask(Task):
         from data_pipeline.reader import ShardReader
 
         need = pcfg.num_image_tokens * self.tok_dtype.itemsize
-        for path in self.cfg.data.paths():
+        for path in [*self.cfg.data.paths(), *[self.cfg.data.val_path] * bool(self.cfg.data.val_path)]:
             reader = ShardReader(path, decode_image=False)
             if "tokens" not in reader.columns:
                 raise ConfigError(f"data: {path} has no `tokens` column (columns {sorted(reader.columns)}). "
@@ -226,6 +227,14 @@ class PriorTask(Task):
         ids, mask = self.tokenizer.encode(batch["caption"], device=self.device)
         loss, metrics = self.engines["model"](ids, mask, self.tokens(batch))
         return loss, detached(metrics)  # on the device: the loop reads them once per step
+
+    def val_metrics(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        """Teacher-forced held-out metrics (eval mode: no dropout, no caption dropout): "val_loss", the mean
+        cross-entropy over the image tokens (nats), and "val_token_acc", the fraction of image tokens whose argmax
+        equals the target; 0-d tensors on the device."""
+        ids, mask = self.tokenizer.encode(batch["caption"], device=self.device)
+        _, metrics = self.engines["model"](ids, mask, self.tokens(batch))
+        return {"val_loss": metrics["loss"].detach().float(), "val_token_acc": metrics["token_acc"].detach()}
 
     # -- sample grids -------------------------------------------------------------------------------------
     def _full_state(self) -> dict[str, torch.Tensor]:
