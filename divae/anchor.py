@@ -8,20 +8,23 @@ An anchored DiVAE decodes tokens in two parts:
 
 In training the UNet learns the residual r = (x_0 - base) / scale with the stage's usual diffusion loss; it sees
 the base image as `anchor_channels` extra input channels beside x_t (`UNetConfig.anchor_channels`). The
-diffusion adds what a regression cannot: the detail the tokens leave open, sampled instead of averaged away.
+diffusion is there to add what a regression cannot: the detail the tokens leave open, sampled instead of
+averaged away.
 
-Why (measured, bench/RESULTS.md "Anchored decoder"): at the scale this project can train on a CPU, a plain
-diffusion decoder spends its whole budget relearning the colours and shapes that the CNN decoder gets in a few
-hundred steps, and stays 0.08-0.12 LPIPS behind it (DESIGN.md section 6c). The same split between a regression
-of the mean and a diffusion of the residual is the recipe of NVIDIA's CorrDiff (Mardani et al. 2023) and of
-DiffuseVAE (Pandey et al. 2022). Because the UNet's output layer starts at zero, an x_0-predicting anchored decoder
-decodes exactly the base image before training (every sampler), so training starts from the CNN decoder's quality;
-a v-predicting one starts near it.
+Why (measured, bench/RESULTS.md "Decoder objectives" and "Anchored diffusion decoder"): at the scale this project
+can train on a CPU, a plain diffusion decoder spends its whole budget relearning the colours and shapes that the
+CNN decoder gets in a few hundred steps, and stays 0.08-0.12 LPIPS behind it (DESIGN.md section 6c). The same split
+between a regression of the mean and a diffusion of the residual is the recipe of NVIDIA's CorrDiff (Mardani et
+al. 2023) and of DiffuseVAE (Pandey et al. 2022). Because the UNet's output layer starts at zero, an x_0-predicting
+anchored decoder decodes exactly the base image before training (every sampler), so training starts from the CNN
+decoder's quality; a v-predicting one starts near it. On the demo's tokens, one UNet evaluation of an anchored
+decoder trained on the fair CNN's file beats that CNN on LPIPS (by 2% after 2,400 steps); more sampling steps do
+not help yet at that scale (seven training photos).
 
 `scale` (the residual's unit, in the [-1, 1] pixel scale) brings the residual to a spread the noise schedule
-suits: the CNN decoder's error is a small signal (standard deviation ~0.1-0.2), and the schedule's signal-to-noise
-ratios assume data of standard deviation ~0.5. Samplers run without clipping x_0-hat to [-1, 1] (the residual is
-not an image); the decoded image is clamped.
+suits: the CNN decoder's error is a small signal (standard deviation ~0.07 on the demo's training crops, ~0.15 on
+held-out ones), and the schedule's signal-to-noise ratios assume data of standard deviation ~0.5. Samplers run
+without clipping x_0-hat to [-1, 1] (the residual is not an image); the decoded image is clamped.
 
 A DiVAE file records the anchor in its config: "anchor": null or {"scale": float}.
 """
