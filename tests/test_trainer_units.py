@@ -191,3 +191,35 @@ def test_vq_stage_refuses_in_place_codebook_edits_without_ema(override):
         TASKS["vq"](cfg, torch.device("cpu")).build_models()
     ok = load_train_config("configs/vq_tiny.yaml", [override, "vq.quantizer.use_ema=true"])
     assert set(TASKS["vq"](ok, torch.device("cpu")).build_models()) == {"generator", "discriminator"}
+
+
+def test_watchdog_settles_only_for_a_dataloader_worker_killed_by_a_signal(monkeypatch):
+    """`PeerWatchdog.settle`: before reporting a DataLoader worker killed by a signal (what the launcher's teardown
+    after a peer's death looks like from this rank), the rank gives the watchdog thread three ticks to end it with
+    the line that names the dead peer, riding out the DataLoader's SIGCHLD handler raising again meanwhile; any
+    other error, or a rank without a running watchdog, reports at once."""
+    import threading
+
+    import trainer.watchdog as wd_mod
+
+    slept = []
+
+    def fake_sleep(seconds):
+        slept.append(seconds)
+        if len(slept) == 1:
+            raise RuntimeError("DataLoader worker (pid 2) is killed by signal: Terminated.")
+        clock[0] += seconds
+
+    clock = [100.0]
+    monkeypatch.setattr(wd_mod.time, "sleep", fake_sleep)
+    monkeypatch.setattr(wd_mod.time, "monotonic", lambda: clock[0])
+    echo = RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+    idle = wd_mod.PeerWatchdog()
+    idle.settle(echo)
+    assert slept == []
+    wd = wd_mod.PeerWatchdog(interval=0.5)
+    wd._thread = threading.current_thread()  # a running watchdog, as far as settle can tell
+    wd.settle(RuntimeError("CUDA out of memory"))
+    assert slept == []
+    wd.settle(echo)
+    assert slept[0] == 1.5 and clock[0] == 101.5  # interrupted once, then slept out the rest of the three ticks

@@ -479,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         with oom_snapshot(cfg.logging.memory_snapshot_on_oom, Path(cfg.train.run_dir), dist.rank, dist.device):
             code = train(cfg, dist)
     except Exception as e:  # noqa: BLE001 - the CLI boundary
+        watchdog.settle(e)  # a DataLoader worker killed by the launcher's teardown after a peer died
         e = peer_failure(e)  # a collective broken by another rank's death or failure
         watchdog.fail(f"rank {dist.rank} failed: {one_line(e)}")  # the other ranks end now
         own = not isinstance(e, FolderBusy)  # a busy run folder is another run's: write nothing into it

@@ -128,6 +128,21 @@ class PeerWatchdog:
             self._stop.set()
         self._publish(reason)
 
+    def settle(self, e: BaseException) -> None:
+        """Before this rank reports `e`: when `e` may be the echo of a peer's death rather than a fault of its own
+        (a DataLoader worker killed by a signal: the launcher tears the job down when a rank dies, its SIGTERM can
+        reach this rank's workers before this thread's next tick), give the thread up to three ticks to find the
+        dead peer and end this rank with the line that names it. Returns at once for any other error, or when
+        no peer is dead (then this rank reports `e` itself)."""
+        if self._thread is None or not ("DataLoader worker" in str(e) and "killed by signal" in str(e)):
+            return
+        deadline = time.monotonic() + 3 * self.interval
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                time.sleep(left)
+            except RuntimeError:  # the DataLoader's SIGCHLD handler, raising for the next worker that died
+                pass
+
     def _publish(self, reason: str) -> None:
         try:
             if not self.store.check([self._key("abort")]):
