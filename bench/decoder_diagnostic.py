@@ -31,7 +31,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from divae.anchor import from_residual, to_residual  # noqa: E402
+from divae.anchor import from_residual, to_residual, unet_inputs  # noqa: E402
 from divae.diffusion import create_diffusion  # noqa: E402
 from divae.lpips import LPIPS  # noqa: E402
 from divae.model import DiVAE  # noqa: E402
@@ -84,7 +84,7 @@ def one_step_x0(model: DiVAE, x0: torch.Tensor, z_q: torch.Tensor, t: int, seed:
     """x_0-hat from x_t = q_sample(x_0, t) with fixed noise: (B, 3, H, W). For an anchored decoder the diffusion's
     x_0 is the residual of the CNN decoder: noised, estimated and turned back into an image."""
     diffusion = create_diffusion(model.diffusion_cfg)
-    kwargs, base = model.unet_inputs(z_q)
+    kwargs, base = unet_inputs(model.vq, z_q, model.anchor, model.unet.conditional)
     target = x0 if base is None else to_residual(x0, base, model.anchor["scale"])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     tt = torch.full((x0.shape[0],), t, dtype=torch.long)

@@ -32,9 +32,11 @@ A DiVAE file records the anchor in its config: "anchor": null or {"scale": float
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
+from divae.diffusion import DiffusionConfig, sample
 from divae.vq import VQModel
 
 BASE_CHANNELS = 3  # the base image's channels: what `UNetConfig.anchor_channels` must be for an anchored decoder
@@ -42,7 +44,7 @@ BASE_CHANNELS = 3  # the base image's channels: what `UNetConfig.anchor_channels
 
 def check_anchor(anchor: object, anchor_channels: int | None) -> None:
     """Refuse an `anchor` entry (from a file's metadata or a config: untrusted) that cannot decode, or one that
-    disagrees with the UNet's extra input channels (`anchor_channels`; None: no UNet)."""
+    disagrees with the UNet's extra input channels (`anchor_channels`; None: the entry alone is checked)."""
     if anchor is None:
         if anchor_channels:
             raise ValueError(f"unet.anchor_channels={anchor_channels} but the decoder has no anchor: set "
@@ -52,7 +54,7 @@ def check_anchor(anchor: object, anchor_channels: int | None) -> None:
     if (not isinstance(anchor, dict) or set(anchor) != {"scale"} or isinstance(scale, bool)
             or not isinstance(scale, (int, float)) or not math.isfinite(scale) or not 0 < scale <= 4):
         raise ValueError(f"anchor={str(anchor)[:200]}: expected {{'scale': a number in (0, 4]}} or null")
-    if anchor_channels != BASE_CHANNELS:
+    if anchor_channels is not None and anchor_channels != BASE_CHANNELS:
         raise ValueError(f"an anchored decoder needs unet.anchor_channels={BASE_CHANNELS} (the base image), got "
                          f"{anchor_channels}")
 
@@ -71,3 +73,25 @@ def to_residual(x0: torch.Tensor, base: torch.Tensor, scale: float) -> torch.Ten
 def from_residual(r: torch.Tensor, base: torch.Tensor, scale: float) -> torch.Tensor:
     """The inverse of `to_residual`: a residual (B, 3, H, W) in units of `scale` -> images (not clamped)."""
     return base + scale * r
+
+
+def unet_inputs(vq: VQModel, z_q: torch.Tensor, anchor: dict | None,
+                conditional: bool = True) -> tuple[dict, torch.Tensor | None]:
+    """The UNet's keyword inputs for the embeddings z_q (B, d, h, w) ({"cond": z_q} when `conditional`, plus
+    {"anchor": base} when anchored), and the base image (B, 3, H, W) of an anchored decoder (else None): the
+    diffusion's x_0 is then the residual, `from_residual(x_0, base, anchor["scale"])` the image."""
+    kwargs = {"cond": z_q} if conditional else {}
+    if anchor is None:
+        return kwargs, None
+    base = base_image(vq, z_q)
+    return {**kwargs, "anchor": base}, base
+
+
+def decode(model: Callable, diffusion_cfg: DiffusionConfig, vq: VQModel, z_q: torch.Tensor, shape: tuple,
+           anchor: dict | None, conditional: bool = True, **how) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] sampled from `model` (a UNet or its engine wrapper) given z_q, anchored or
+    not; `how`: the keyword arguments of `divae.diffusion.sample` (sampler, steps, seeds, device, ...)."""
+    kwargs, base = unet_inputs(vq, z_q, anchor, conditional)
+    x = sample(model, diffusion_cfg, shape, model_kwargs=kwargs or None,
+               clip_denoised=False if base is not None else None, **how)
+    return (x if base is None else from_residual(x, base, anchor["scale"])).clamp(-1, 1)

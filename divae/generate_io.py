@@ -109,10 +109,11 @@ def save_tokens(path: Path, tokens: np.ndarray, vocab_size: int) -> None:
 
 def load_tokens(path: Path, vocab_size: int) -> np.ndarray:
     """One token grid (h, w) int64 from a .npy file, loaded without unpickling; a one-line UsageError for a file
-    that is not one: not .npy, an object or non-integer array, not 2-D, codes outside [0, vocab_size)."""
-    try:
-        z = np.load(path, allow_pickle=False)
-    except ValueError as e:  # object arrays need pickle; also damaged headers
+    that is not one: not .npy, an object or non-integer array, not 2-D, codes outside [0, vocab_size), a header
+    whose shape the file does not hold."""
+    try:  # mapped, not read: a header that claims more than the file holds is refused before any allocation
+        z = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:  # object arrays need pickle; also damaged headers and shapes beyond the file
         raise UsageError(f"{path}: not a token grid ({str(e).splitlines()[0]})") from None
     except (OSError, EOFError) as e:
         raise UsageError(f"{path}: cannot read it as .npy ({e})") from None
@@ -123,7 +124,7 @@ def load_tokens(path: Path, vocab_size: int) -> np.ndarray:
     if int(z.min()) < 0 or int(z.max()) >= vocab_size:
         raise UsageError(f"{path}: codes lie in [{int(z.min())}, {int(z.max())}] but the codebook has "
                          f"{vocab_size} (the tokens of another VQ?)")
-    return z.astype(np.int64)
+    return np.array(z, dtype=np.int64)
 
 
 def write_grid(path: Path, files: list[Path], columns: int) -> tuple[int, int]:

@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from divae.anchor import base_image, check_anchor, from_residual
-from divae.diffusion import DiffusionConfig, sample
+from divae.anchor import check_anchor, decode
+from divae.diffusion import DiffusionConfig
 from divae.unet import UNetConfig, UNetModel
 from divae.utils.config import from_dict, rename_keys_deep, to_dict
 from divae.vq import VQConfig, VQModel
@@ -55,7 +55,7 @@ class DiVAE(nn.Module):
             check_sampling(sampling, diffusion_cfg)
         if anchor is not None and unet_cfg is None:
             raise ValueError("`anchor` needs a diffusion decoder (this file has none)")
-        check_anchor(anchor, unet_cfg.anchor_channels if unet_cfg is not None else None)
+        check_anchor(anchor, unet_cfg.anchor_channels if unet_cfg is not None else 0)
         if (unet_cfg is None) != (diffusion_cfg is None):
             raise ValueError("give both unet_cfg and diffusion_cfg (a diffusion decoder) or neither (VQ only)")
         if unet_cfg is not None:
@@ -102,23 +102,8 @@ class DiVAE(nn.Module):
                              "load a decoder-stage export")
         f = self.downsample_factor
         shape = (indices.shape[0], self.unet.cfg.in_channels, indices.shape[1] * f, indices.shape[2] * f)
-        kwargs, base = self.unet_inputs(z_q)
-        how = self.sampling_for(sampler, steps)
-        x = sample(self.unet, self.diffusion_cfg, shape, **how, seeds=seeds, model_kwargs=kwargs or None,
-                   device=z_q.device, clip_denoised=False if base is not None else None)
-        if base is not None:
-            x = from_residual(x, base, self.anchor["scale"])
-        return x.clamp(-1, 1)
-
-    def unet_inputs(self, z_q: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
-        """The UNet's keyword inputs for the embeddings z_q (B, d, h, w) ({"cond": z_q} when conditioned, plus
-        {"anchor": base} when anchored), and the base image (B, 3, H, W) of an anchored decoder (else None): the
-        diffusion's x_0 is then the residual, `divae.anchor.from_residual(x_0, base, scale)` the image."""
-        kwargs = {"cond": z_q} if self.unet.conditional else {}
-        if self.anchor is None:
-            return kwargs, None
-        base = base_image(self.vq, z_q)
-        return {**kwargs, "anchor": base}, base
+        return decode(self.unet, self.diffusion_cfg, self.vq, z_q, shape, self.anchor, self.unet.conditional,
+                      **self.sampling_for(sampler, steps), seeds=seeds, device=z_q.device)
 
     def sampling_for(self, sampler: str | None, steps: int | None, fallback: str = "ddpm") -> dict:
         """The keyword arguments of `divae.diffusion.sample` for a request: the file's own sampler when neither

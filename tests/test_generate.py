@@ -259,3 +259,16 @@ def test_negative_prompt_is_the_unconditional_branch(models, tmp_path):
                      "--out", str(tmp_path / "a")))
     b = main(_common(models, "--caption", neg, "--seeds", "3", "--guidance-scale", "1", "--out", str(tmp_path / "b")))
     assert np.array_equal(_pixels(tmp_path / "a" / a[0]["file"]), _pixels(tmp_path / "b" / b[0]["file"]))
+
+
+def test_a_token_file_claiming_more_than_it_holds_is_refused_before_allocation(models, tmp_path, capsys):
+    """A .npy header for a 10^5 x 10^5 int16 grid (20 GB) over 128 bytes of data: a one-line error, no allocation."""
+    _, divae = models
+    (tmp_path / "t").mkdir()
+    with open(tmp_path / "t" / "x.tokens.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<i2", "fortran_order": False, "shape": (10**5, 10**5)})
+        f.write(np.zeros((8, 8), np.int16).tobytes())
+    assert cli(["--divae", str(divae), "--decoder", "cnn", "--from-tokens", str(tmp_path / "t"),
+                "--out", str(tmp_path / "o")]) == 2
+    err = _one_line_error(capsys)
+    assert "x.tokens.npy" in err and "not a token grid" in err, err

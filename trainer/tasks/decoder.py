@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 
 from data_pipeline.tokens import tokens_from_bytes
-from divae.anchor import base_image, check_anchor, from_residual, to_residual
-from divae.diffusion import create_diffusion, create_schedule_sampler, sample
+from divae.anchor import check_anchor, decode, from_residual, to_residual, unet_inputs
+from divae.diffusion import create_diffusion, create_schedule_sampler
 from divae.diffusion.samplers import SamplerName
 from divae.lpips import LPIPS
 from divae.model import DiVAE, read_pretrained
@@ -98,8 +98,7 @@ class DecoderTaskConfig:
     anchor_scale: float = 0.25  # the residual's unit in [-1, 1] pixels (anchored decoders only)
 
     def __post_init__(self):
-        if self.anchor:
-            check_anchor(self.anchor_entry(), 3)
+        check_anchor(self.anchor_entry(), None)
         if self.perceptual_weight < 0 or self.perceptual_images < 0:
             raise ValueError("decoder.perceptual_weight and decoder.perceptual_images must be >= 0")
         if self.perceptual_t_weighting not in ("uniform", "alpha_bar"):
@@ -236,21 +235,13 @@ class DecoderTask(Task):
     def _cond(self, batch: dict, x0: torch.Tensor) -> torch.Tensor:
         return token_embeddings(self.frozen_vq, batch, x0, self.cfg.decoder.tokens, self.cfg.data.image_size)
 
-    def _unet_inputs(self, z_q: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
-        """The UNet's keyword inputs for z_q, and the base image of an anchored decoder (else None); as
-        `DiVAE.unet_inputs` does for the export."""
-        if not self.cfg.decoder.anchor:
-            return {"cond": z_q}, None
-        base = base_image(self.frozen_vq, z_q)
-        return {"cond": z_q, "anchor": base}, base
-
     def loss(self, batch: dict, phase: str, step: int):
         x0 = self.images(batch)
         t, weights = self.schedule_sampler.sample(x0.shape[0], self.device)
         if self.cfg.decoder.finetune_encoder:
             kwargs, base = {"image": x0}, None
         else:
-            kwargs, base = self._unet_inputs(self._cond(batch, x0))
+            kwargs, base = unet_inputs(self.frozen_vq, self._cond(batch, x0), self.cfg.decoder.anchor_entry())
         scale = self.cfg.decoder.anchor_scale
         target = x0 if base is None else to_residual(x0, base, scale)
         losses = self.diffusion.training_losses(self.engines["model"], target, t, model_kwargs=kwargs)
@@ -295,13 +286,9 @@ class DecoderTask(Task):
         else:
             z_q = self._cond(batch, x0)
         dcfg = self.cfg.decoder
-        kwargs, base = self._unet_inputs(z_q)
-        x = sample(net, self.cfg.diffusion, tuple(x0.shape), sampler=dcfg.sampler, steps=dcfg.sample_steps,
-                   model_kwargs=kwargs, seeds=range(x0.shape[0]), device=self.device,
-                   clip_denoised=False if base is not None else None)
-        if base is not None:
-            x = from_residual(x, base, dcfg.anchor_scale)
-        return {"input": x0, "vq_cnn": self.frozen_vq.decode(z_q).clamp(-1, 1), "diffusion": x.clamp(-1, 1)}
+        x = decode(net, self.cfg.diffusion, self.frozen_vq, z_q, tuple(x0.shape), dcfg.anchor_entry(),
+                   sampler=dcfg.sampler, steps=dcfg.sample_steps, seeds=range(x0.shape[0]), device=self.device)
+        return {"input": x0, "vq_cnn": self.frozen_vq.decode(z_q).clamp(-1, 1), "diffusion": x}
 
     def export(self, path: str, weights: dict[str, dict[str, torch.Tensor]], info: dict | None = None) -> None:
         model = DiVAE(self.vq_cfg, self.unet_cfg, self.cfg.diffusion, anchor=self.cfg.decoder.anchor_entry())
